@@ -1,0 +1,202 @@
+"""Configuration: one cattrs converter, ``{env: NAME}`` strings, and readable errors.
+
+Every plugin's config is an attrs class. `structure` turns a YAML mapping into it and
+re-raises whatever goes wrong as one `ConfigError` naming the file, the key path, what
+was expected and what was found.
+"""
+
+from __future__ import annotations
+
+import os
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import attrs
+import cattrs
+from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError, IterableValidationError
+
+from .errors import ConfigError
+
+T = TypeVar("T")
+
+
+@attrs.frozen
+class EnvVar:
+    """A string taken from an environment variable when it is used: ``{env: NAME}`` in YAML.
+
+    The value is never stored: storage and logs keep ``{env: NAME}``.
+    """
+
+    name: str
+
+    def resolve(self) -> str:
+        try:
+            return os.environ[self.name]
+        except KeyError:
+            raise ConfigError(
+                f"environment variable '{self.name}' is not set (referenced as {{env: {self.name}}})"
+            ) from None
+
+    def __str__(self) -> str:  # never leak the value through str()
+        return f"{{env: {self.name}}}"
+
+
+def resolve(value: str | EnvVar | None) -> str | None:
+    """The string a config value stands for, reading ``{env: NAME}`` references now."""
+    return value.resolve() if isinstance(value, EnvVar) else value
+
+
+class _Mismatch(Exception):
+    def __init__(self, expected: str, found: Any) -> None:
+        self.expected = expected
+        self.found = found
+        super().__init__(f"expected {expected}, got {_describe(found)}")
+
+
+def _describe(value: Any) -> str:
+    names = {str: "a string", int: "an integer", float: "a number", bool: "a boolean",
+             list: "a list", dict: "a mapping", type(None): "nothing (null)"}
+    kind = names.get(type(value), type(value).__name__)
+    shown = repr(value)
+    return kind if len(shown) > 40 or isinstance(value, dict | list) else f"{shown} ({kind})"
+
+
+def _str(value: Any, _: Any) -> str | EnvVar:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, Mapping) and set(value) == {"env"} and isinstance(value["env"], str):
+        return EnvVar(value["env"])
+    raise _Mismatch("a string or {env: NAME}", value)
+
+
+def _int(value: Any, _: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _Mismatch("an integer", value)
+    return value
+
+
+def _float(value: Any, _: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _Mismatch("a number", value)
+    return float(value)
+
+
+def _bool(value: Any, _: Any) -> bool:
+    if not isinstance(value, bool):
+        raise _Mismatch("true or false", value)
+    return value
+
+
+def _any_mapping(value: Any, _: Any) -> dict:
+    if not isinstance(value, Mapping):
+        raise _Mismatch("a mapping", value)
+    return dict(value)
+
+
+converter = cattrs.Converter(forbid_extra_keys=True)
+converter.register_structure_hook(str, _str)
+converter.register_structure_hook(int, _int)
+converter.register_structure_hook(float, _float)
+converter.register_structure_hook(bool, _bool)
+converter.register_structure_hook_func(lambda t: t == dict[str, typing.Any], _any_mapping)
+converter.register_structure_hook(typing.Any, lambda v, _: v)
+converter.register_unstructure_hook(EnvVar, lambda e: {"env": e.name})
+
+
+def _problems(exc: BaseException, path: str) -> list[str]:
+    """Flatten cattrs' exception tree into ``path: message`` lines."""
+    if isinstance(exc, ForbiddenExtraKeysError):
+        allowed = ", ".join(a.name for a in attrs.fields(exc.cl)) or "none"
+        return [
+            f"{path or '(top level)'}: unknown key '{k}' (allowed keys: {allowed})"
+            for k in sorted(exc.extra_fields)
+        ]
+    if isinstance(exc, ClassValidationError | IterableValidationError):
+        out: list[str] = []
+        with_notes, without = exc.group_exceptions()
+        for sub, note in with_notes:
+            name = getattr(note, "name", None)
+            index = getattr(note, "index", None)
+            sub_path = f"{path}.{name}" if name is not None else f"{path}[{index}]"
+            sub_path = sub_path.lstrip(".")
+            out.extend(_problems(sub, sub_path))
+        for sub in without:
+            out.extend(_problems(sub, path))
+        return out
+    if isinstance(exc, ExceptionGroup):
+        return [p for e in exc.exceptions for p in _problems(e, path)]
+    if isinstance(exc, KeyError):
+        return [f"{path}: required key '{exc.args[0]}' is missing"]
+    if isinstance(exc, _Mismatch):
+        return [f"{path}: {exc}"]
+    if isinstance(exc, TypeError) and "required" in str(exc) and "argument" in str(exc):
+        return [f"{path}: {exc}"]
+    return [f"{path}: {exc}"]
+
+
+def structure(data: Any, cls: type[T], *, source: str, path: str) -> T:
+    """Structure ``data`` into ``cls``; errors name ``source`` (a file) and key ``path``."""
+    if data is None:
+        data = {}
+    if attrs.has(cls) and not isinstance(data, Mapping):
+        raise ConfigError(f"{source}: {path}: expected a mapping of settings, got {_describe(data)}")
+    try:
+        return converter.structure(data, cls)
+    except (ClassValidationError, IterableValidationError, ForbiddenExtraKeysError, _Mismatch) as e:
+        problems = _problems(e, path)
+    except (TypeError, ValueError) as e:  # attrs validators
+        problems = [f"{path}: {e}"]
+    raise ConfigError("\n".join(f"{source}: {p}" for p in problems))
+
+
+def unstructure(obj: Any) -> Any:
+    return converter.unstructure(obj)
+
+
+def load_yaml(path: Path) -> Any:
+    """Read a YAML file; malformed YAML is a ConfigError with the file and line."""
+    import yaml
+
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: malformed YAML: {e.problem or e.context}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: malformed YAML: {e}") from None
+
+
+@attrs.frozen
+class Selection:
+    """A plugin chosen by name with its raw config: ``name: {config}`` in YAML."""
+
+    name: str
+    config: dict[str, Any]
+    source: str  # the layer it came from, for messages and `config explain`
+
+
+def parse_selection(raw: Any, *, source: str, path: str) -> Selection | None:
+    """Parse ``name: {config}`` (or a bare ``name``) into a `Selection`."""
+    if raw is None:
+        return None
+    if isinstance(raw, str):
+        return Selection(raw, {}, source)
+    if isinstance(raw, Mapping) and len(raw) == 1:
+        ((name, cfg),) = raw.items()
+        if isinstance(name, str) and (cfg is None or isinstance(cfg, Mapping)):
+            return Selection(name, dict(cfg or {}), source)
+        if isinstance(name, str):
+            raise ConfigError(
+                f"{source}: {path}.{name}: expected a mapping of settings, got {_describe(cfg)}"
+            )
+    raise ConfigError(
+        f"{source}: {path}: expected a single-key mapping naming the plugin, "
+        f"like `{path}: {{in_process: {{}}}}`, got {_describe(raw)}"
+    )

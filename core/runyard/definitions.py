@@ -1,0 +1,423 @@
+"""Job authoring API: `@step`, `@job`, `RetryPolicy`, `Definitions`.
+
+A job is built by calling steps inside the job's body. Inside that body a step call
+does not run the step: it records a node of the graph and returns a `StepOutput`
+handle that later calls take as input. Outside a job body a step is a plain function,
+so steps can be unit-tested directly.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import inspect
+import random
+import sys
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any, overload
+
+import attrs
+
+from .errors import DefinitionError
+from .events import FailureKind
+
+
+@attrs.frozen(kw_only=True)
+class RetryPolicy:
+    """How often and how soon a failed step is tried again.
+
+    The wait before attempt ``n+1`` is ``delay * backoff**(n-1)`` seconds plus a random
+    ``[0, jitter)`` seconds, so that many retries do not hit a service at the same moment.
+    ``retry_on`` names the failure kinds that are retried; by default every kind but a
+    cancellation.
+    """
+
+    max_retries: int = attrs.field(default=0, validator=attrs.validators.ge(0))
+    delay: float = attrs.field(default=0.0, validator=attrs.validators.ge(0))
+    backoff: float = attrs.field(default=1.0, validator=attrs.validators.ge(1))
+    jitter: float = attrs.field(default=0.0, validator=attrs.validators.ge(0))
+    retry_on: frozenset[FailureKind] = attrs.field(
+        default=frozenset(k for k in FailureKind if k is not FailureKind.CANCELED),
+        converter=lambda kinds: frozenset(FailureKind(k) for k in kinds),
+    )
+
+    def should_retry(self, attempt: int, kind: FailureKind) -> bool:
+        return attempt <= self.max_retries and kind in self.retry_on
+
+    def delay_before(self, next_attempt: int) -> float:
+        base = self.delay * self.backoff ** max(next_attempt - 2, 0)
+        return base + (random.uniform(0, self.jitter) if self.jitter else 0.0)
+
+
+@attrs.frozen
+class StepOutput:
+    """Handle to the output of one step call inside a job body."""
+
+    key: str
+
+    def __repr__(self) -> str:
+        return f"StepOutput({self.key!r})"
+
+
+@attrs.frozen
+class FromStep:
+    key: str
+
+
+@attrs.frozen
+class FromSteps:
+    keys: tuple[str, ...]
+
+
+@attrs.frozen
+class Constant:
+    value: Any
+
+
+InputSource = FromStep | FromSteps | Constant
+
+
+@attrs.frozen
+class StepNode:
+    """One call of a step in a job: its unique key and where each input comes from."""
+
+    key: str
+    step: StepDefinition
+    inputs: dict[str, InputSource]
+
+    @property
+    def upstream(self) -> tuple[str, ...]:
+        keys: list[str] = []
+        for src in self.inputs.values():
+            if isinstance(src, FromStep):
+                keys.append(src.key)
+            elif isinstance(src, FromSteps):
+                keys.extend(src.keys)
+        return tuple(dict.fromkeys(keys))
+
+
+class _JobBuilder:
+    def __init__(self, job_name: str) -> None:
+        self.job_name = job_name
+        self.nodes: dict[str, StepNode] = {}
+        self._counts: dict[str, int] = {}
+
+    def add(self, step: StepDefinition, alias: str | None, args: tuple, kwargs: dict) -> StepOutput:
+        if alias is not None:
+            if alias in self.nodes:
+                raise DefinitionError(
+                    f"job '{self.job_name}': two step calls are named '{alias}'; "
+                    "give each .alias() a distinct name"
+                )
+            key = alias
+        else:
+            n = self._counts.get(step.name, 0)
+            key = step.name
+            while key in self.nodes:
+                n += 1
+                key = f"{step.name}_{n + 1}"
+            self._counts[step.name] = n
+        inputs = step.bind_inputs(self.job_name, key, args, kwargs)
+        self.nodes[key] = StepNode(key=key, step=step, inputs=inputs)
+        return StepOutput(key)
+
+
+_current_builder: contextvars.ContextVar[_JobBuilder | None] = contextvars.ContextVar(
+    "runyard_job_builder", default=None
+)
+
+
+def _to_source(job_name: str, key: str, param: str, value: Any) -> InputSource:
+    if isinstance(value, StepOutput):
+        return FromStep(value.key)
+    if isinstance(value, list | tuple) and any(isinstance(v, StepOutput) for v in value):
+        if not all(isinstance(v, StepOutput) for v in value):
+            raise DefinitionError(
+                f"job '{job_name}', step '{key}', input '{param}': a fan-in list must hold "
+                "only step outputs, not a mix of outputs and constants"
+            )
+        return FromSteps(tuple(v.key for v in value))
+    return Constant(value)
+
+
+class StepDefinition:
+    """A Python function that runs as one step of a job. Create with `@step`."""
+
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        *,
+        name: str | None = None,
+        description: str | None = None,
+        retry: RetryPolicy | None = None,
+        tags: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+    ) -> None:
+        self.fn = fn
+        self.name = name or fn.__name__
+        self.description = description or inspect.getdoc(fn)
+        self.retry = retry
+        self.tags = {str(k): str(v) for k, v in (tags or {}).items()}
+        if timeout is not None and timeout <= 0:
+            raise DefinitionError(f"step '{self.name}': timeout must be > 0 seconds, got {timeout}")
+        self.timeout = timeout
+        self.signature = inspect.signature(fn)
+        params = list(self.signature.parameters)
+        self.takes_context = bool(params) and params[0] == "context"
+
+    def __repr__(self) -> str:
+        return f"<step {self.name}>"
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        builder = _current_builder.get()
+        if builder is None:
+            return self.fn(*args, **kwargs)
+        return builder.add(self, None, args, kwargs)
+
+    def alias(self, name: str) -> Callable[..., StepOutput]:
+        """Name this call of the step: ``add.alias("first")(x)`` gets the key ``first``."""
+
+        def call(*args: Any, **kwargs: Any) -> StepOutput:
+            builder = _current_builder.get()
+            if builder is None:
+                raise DefinitionError(f"step '{self.name}'.alias('{name}') is only usable inside a job body")
+            return builder.add(self, name, args, kwargs)
+
+        return call
+
+    def bind_inputs(self, job_name: str, key: str, args: tuple, kwargs: dict) -> dict[str, InputSource]:
+        if self.takes_context:
+            args = (None, *args)
+        try:
+            bound = self.signature.bind(*args, **kwargs)
+        except TypeError as e:
+            params = [p for p in self.signature.parameters if p != "context" or not self.takes_context]
+            raise DefinitionError(
+                f"job '{job_name}', step '{key}': {e} (the step's inputs are: {', '.join(params) or 'none'})"
+            ) from None
+        bound.apply_defaults()
+        inputs: dict[str, InputSource] = {}
+        for param, value in bound.arguments.items():
+            if self.takes_context and param == "context":
+                continue
+            kind = self.signature.parameters[param].kind
+            if kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
+                raise DefinitionError(f"job '{job_name}', step '{key}': *args/**kwargs inputs are not supported")
+            inputs[param] = _to_source(job_name, key, param, value)
+        return inputs
+
+
+@overload
+def step(fn: Callable[..., Any], /) -> StepDefinition: ...
+@overload
+def step(
+    *,
+    name: str | None = None,
+    description: str | None = None,
+    retry: RetryPolicy | None = None,
+    tags: Mapping[str, str] | None = None,
+    timeout: float | None = None,
+) -> Callable[[Callable[..., Any]], StepDefinition]: ...
+def step(fn: Callable[..., Any] | None = None, /, **options: Any) -> Any:
+    """Make a function a step. Use bare (``@step``) or with options (``@step(retry=...)``).
+
+    A step whose first parameter is named ``context`` receives a `StepContext`.
+    """
+    if fn is not None:
+        return StepDefinition(fn, **options)
+    return lambda f: StepDefinition(f, **options)
+
+
+@attrs.frozen(kw_only=True)
+class CodePointer:
+    """Where a job's code lives, so that another process can load it again."""
+
+    file: str | None = None
+    module: str | None = None
+    attribute: str | None = None  # the job's variable name, when known
+
+    def __attrs_post_init__(self) -> None:
+        if (self.file is None) == (self.module is None):
+            raise ValueError("a CodePointer needs exactly one of file= and module=")
+
+    def to_dict(self) -> dict[str, str]:
+        return {k: v for k, v in attrs.asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, str]) -> CodePointer:
+        return cls(file=d.get("file"), module=d.get("module"), attribute=d.get("attribute"))
+
+    def describe(self) -> str:
+        return f"-f {self.file}" if self.file else f"-m {self.module}"
+
+
+def _pointer_for(fn: Callable[..., Any]) -> CodePointer | None:
+    mod = sys.modules.get(fn.__module__)
+    if fn.__module__ == "__main__" or getattr(mod, "__runyard_file__", None):
+        path = getattr(mod, "__file__", None)
+        return CodePointer(file=str(Path(path).resolve())) if path else None
+    return CodePointer(module=fn.__module__)
+
+
+ExecutorSelection = str | Mapping[str, Mapping[str, Any]]
+
+
+class JobDefinition:
+    """A DAG of step calls. Create with `@job` or `graph_job`."""
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        nodes: Mapping[str, StepNode],
+        description: str | None = None,
+        executor: str | None = None,
+        executor_config: Mapping[str, Any] | None = None,
+        tags: Mapping[str, str] | None = None,
+        code_pointer: CodePointer | None = None,
+    ) -> None:
+        self.name = name
+        self.nodes = dict(nodes)
+        self.description = description
+        self.executor = executor
+        self.executor_config = dict(executor_config) if executor_config else None
+        self.tags = {str(k): str(v) for k, v in (tags or {}).items()}
+        self.code_pointer = code_pointer
+        if executor_config is not None and executor is None:
+            raise DefinitionError(f"job '{name}': executor_config needs executor= to say which executor it configures")
+        _check_graph(name, self.nodes)
+
+    def __repr__(self) -> str:
+        return f"<job {self.name}: {len(self.nodes)} steps>"
+
+    def execute_in_process(
+        self,
+        *,
+        run_config: Mapping[str, Any] | None = None,
+        instance: Any = None,
+        step_selection: Iterable[str] | None = None,
+        parent_run_id: str | None = None,
+        tags: Mapping[str, str] | None = None,
+        raise_on_error: bool = False,
+    ) -> Any:
+        """Run every step in this process, one at a time, and return an `ExecutionResult`.
+
+        Always uses the in-process executor, whatever the job or instance names. Without
+        ``instance``, runs against an ephemeral in-memory instance.
+        """
+        from .execution import execute_job
+
+        return execute_job(
+            self,
+            instance=instance,
+            executor="in_process",
+            run_config=run_config,
+            step_selection=step_selection,
+            parent_run_id=parent_run_id,
+            tags=tags,
+            raise_on_error=raise_on_error,
+        )
+
+
+def _check_graph(job_name: str, nodes: Mapping[str, StepNode]) -> None:
+    """Reject unknown inputs and cycles, naming the steps involved."""
+    for node in nodes.values():
+        for up in node.upstream:
+            if up not in nodes:
+                raise DefinitionError(
+                    f"job '{job_name}': step '{node.key}' takes input from unknown step '{up}'"
+                )
+    # Kahn's algorithm; whatever is left over sits on or behind a cycle.
+    indegree = {k: len(n.upstream) for k, n in nodes.items()}
+    down: dict[str, list[str]] = {k: [] for k in nodes}
+    for n in nodes.values():
+        for up in n.upstream:
+            down[up].append(n.key)
+    ready = [k for k, d in indegree.items() if d == 0]
+    seen = 0
+    while ready:
+        k = ready.pop()
+        seen += 1
+        for d in down[k]:
+            indegree[d] -= 1
+            if indegree[d] == 0:
+                ready.append(d)
+    if seen != len(nodes):
+        cyclic = sorted(k for k, d in indegree.items() if d > 0)
+        raise DefinitionError(f"job '{job_name}' has a cycle among steps: {', '.join(cyclic)}")
+
+
+def job(
+    fn: Callable[[], Any] | None = None,
+    /,
+    *,
+    name: str | None = None,
+    description: str | None = None,
+    executor: str | None = None,
+    executor_config: Mapping[str, Any] | None = None,
+    tags: Mapping[str, str] | None = None,
+) -> Any:
+    """Make a job from a function whose body calls steps.
+
+    ``executor`` names the executor plugin the job runs on (overridden by ``--executor``
+    and by the run config's ``execution`` section); ``executor_config`` configures it.
+    """
+
+    def build(body: Callable[[], Any]) -> JobDefinition:
+        job_name = name or body.__name__
+        builder = _JobBuilder(job_name)
+        token = _current_builder.set(builder)
+        try:
+            body()
+        finally:
+            _current_builder.reset(token)
+        if not builder.nodes:
+            raise DefinitionError(f"job '{job_name}' calls no steps; call at least one step in its body")
+        return JobDefinition(
+            name=job_name,
+            nodes=builder.nodes,
+            description=description or inspect.getdoc(body),
+            executor=executor,
+            executor_config=executor_config,
+            tags=tags,
+            code_pointer=_pointer_for(body),
+        )
+
+    if fn is not None:
+        return build(fn)
+    return build
+
+
+def graph_job(
+    name: str,
+    steps: Mapping[str, tuple[StepDefinition, Mapping[str, Any]]],
+    **options: Any,
+) -> JobDefinition:
+    """Build a job from an explicit dependency mapping instead of a job body.
+
+    ``steps`` maps each step key to ``(step, inputs)``; an input value is a step key
+    wrapped in `StepOutput`, a list of them (fan-in), or a constant. Useful when the graph
+    comes from data; cycles and unknown upstream keys are rejected here.
+    """
+    nodes = {
+        key: StepNode(key=key, step=s, inputs=s.bind_inputs(name, key, (), dict(inputs)))
+        for key, (s, inputs) in steps.items()
+    }
+    return JobDefinition(name=name, nodes=nodes, **options)
+
+
+class Definitions:
+    """The jobs of one code location, with a default executor for them."""
+
+    def __init__(
+        self,
+        *,
+        jobs: Iterable[JobDefinition] = (),
+        executor: ExecutorSelection | None = None,
+    ) -> None:
+        self.jobs = {}
+        for j in jobs:
+            if j.name in self.jobs:
+                raise DefinitionError(f"Definitions: two jobs are named '{j.name}'")
+            self.jobs[j.name] = j
+        self.executor = executor

@@ -1,0 +1,406 @@
+"""The engine: the one scheduling loop every executor runs on.
+
+It owns the ready queue, ``max_concurrent``, tag concurrency limits, retries with backoff
+and jitter, timeouts, skipping downstream of failures and cancellation. A `StepHandler`
+only starts, polls and stops single attempts.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import attrs
+
+from .definitions import CodePointer, FromStep, FromSteps
+from .events import STEP_TERMINAL, Event, EventType, FailureInfo, FailureKind
+from .plan import ExecutionPlan
+from .plugin import Capabilities, StepHandler, StepRequest, TagConcurrencyLimit
+
+EventSink = Callable[[Sequence[Event]], None]
+
+
+class Cancellation:
+    """A token a caller keeps to cancel a run that is executing (from any thread)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._requested = False
+        self._callbacks: list[Callable[[], None]] = []
+
+    @property
+    def requested(self) -> bool:
+        return self._requested
+
+    def cancel(self) -> None:
+        with self._lock:
+            if self._requested:
+                return
+            self._requested = True
+            callbacks = list(self._callbacks)
+        for cb in callbacks:
+            cb()
+
+    def subscribe(self, callback: Callable[[], None]) -> None:
+        with self._lock:
+            self._callbacks.append(callback)
+            already = self._requested
+        if already:
+            callback()
+
+
+@attrs.define
+class _Attempt:
+    key: str
+    attempt: int
+    attempt_id: str
+    handle: Any
+    deadline: float | None
+    limits: tuple[int, ...]
+    done: bool = False  # a terminal state was recorded; later reports are ignored
+
+
+class StepState:
+    PENDING = "pending"
+    RUNNING = "running"
+    SUCCESS = "success"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+
+
+@attrs.frozen
+class EngineResult:
+    states: Mapping[str, str]
+    outputs: Mapping[str, str]
+    canceled: bool
+
+    @property
+    def success(self) -> bool:
+        return not self.canceled and all(s == StepState.SUCCESS for s in self.states.values())
+
+
+_IDLE_MIN, _IDLE_MAX = 0.0005, 0.02  # poll back-off bounds when nothing changes, seconds
+_FLUSH_EVERY = 0.05  # seconds between event flushes to storage while steps run
+
+
+class Engine:
+    def __init__(
+        self,
+        *,
+        plan: ExecutionPlan,
+        handler: StepHandler,
+        capabilities: Capabilities,
+        run_id: str,
+        sink: EventSink,
+        code_pointer: CodePointer,
+        output_store: str,
+        max_concurrent: int,
+        tag_limits: Sequence[TagConcurrencyLimit] = (),
+        run_config: Mapping[str, Any] | None = None,
+        parent_outputs: Mapping[str, str] | None = None,
+        cancellation: Cancellation | None = None,
+    ) -> None:
+        self.plan = plan
+        self.handler = handler
+        self.capabilities = capabilities
+        self.run_id = run_id
+        self.sink = sink
+        self.code_pointer = code_pointer
+        self.output_store = output_store
+        self.max_concurrent = max_concurrent
+        self.tag_limits = list(tag_limits)
+        self.run_config = dict(run_config or {})
+        self.outputs: dict[str, str] = dict(parent_outputs or {})
+        self.states: dict[str, str] = {k: StepState.PENDING for k in plan.steps}
+        self._buffer: list[Event] = []
+        self._last_flush = time.monotonic()
+        self._running: dict[str, _Attempt] = {}
+        self._draining: list[_Attempt] = []  # stopped attempts still being reaped
+        self._lock = threading.Lock()
+        self._canceled = False
+        self._limit_counts = [0] * len(self.tag_limits)
+        self._step_limits = {
+            k: tuple(i for i, lim in enumerate(self.tag_limits) if lim.matches(ps.node.step.tags))
+            for k, ps in plan.steps.items()
+        }
+        self._retry_heap: list[tuple[float, int, str, int]] = []
+        self._seq = itertools.count()
+        if cancellation is not None:
+            cancellation.subscribe(self.cancel)
+
+    # -- public -------------------------------------------------------------------
+
+    def cancel(self) -> None:
+        """Stop launching, stop running steps. Safe to call from any thread or signal handler."""
+        self._canceled = True
+        if self.capabilities.can_terminate:
+            with self._lock:
+                running = [a for a in self._running.values() if not a.done]
+            for a in running:
+                try:
+                    self.handler.terminate(a.handle, FailureKind.CANCELED)
+                except Exception as e:  # report and go on: the loop still ends the run
+                    self._emit(EventType.ENGINE, message=f"terminate of '{a.key}' failed: {e}")
+
+    def run(self) -> EngineResult:
+        remaining = {k: len(ps.upstream) for k, ps in self.plan.steps.items()}
+        ready: deque[tuple[str, int]] = deque((k, 1) for k, n in remaining.items() if n == 0)
+        self._remaining = remaining
+        self._ready = ready
+        self.handler.setup()
+        try:
+            self._loop()
+        finally:
+            try:
+                self._stop_all(FailureKind.CANCELED)
+            finally:
+                self.handler.teardown()
+                self._flush()
+        return EngineResult(self.states, self.outputs, self._canceled)
+
+    # -- loop -----------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        idle = _IDLE_MIN
+        while True:
+            if self._canceled:
+                self._finish_cancel()
+                return
+            now = time.monotonic()
+            while self._retry_heap and self._retry_heap[0][0] <= now:
+                _, _, key, attempt = heapq.heappop(self._retry_heap)
+                self._ready.append((key, attempt))
+            progressed = self._launch_ready()
+            progressed |= self._poll_running()
+            self._check_deadlines()
+            self._reap_draining()
+            if not self._running and not self._ready and not self._retry_heap:
+                return
+            if time.monotonic() - self._last_flush >= _FLUSH_EVERY:
+                self._flush()
+            if progressed:
+                idle = _IDLE_MIN
+                continue
+            self._flush()
+            timeout = idle
+            if self._retry_heap and not self._running:
+                timeout = max(0.0, self._retry_heap[0][0] - time.monotonic())
+            self.handler.wait(min(timeout, _IDLE_MAX) if self._running else timeout)
+            idle = min(idle * 2, _IDLE_MAX)
+
+    def _launch_ready(self) -> bool:
+        launched = False
+        ready = self._ready
+        if not ready:
+            return False
+        blocked: list[tuple[str, int]] = []
+        while ready and len(self._running) < self.max_concurrent:
+            key, attempt = ready.popleft()
+            limits = self._step_limits[key]
+            if limits and any(self._limit_counts[i] >= self.tag_limits[i].limit for i in limits):
+                blocked.append((key, attempt))
+                continue
+            self._launch(key, attempt, limits)
+            launched = True
+        # Steps held back by a tag limit keep their place at the head of the queue.
+        ready.extendleft(reversed(blocked))
+        return launched
+
+    def _launch(self, key: str, attempt: int, limits: tuple[int, ...]) -> None:
+        ps = self.plan.steps[key]
+        step = ps.node.step
+        inputs: dict[str, str | list[str]] = {}
+        for param, src in ps.node.inputs.items():
+            if isinstance(src, FromStep):
+                inputs[param] = self.outputs[src.key]
+            elif isinstance(src, FromSteps):
+                inputs[param] = [self.outputs[k] for k in src.keys]
+        attempt_id = uuid.uuid4().hex[:16]
+        request = StepRequest(
+            run_id=self.run_id,
+            step_key=key,
+            attempt=attempt,
+            attempt_id=attempt_id,
+            job_name=self.plan.job.name,
+            code_pointer=self.code_pointer,
+            output_store=self.output_store,
+            inputs=inputs,
+            run_config=self.run_config,
+            timeout=step.timeout,
+            tags=step.tags,
+        )
+        for i in limits:
+            self._limit_counts[i] += 1
+        self.states[key] = StepState.RUNNING
+        deadline = time.monotonic() + step.timeout if step.timeout else None
+        att = _Attempt(key, attempt, attempt_id, None, deadline, limits)
+        try:
+            att.handle = self.handler.launch(request)
+        except Exception as e:
+            with self._lock:
+                self._running[attempt_id] = att
+            self._fail(att, FailureInfo(kind=FailureKind.NOT_STARTED, message=f"launch failed: {type(e).__name__}: {e}"))
+            self._release(att)
+            return
+        with self._lock:
+            self._running[attempt_id] = att
+
+    def _poll_running(self) -> bool:
+        progressed = False
+        for att in list(self._running.values()):
+            update = self.handler.poll(att.handle)
+            if update.events:
+                progressed = True
+                for ev in update.events:
+                    self._on_worker_event(att, ev)
+            if update.done:
+                progressed = True
+                if not att.done:
+                    failure = update.failure or FailureInfo(
+                        kind=FailureKind.WORKER_LOST,
+                        message=f"step '{att.key}' ended without reporting success or failure",
+                    )
+                    self._fail(att, failure)
+                self._release(att)
+        return progressed
+
+    def _on_worker_event(self, att: _Attempt, ev: Event) -> None:
+        if att.done:
+            return  # first terminal state wins: late or duplicate reports are dropped
+        if ev.type is EventType.STEP_OUTPUT:
+            self.outputs[att.key] = ev.data["ref"]
+        if ev.type in STEP_TERMINAL:
+            self._buffer.append(ev)
+            if ev.type is EventType.STEP_SUCCESS:
+                att.done = True
+                self._succeed(att.key)
+            else:
+                self._fail(att, ev.failure or FailureInfo(kind=FailureKind.ERROR, message=ev.message), emit=False)
+            return
+        self._buffer.append(ev)
+
+    def _check_deadlines(self) -> None:
+        now = time.monotonic()
+        for att in list(self._running.values()):
+            if att.deadline is not None and now >= att.deadline and not att.done:
+                timeout = self.plan.steps[att.key].node.step.timeout
+                self._terminate(att, FailureKind.TIMEOUT)
+                self._fail(
+                    att,
+                    FailureInfo(
+                        kind=FailureKind.TIMEOUT,
+                        message=f"step '{att.key}' ran longer than its timeout of {timeout:g}s and was stopped",
+                    ),
+                )
+                self._release(att, draining=True)
+
+    def _terminate(self, att: _Attempt, kind: FailureKind) -> None:
+        if att.handle is None:
+            return
+        try:
+            self.handler.terminate(att.handle, kind)
+        except Exception as e:
+            self._emit(EventType.ENGINE, step_key=att.key, message=f"terminate failed: {type(e).__name__}: {e}")
+
+    def _release(self, att: _Attempt, *, draining: bool = False) -> None:
+        with self._lock:
+            if self._running.pop(att.attempt_id, None) is None:
+                return
+        for i in att.limits:
+            self._limit_counts[i] -= 1
+        if draining:
+            self._draining.append(att)
+
+    def _reap_draining(self) -> None:
+        # Poll stopped attempts until the backend says they are gone, discarding their events.
+        if self._draining:
+            self._draining = [a for a in self._draining if not self.handler.poll(a.handle).done]
+
+    # -- outcomes ---------------------------------------------------------------------
+
+    def _succeed(self, key: str) -> None:
+        self.states[key] = StepState.SUCCESS
+        for d in self.plan.steps[key].downstream:
+            self._remaining[d] -= 1
+            if self._remaining[d] == 0 and self.states[d] == StepState.PENDING:
+                self._ready.append((d, 1))
+
+    def _fail(self, att: _Attempt, failure: FailureInfo, *, emit: bool = True) -> None:
+        if att.done:
+            return
+        att.done = True
+        if emit:
+            self._buffer.append(
+                Event(
+                    type=EventType.STEP_FAILURE,
+                    run_id=self.run_id,
+                    step_key=att.key,
+                    attempt=att.attempt,
+                    attempt_id=att.attempt_id,
+                    message=failure.message,
+                    data={"failure": failure.to_dict()},
+                )
+            )
+        policy = self.plan.steps[att.key].node.step.retry
+        if policy is not None and not self._canceled and policy.should_retry(att.attempt, failure.kind):
+            delay = policy.delay_before(att.attempt + 1)
+            self._emit(
+                EventType.STEP_RETRY,
+                step_key=att.key,
+                attempt=att.attempt,
+                message=f"retrying in {delay:.3g}s (attempt {att.attempt + 1} of {policy.max_retries + 1})",
+                data={"delay": delay, "next_attempt": att.attempt + 1, "kind": failure.kind.value},
+            )
+            self.states[att.key] = StepState.PENDING
+            heapq.heappush(self._retry_heap, (time.monotonic() + delay, next(self._seq), att.key, att.attempt + 1))
+            return
+        self.states[att.key] = StepState.FAILED
+        self._skip_downstream(att.key)
+
+    def _skip_downstream(self, failed: str) -> None:
+        stack = list(self.plan.steps[failed].downstream)
+        while stack:
+            k = stack.pop()
+            if self.states[k] != StepState.PENDING:
+                continue
+            self.states[k] = StepState.SKIPPED
+            self._emit(EventType.STEP_SKIPPED, step_key=k, message=f"skipped: upstream step '{failed}' did not succeed")
+            stack.extend(self.plan.steps[k].downstream)
+
+    def _finish_cancel(self) -> None:
+        self._stop_all(FailureKind.CANCELED)
+        for k, s in self.states.items():
+            if s == StepState.PENDING:
+                self.states[k] = StepState.SKIPPED
+                self._emit(EventType.STEP_SKIPPED, step_key=k, message="skipped: the run was canceled")
+        self._ready.clear()
+        self._retry_heap.clear()
+
+    def _stop_all(self, kind: FailureKind) -> None:
+        for att in list(self._running.values()):
+            if not att.done:
+                self._terminate(att, kind)
+                self._fail(att, FailureInfo(kind=kind, message=f"step '{att.key}' was stopped: the run was canceled"))
+            self._release(att, draining=True)
+        deadline = time.monotonic() + 10
+        while self._draining and time.monotonic() < deadline:
+            self._reap_draining()
+            if self._draining:
+                time.sleep(0.01)
+
+    # -- events -----------------------------------------------------------------------
+
+    def _emit(self, type: EventType, **kw: Any) -> None:
+        self._buffer.append(Event(type=type, run_id=self.run_id, **kw))
+
+    def _flush(self) -> None:
+        self._last_flush = time.monotonic()
+        if self._buffer:
+            batch, self._buffer = self._buffer, []
+            self.sink(batch)

@@ -1,0 +1,140 @@
+"""The instance: ``$RUNYARD_HOME`` with ``runyard.yaml``, the storage and the output store."""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from .config import Selection, load_yaml, parse_selection, structure
+from .errors import ConfigError
+from .outputs import MemoryOutputStore, OutputStore, open_output_store
+from .registry import Kind, PluginRegistry, default_registry
+from .storage import RunStorage
+
+SECTIONS: tuple[Kind, ...] = ("storage", "run_launcher", "executor")
+TOP_LEVEL_KEYS = (*SECTIONS, "outputs")
+CONFIG_FILE = "runyard.yaml"
+
+
+def default_home() -> Path:
+    return Path(os.environ.get("RUNYARD_HOME") or Path.home() / ".runyard").expanduser()
+
+
+class Instance:
+    """Where runyard keeps its configuration, runs, events and step outputs.
+
+    A missing ``runyard.yaml`` means all defaults: SQLite storage, the default run launcher,
+    the built-in default executor, outputs under ``$RUNYARD_HOME/outputs``.
+    """
+
+    def __init__(
+        self,
+        home: str | os.PathLike[str] | None,
+        *,
+        config: Mapping[str, Any] | None = None,
+        registry: PluginRegistry | None = None,
+    ) -> None:
+        self.home = Path(home).resolve() if home is not None else None
+        self._registry = registry
+        if config is not None:
+            self.config_source = "instance config"
+            raw = dict(config)
+        elif self.home is not None and (self.home / CONFIG_FILE).exists():
+            self.config_source = str(self.home / CONFIG_FILE)
+            raw = load_yaml(self.home / CONFIG_FILE) or {}
+        else:
+            self.config_source = str(self.home / CONFIG_FILE) if self.home else "instance config"
+            raw = {}
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f"{self.config_source}: expected a mapping of sections at the top level")
+        unknown = sorted(set(raw) - set(TOP_LEVEL_KEYS))
+        if unknown:
+            raise ConfigError(
+                f"{self.config_source}: unknown key '{unknown[0]}' (allowed keys: {', '.join(TOP_LEVEL_KEYS)})"
+            )
+        self.sections: dict[str, Selection | None] = {
+            s: parse_selection(raw.get(s), source=self.config_source, path=s) for s in SECTIONS
+        }
+        outputs = raw.get("outputs")
+        if outputs is not None and not isinstance(outputs, str):
+            raise ConfigError(
+                f"{self.config_source}: outputs: expected a path or URL string "
+                f"(like /shared/runyard-outputs or s3://bucket/prefix), got {type(outputs).__name__}"
+            )
+        self._outputs_url = outputs
+
+    @classmethod
+    def from_env(cls, *, registry: PluginRegistry | None = None) -> Instance:
+        """The instance at ``$RUNYARD_HOME`` (default ``~/.runyard``)."""
+        return cls(default_home(), registry=registry)
+
+    @classmethod
+    def ephemeral(cls, *, registry: PluginRegistry | None = None) -> Instance:
+        """An in-memory instance that keeps nothing once the process ends."""
+        return cls(None, config={}, registry=registry)
+
+    @property
+    def is_ephemeral(self) -> bool:
+        return self.home is None
+
+    @property
+    def registry(self) -> PluginRegistry:
+        if self._registry is None:
+            self._registry = default_registry()
+        return self._registry
+
+    def plugin_config(self, kind: Kind, selection: Selection) -> Any:
+        """Structure a section's config into its plugin's config class (errors name the path)."""
+        spec = self.registry.get(kind, selection.name)
+        return structure(selection.config, spec.config, source=selection.source, path=f"{kind}.{selection.name}")
+
+    def validate(self) -> list[str]:
+        """Check every configured section against its plugin; return the problems found."""
+        problems: list[str] = []
+        for kind in SECTIONS:
+            sel = self.sections[kind]
+            if sel is None:
+                continue
+            try:
+                self.plugin_config(kind, sel)
+            except Exception as e:  # collect, so the user sees every problem at once
+                problems.append(str(e))
+        return problems
+
+    @cached_property
+    def storage(self) -> RunStorage:
+        from .registry import load_object
+        from .storage.sqlite import SqliteRunStorage
+
+        if self.home is None:
+            return SqliteRunStorage(":memory:")
+        sel = self.sections["storage"] or Selection("sqlite", {}, "default")
+        spec = self.registry.storage(sel.name)
+        factory = load_object(spec.storage, what=f"storage '{sel.name}'")
+        return factory(self.plugin_config("storage", sel), self.home)
+
+    def output_store(self, *, shared: bool) -> OutputStore:
+        """The output store for a run; ``shared`` when steps run outside this process."""
+        if self._outputs_url:
+            return open_output_store(self._outputs_url)
+        if self.home is not None:
+            return open_output_store(str(self.home / "outputs"))
+        if not shared:
+            return self._memory_store
+        return open_output_store(self._temp_outputs)
+
+    @cached_property
+    def _memory_store(self) -> MemoryOutputStore:
+        return MemoryOutputStore()
+
+    @cached_property
+    def _temp_outputs(self) -> str:
+        path = tempfile.mkdtemp(prefix="runyard-outputs-")
+        atexit.register(shutil.rmtree, path, ignore_errors=True)
+        return path

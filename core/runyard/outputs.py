@@ -1,0 +1,153 @@
+"""Output stores: where step outputs live between steps.
+
+Steps may run in other processes or machines, so the orchestrator never hands a value
+from one step to the next: a step writes its output through the store and reports a
+*reference*; downstream steps read their inputs by reference. References are strings
+relative to the store's URL (``RUN_ID/STEP_KEY``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import pickle
+import threading
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from .errors import ConfigError, OutputSerializationError
+
+
+class OutputStore(ABC):
+    """Stores step outputs by run id and step key. Subclass to store them elsewhere."""
+
+    url: str
+
+    @abstractmethod
+    def put(self, run_id: str, step_key: str, value: Any) -> str:
+        """Store ``value`` and return its reference."""
+
+    @abstractmethod
+    def get(self, ref: str) -> Any:
+        """Return the value stored under ``ref``; raise KeyError if there is none."""
+
+    def has(self, ref: str) -> bool:
+        try:
+            self.get(ref)
+        except KeyError:
+            return False
+        return True
+
+
+def _dumps(step_key: str, value: Any) -> bytes:
+    try:
+        return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception as e:  # pickle raises several unrelated types
+        raise OutputSerializationError(step_key, value, e) from e
+
+
+class FileOutputStore(OutputStore):
+    """Pickled files under a directory: the default, under ``$RUNYARD_HOME/outputs``."""
+
+    def __init__(self, base: str | os.PathLike[str]) -> None:
+        self.base = Path(base).resolve()
+        self.url = self.base.as_uri()
+
+    def put(self, run_id: str, step_key: str, value: Any) -> str:
+        data = _dumps(step_key, value)
+        ref = f"{run_id}/{step_key}"
+        path = self.base / ref
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Write then rename, so a reader in another process never sees half a file.
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+        return ref
+
+    def get(self, ref: str) -> Any:
+        try:
+            data = (self.base / ref).read_bytes()
+        except FileNotFoundError:
+            raise KeyError(ref) from None
+        return pickle.loads(data)
+
+
+class MemoryOutputStore(OutputStore):
+    """Values kept in this process, unpickled: for in-process runs on an ephemeral instance.
+
+    Only handlers that run steps in the orchestrating process can use it.
+    """
+
+    _stores: dict[str, MemoryOutputStore] = {}
+    _ids = itertools.count(1)
+
+    def __init__(self) -> None:
+        self.url = f"memory://{os.getpid()}-{next(self._ids)}"
+        self._values: dict[str, Any] = {}
+        MemoryOutputStore._stores[self.url] = self
+
+    def put(self, run_id: str, step_key: str, value: Any) -> str:
+        ref = f"{run_id}/{step_key}"
+        self._values[ref] = value
+        return ref
+
+    def get(self, ref: str) -> Any:
+        return self._values[ref]
+
+    def close(self) -> None:
+        MemoryOutputStore._stores.pop(self.url, None)
+
+
+class FsspecOutputStore(OutputStore):
+    """Any fsspec URL (``s3://bucket/prefix``, ``gcs://...``), for workers on other machines."""
+
+    def __init__(self, url: str) -> None:
+        try:
+            import fsspec
+        except ImportError:
+            raise ConfigError(
+                f"output store '{url}' needs fsspec: pip install fsspec (plus the filesystem's package)"
+            ) from None
+        self.url = url.rstrip("/")
+        self._fs, self._root = fsspec.core.url_to_fs(self.url)
+
+    def put(self, run_id: str, step_key: str, value: Any) -> str:
+        data = _dumps(step_key, value)
+        ref = f"{run_id}/{step_key}"
+        with self._fs.open(f"{self._root}/{ref}", "wb") as f:
+            f.write(data)
+        return ref
+
+    def get(self, ref: str) -> Any:
+        try:
+            with self._fs.open(f"{self._root}/{ref}", "rb") as f:
+                return pickle.loads(f.read())
+        except FileNotFoundError:
+            raise KeyError(ref) from None
+
+
+_opened: dict[str, OutputStore] = {}
+
+
+def open_output_store(url: str) -> OutputStore:
+    """Open the store a URL names: a path or ``file://``, ``memory://``, or any fsspec URL."""
+    store = _opened.get(url)
+    if store is not None:
+        return store
+    parsed = urlparse(url)
+    if parsed.scheme == "memory":
+        try:
+            return MemoryOutputStore._stores[url]
+        except KeyError:
+            raise ConfigError(
+                f"output store '{url}' lives in another process; steps that run outside the "
+                "orchestrating process need a file or fsspec output store"
+            ) from None
+    if parsed.scheme in ("", "file"):
+        store = FileOutputStore(parsed.path if parsed.scheme else url)
+    else:
+        store = FsspecOutputStore(url)
+    _opened[url] = store
+    return store

@@ -1,0 +1,284 @@
+"""The public API for plugin authors. Plugins import from here and from `runyard` only.
+
+An executor plugin supplies a *step handler*: how to start one step somewhere, how to
+ask whether it is done, and how to stop it. The engine (ready queue, concurrency
+limits, retries, timeouts, skips, cancellation) is the same for every executor.
+
+Versioned: `API_VERSION` changes only when a contract breaks; additions keep it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+import attrs
+import pluggy
+
+from .config import EnvVar, resolve
+from .definitions import CodePointer
+from .events import Event, EventType, FailureInfo, FailureKind
+from .worker import StepContext, StepInterrupted, StepTimedOut
+
+API_VERSION = 1
+"""Major version of the plugin API. A spec declaring another version is not loaded."""
+
+hookimpl = pluggy.HookimplMarker("runyard")
+"""Decorator for a plugin module's hook implementations."""
+
+
+@attrs.frozen(kw_only=True)
+class TagConcurrencyLimit:
+    """At most ``limit`` steps whose tag ``key`` (equal to ``value``, when given) run at once."""
+
+    key: str
+    limit: int = attrs.field(validator=attrs.validators.ge(1))
+    value: str | None = None
+
+    def matches(self, tags: Mapping[str, str]) -> bool:
+        return self.key in tags and (self.value is None or tags[self.key] == self.value)
+
+
+def _positive_or_none(_: Any, attribute: attrs.Attribute, value: int | None) -> None:
+    if value is not None and value < 1:
+        raise ValueError(f"'{attribute.name}' must be at least 1, got {value}")
+
+
+@attrs.frozen(kw_only=True)
+class ExecutorConfig:
+    """Settings every executor has; a plugin's config class subclasses this.
+
+    ``max_concurrent``: steps running at once (default: the executor's own default).
+    ``tag_concurrency_limits``: per-tag limits, enforced by the engine on every backend.
+    """
+
+    max_concurrent: int | None = attrs.field(default=None, validator=_positive_or_none)
+    tag_concurrency_limits: list[TagConcurrencyLimit] = attrs.field(factory=list)
+
+
+@attrs.frozen(kw_only=True)
+class Capabilities:
+    """What a step handler can honour. Configuration asking for more is rejected before a run.
+
+    ``enforces_timeouts``: a step past its timeout is stopped, not just reported.
+    ``can_terminate``: a running step can be stopped (cancellation).
+    ``supports_resources``: steps may request resources through the ``runyard/resources`` tag.
+    ``max_concurrency``: the most steps it can run at once (None: no limit of its own).
+    ``needs_shared_outputs``: steps run outside this process, so outputs need a file or
+    fsspec store rather than the in-memory one.
+    """
+
+    enforces_timeouts: bool = False
+    can_terminate: bool = False
+    supports_resources: bool = False
+    max_concurrency: int | None = None
+    needs_shared_outputs: bool = True
+
+
+@attrs.frozen(kw_only=True)
+class ExecutorSpec:
+    """Registers an executor: returned from the ``runyard_executors`` hook.
+
+    ``handler`` is the import string (``"package.module:Class"``) of a `StepHandler`
+    subclass, imported only when a run uses this executor, so registering and
+    validating config never import the backend's dependencies.
+    """
+
+    name: str
+    handler: str
+    config: type[ExecutorConfig] = ExecutorConfig
+    capabilities: Capabilities = Capabilities()
+    description: str = ""
+    extra: str | None = None  # the pip extra of `runyard` that installs it, for hints
+    default_max_concurrent: int | None = None  # None: the number of CPUs
+    api_version: int = API_VERSION
+
+
+@attrs.frozen(kw_only=True)
+class RunLauncherSpec:
+    """Registers a run launcher: returned from the ``runyard_run_launchers`` hook."""
+
+    name: str
+    launcher: str
+    config: type = attrs.make_class("NoConfig", {}, frozen=True, kw_only=True)
+    description: str = ""
+    extra: str | None = None
+    api_version: int = API_VERSION
+
+
+@attrs.frozen(kw_only=True)
+class StorageSpec:
+    """Registers a run storage: returned from the ``runyard_storages`` hook.
+
+    ``storage`` imports to a callable ``(config, instance_home: Path) -> RunStorage``.
+    """
+
+    name: str
+    storage: str
+    config: type = attrs.make_class("NoConfig", {}, frozen=True, kw_only=True)
+    description: str = ""
+    extra: str | None = None
+    api_version: int = API_VERSION
+
+
+@attrs.frozen(kw_only=True)
+class StepRequest:
+    """Everything a step worker needs to run one attempt of one step: plain JSON data.
+
+    The same payload travels to a thread, a process, a container, a pod, a Celery task
+    or a Dask task; nothing in it is pickled.
+    """
+
+    run_id: str
+    step_key: str
+    attempt: int
+    attempt_id: str
+    job_name: str
+    code_pointer: CodePointer
+    output_store: str
+    inputs: Mapping[str, str | Sequence[str]]  # input name -> output ref(s) in the store
+    run_config: Mapping[str, Any] = attrs.field(factory=dict)
+    timeout: float | None = None
+    tags: Mapping[str, str] = attrs.field(factory=dict)
+    step_selection: Sequence[str] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = attrs.asdict(self, recurse=False)
+        d["code_pointer"] = self.code_pointer.to_dict()
+        d["inputs"] = {k: v if isinstance(v, str) else list(v) for k, v in self.inputs.items()}
+        d["run_config"] = dict(self.run_config)
+        d["tags"] = dict(self.tags)
+        d["step_selection"] = list(self.step_selection) if self.step_selection is not None else None
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), separators=(",", ":"))
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> StepRequest:
+        d = dict(d)
+        d["code_pointer"] = CodePointer.from_dict(d["code_pointer"])
+        return cls(**d)
+
+    @classmethod
+    def from_json(cls, s: str) -> StepRequest:
+        return cls.from_dict(json.loads(s))
+
+
+@attrs.frozen
+class StepUpdate:
+    """What `StepHandler.poll` reports: new events, and whether the attempt is over.
+
+    A step worker ends its events with STEP_SUCCESS or STEP_FAILURE. When the attempt
+    ended without one (the process was killed, the container vanished), the handler says
+    why with ``failure``; the engine turns it into the STEP_FAILURE event.
+    """
+
+    events: Sequence[Event] = ()
+    done: bool = False
+    failure: FailureInfo | None = None
+
+    @classmethod
+    def running(cls, events: Sequence[Event] = ()) -> StepUpdate:
+        return cls(events, False, None)
+
+    @classmethod
+    def finished(cls, events: Sequence[Event] = ()) -> StepUpdate:
+        return cls(events, True, None)
+
+    @classmethod
+    def crashed(cls, failure: FailureInfo, events: Sequence[Event] = ()) -> StepUpdate:
+        return cls(events, True, failure)
+
+
+@attrs.frozen(kw_only=True)
+class HandlerContext:
+    """What a step handler is told about the run it serves."""
+
+    run_id: str
+    instance_home: str | None
+    output_store: str
+    max_concurrent: int
+
+
+class StepHandler:
+    """Starts, polls and stops the steps of one run on some compute. Subclass it.
+
+    The engine calls `setup` once, then `launch`/`poll`/`terminate` for every attempt,
+    and `teardown` once at the end, even after a failure. All calls come from the
+    engine's thread except `terminate`, which a cancellation may call from another thread.
+    """
+
+    capabilities: ClassVar[Capabilities | None] = None  # overrides the spec's, when set
+
+    def __init__(self, config: ExecutorConfig, context: HandlerContext) -> None:
+        self.config = config
+        self.context = context
+
+    def setup(self) -> None:
+        """Acquire what the run needs (a pool, a client, a cluster)."""
+
+    def launch(self, request: StepRequest) -> Any:
+        """Start one attempt of a step and return a handle for it. Must not block on the step."""
+        raise NotImplementedError
+
+    def poll(self, handle: Any) -> StepUpdate:
+        """Return events reported since the last poll and whether the attempt is over."""
+        raise NotImplementedError
+
+    def terminate(self, handle: Any, kind: FailureKind) -> None:
+        """Stop the attempt (``kind`` says why: TIMEOUT or CANCELED). Must be idempotent."""
+        raise NotImplementedError(f"{type(self).__name__} cannot terminate steps")
+
+    def wait(self, timeout: float) -> None:
+        """Block up to ``timeout`` seconds or until a running step may have changed.
+
+        The default sleeps; handlers with a completion signal (a queue, a future) should
+        wake early so that short steps do not wait out a poll interval.
+        """
+        import time
+
+        time.sleep(timeout)
+
+    def teardown(self) -> None:
+        """Release what `setup` acquired."""
+
+
+def execute_step(request: StepRequest) -> list[Event]:
+    """Run one step attempt in this process and return its events (the step-worker protocol).
+
+    Loads the job from the request's code pointer, reads inputs from the output store,
+    calls the step, writes the output, and reports STEP_START, captured output,
+    STEP_OUTPUT and STEP_SUCCESS or STEP_FAILURE. Never raises for a failing step.
+    """
+    from .worker import execute_step as _execute
+
+    return _execute(request)
+
+
+__all__ = [
+    "API_VERSION",
+    "Capabilities",
+    "CodePointer",
+    "EnvVar",
+    "Event",
+    "EventType",
+    "ExecutorConfig",
+    "ExecutorSpec",
+    "FailureInfo",
+    "FailureKind",
+    "HandlerContext",
+    "RunLauncherSpec",
+    "StepContext",
+    "StepHandler",
+    "StepInterrupted",
+    "StepRequest",
+    "StepTimedOut",
+    "StepUpdate",
+    "StorageSpec",
+    "TagConcurrencyLimit",
+    "execute_step",
+    "hookimpl",
+    "resolve",
+]

@@ -1,0 +1,200 @@
+"""The step worker: runs one step attempt wherever a handler put it, returning events."""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import socket
+import sys
+import time
+import traceback
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import attrs
+
+from .definitions import CodePointer, Constant, FromStep, FromSteps, JobDefinition
+from .events import Event, EventType, FailureInfo, FailureKind
+from .outputs import open_output_store
+
+if TYPE_CHECKING:
+    from .plugin import StepRequest
+
+_HOST = socket.gethostname()
+
+
+class StepInterrupted(BaseException):
+    """Raised inside a running step to stop it (a timeout or a cancel).
+
+    A BaseException so that a step's own ``except Exception`` does not swallow it.
+    """
+
+    default_kind = FailureKind.CANCELED
+
+    def __init__(self, kind: FailureKind | None = None, message: str | None = None) -> None:
+        self.kind = kind or self.default_kind
+        super().__init__(message or f"step stopped ({self.kind.value})")
+
+
+class StepTimedOut(StepInterrupted):
+    """Raised asynchronously (it must be constructible without arguments) on a timeout."""
+
+    default_kind = FailureKind.TIMEOUT
+
+
+# Jobs already in memory, by (code pointer, job name): the orchestrating process registers
+# the job it runs, so in-process and forked workers need not import it again.
+_jobs: dict[tuple[tuple[tuple[str, str], ...], str], JobDefinition] = {}
+
+
+def _pointer_key(pointer: CodePointer) -> tuple[tuple[str, str], ...]:
+    return tuple(sorted(pointer.to_dict().items()))
+
+
+def register_job(pointer: CodePointer, job: JobDefinition) -> None:
+    _jobs[(_pointer_key(pointer), job.name)] = job
+
+
+def load_job_cached(pointer: CodePointer, job_name: str) -> JobDefinition:
+    key = (_pointer_key(pointer), job_name)
+    job = _jobs.get(key)
+    if job is None:
+        from .loader import load_job
+
+        job, _ = load_job(pointer, job_name)
+        _jobs[key] = job
+    return job
+
+
+@attrs.frozen(kw_only=True)
+class StepContext:
+    """Passed to a step whose first parameter is named ``context``."""
+
+    run_id: str
+    step_key: str
+    attempt: int
+    run_config: Mapping[str, Any]
+    log: logging.Logger
+
+
+class _EventLogHandler(logging.Handler):
+    def __init__(self, sink: list[Event], base: dict[str, Any]) -> None:
+        super().__init__(logging.DEBUG)
+        self.sink = sink
+        self.base = base
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            msg = record.getMessage()
+        except Exception:  # a bad format string must not fail the step
+            msg = str(record.msg)
+        self.sink.append(
+            Event(
+                type=EventType.STEP_LOG,
+                message=msg,
+                data={"level": record.levelname, "logger": record.name},
+                timestamp=record.created,
+                **self.base,
+            )
+        )
+
+
+def _failure_event(base: dict[str, Any], info: FailureInfo) -> Event:
+    return Event(type=EventType.STEP_FAILURE, message=info.message, data={"failure": info.to_dict()}, **base)
+
+
+def execute_step(request: StepRequest) -> list[Event]:
+    base = {
+        "run_id": request.run_id,
+        "step_key": request.step_key,
+        "attempt": request.attempt,
+        "attempt_id": request.attempt_id,
+    }
+    try:
+        job = load_job_cached(request.code_pointer, request.job_name)
+        node = job.nodes[request.step_key]
+    except BaseException as e:
+        return [
+            _failure_event(
+                base,
+                FailureInfo(
+                    kind=FailureKind.NOT_STARTED,
+                    message=f"could not load step '{request.step_key}' of job '{request.job_name}' "
+                    f"from {request.code_pointer.describe()}: {e}",
+                    error_class=type(e).__name__,
+                    traceback=traceback.format_exc(),
+                ),
+            )
+        ]
+    events: list[Event] = [Event(type=EventType.STEP_START, data={"pid": os.getpid(), "host": _HOST}, **base)]
+    started = time.perf_counter()
+    out, err = io.StringIO(), io.StringIO()
+    log_handler = _EventLogHandler(events, base)
+    root = logging.getLogger()
+    saved = sys.stdout, sys.stderr
+    try:
+        store = open_output_store(request.output_store)
+        kwargs: dict[str, Any] = {}
+        for param, src in node.inputs.items():
+            if isinstance(src, Constant):
+                kwargs[param] = src.value
+            elif isinstance(src, FromStep):
+                kwargs[param] = store.get(request.inputs[param])  # type: ignore[arg-type]
+            elif isinstance(src, FromSteps):
+                kwargs[param] = [store.get(r) for r in request.inputs[param]]
+        args: tuple[Any, ...] = ()
+        if node.step.takes_context:
+            logger = logging.getLogger(f"runyard.step.{request.step_key}")
+            args = (
+                StepContext(
+                    run_id=request.run_id,
+                    step_key=request.step_key,
+                    attempt=request.attempt,
+                    run_config=request.run_config,
+                    log=logger,
+                ),
+            )
+        root.addHandler(log_handler)
+        sys.stdout, sys.stderr = out, err
+        try:
+            value = node.step.fn(*args, **kwargs)
+        finally:
+            sys.stdout, sys.stderr = saved
+            root.removeHandler(log_handler)
+        ref = store.put(request.run_id, request.step_key, value)
+        _append_captured(events, base, out, err)
+        events.append(
+            Event(
+                type=EventType.STEP_OUTPUT,
+                data={"ref": ref, "type": type(value).__qualname__},
+                **base,
+            )
+        )
+        events.append(
+            Event(type=EventType.STEP_SUCCESS, data={"duration": time.perf_counter() - started}, **base)
+        )
+    except StepInterrupted as e:
+        _append_captured(events, base, out, err)
+        events.append(_failure_event(base, FailureInfo(kind=e.kind, message=str(e))))
+    except Exception as e:
+        _append_captured(events, base, out, err)
+        events.append(
+            _failure_event(
+                base,
+                FailureInfo(
+                    kind=FailureKind.ERROR,
+                    message=f"{type(e).__name__}: {e}",
+                    error_class=f"{type(e).__module__}.{type(e).__qualname__}",
+                    traceback=traceback.format_exc(),
+                ),
+            )
+        )
+    return events
+
+
+def _append_captured(events: list[Event], base: dict[str, Any], out: io.StringIO, err: io.StringIO) -> None:
+    for kind, buf in ((EventType.STEP_STDOUT, out), (EventType.STEP_STDERR, err)):
+        text = buf.getvalue()
+        if text:
+            events.append(Event(type=kind, data={"text": text}, **base))

@@ -1,0 +1,49 @@
+"""Specs of the built-in local plugins. Imports nothing but the public plugin API."""
+
+from __future__ import annotations
+
+import attrs
+from runyard.plugin import Capabilities, ExecutorConfig, ExecutorSpec, StorageSpec, hookimpl
+
+
+@attrs.frozen(kw_only=True)
+class InProcessConfig(ExecutorConfig):
+    """The in-process executor runs one step at a time; it has no settings of its own."""
+
+
+@attrs.frozen(kw_only=True)
+class SqliteConfig:
+    """``path``: the database file (default ``$RUNYARD_HOME/runyard.db``)."""
+
+    path: str | None = None
+
+
+@hookimpl
+def runyard_executors() -> list[ExecutorSpec]:
+    return [
+        ExecutorSpec(
+            name="in_process",
+            handler="runyard_local.in_process:InProcessStepHandler",
+            config=InProcessConfig,
+            capabilities=Capabilities(
+                enforces_timeouts=True,
+                can_terminate=True,
+                max_concurrency=1,
+                needs_shared_outputs=False,
+            ),
+            description="Every step in the run worker's own process, one at a time.",
+            default_max_concurrent=1,
+        )
+    ]
+
+
+@hookimpl
+def runyard_storages() -> list[StorageSpec]:
+    return [
+        StorageSpec(
+            name="sqlite",
+            storage="runyard_local.storages:create_sqlite_storage",
+            config=SqliteConfig,
+            description="SQLite database under $RUNYARD_HOME (WAL; safe for several processes).",
+        )
+    ]
