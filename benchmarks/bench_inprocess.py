@@ -65,6 +65,9 @@ class Workload:
 
 
 WORKLOADS = (
+    # The smallest job (source -> inc): its time is each system's fixed per-run
+    # cost, subtracted to get the marginal per-step cost of the bigger jobs.
+    Workload("chain", 2, SYSTEMS),
     Workload("chain", 100, SYSTEMS),
     Workload("fan", 500, SYSTEMS),
     Workload("fan", 5000, SYSTEMS),
@@ -72,6 +75,7 @@ WORKLOADS = (
     # already has one, fan500 -> fan5000). Peers would take minutes for no gain.
     Workload("chain", 1000, ("runyard",)),
 )
+BASELINE = "chain2"
 # (peer, workload) pairs that take minutes per repetition (Dagster fan5000 is
 # ~100 s); they default to --slow-repeat repetitions and are skipped by --quick.
 SLOW = {("dagster", "fan5000"), ("prefect", "fan5000")}

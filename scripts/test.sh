@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Runs runyard's whole test suite from a fresh clone. Needs only Python 3.11+ with pip:
+# it installs uv into .tools/, syncs the workspace into .venv/ from uv.lock, checks
+# lint, then runs pytest. Extra arguments go to pytest (e.g. -k engine -x).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+"$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+  || { echo "runyard needs Python 3.11 or newer; $PY is $("$PY" --version)" >&2; exit 2; }
+if [ ! -x .tools/bin/uv ]; then
+  echo "--- installing uv into .tools/"
+  "$PY" -m venv .tools
+  .tools/bin/pip install --quiet --disable-pip-version-check uv
+fi
+echo "--- syncing the workspace into .venv/ (uv.lock)"
+.tools/bin/uv sync --locked --all-packages --python "$PY" --quiet
+echo "--- ruff"
+.venv/bin/ruff check .
+echo "--- pytest"
+exec .venv/bin/python -m pytest "$@"
