@@ -148,9 +148,7 @@ def child_env(system: str, prefect_home: str | None, quiet_peers: bool) -> dict[
     return env
 
 
-def run_once(
-    system: str, wl: Workload, python: Path, args: argparse.Namespace
-) -> dict[str, Any] | str:
+def run_once(system: str, wl: Workload, python: Path, args: argparse.Namespace) -> dict[str, Any] | str:
     """One fresh child process; its JSON record, or an error message."""
     cmd = [str(python), "-m", MODULES[system], wl.kind, str(wl.n)]
     with tempfile.TemporaryDirectory(prefix=f"bench-{system}-") as tmp:
@@ -175,93 +173,116 @@ def run_once(
         if proc.returncode != 0 or not lines:
             tail = err_path.read_text(errors="replace").strip().splitlines()[-15:]
             return f"exit {proc.returncode}:\n    " + "\n    ".join(tail)
-        return json.loads(lines[-1])
+        record: dict[str, Any] = json.loads(lines[-1])
+        return record
 
 
 def repeats_for(system: str, wl: Workload, args: argparse.Namespace) -> int:
     if args.quick:
         return 1
     if (system, wl.name) in SLOW:
-        return args.slow_repeat
+        return int(args.slow_repeat)
     if args.repeat is not None:
-        return args.repeat
-    return args.runyard_repeat if system in ("runyard", "floor") else args.peer_repeat
+        return int(args.repeat)
+    return int(args.runyard_repeat if system in ("runyard", "floor") else args.peer_repeat)
 
 
 def fmt(x: float | None, spec: str) -> str:
     return "n/a" if x is None else format(x, spec)
 
 
-def per_step_ms(s: Series, floor: Series | None) -> float | None:
-    med = s.median("seconds")
+Table = dict[tuple[str, str], Series]
+
+
+def per_step_ms(series: Table, system: str, wl: Workload) -> float | None:
+    """(median - floor median) / steps: all overhead, fixed costs included."""
+    s, floor = series.get((system, wl.name)), series.get(("floor", wl.name))
+    med = s.median("seconds") if s else None
     base = floor.median("seconds") if floor else None
     if med is None or base is None:
         return None
-    return (med - base) / s.workload.steps * 1000
+    return (med - base) / wl.steps * 1000
 
 
-def report(series: dict[tuple[str, str], Series], systems: list[str]) -> list[str]:
+def marginal_ms(series: Table, system: str, wl: Workload) -> float | None:
+    """(median - chain2 median) / (steps - 2): per-step cost with the fixed
+    per-run cost (imports done lazily at run time, instance/run setup)
+    removed. The floor is ~0 next to either, so it is not subtracted again."""
+    if wl.name == BASELINE:
+        return None
+    s, base = series.get((system, wl.name)), series.get((system, BASELINE))
+    med = s.median("seconds") if s else None
+    fixed = base.median("seconds") if base else None
+    if med is None or fixed is None:
+        return None
+    return (med - fixed) / (wl.steps - 2) * 1000
+
+
+def ratio(peer: float | None, ours: float | None) -> str:
+    return f"{peer / ours:.0f}x" if peer is not None and ours else ""
+
+
+def report(series: Table, systems: list[str]) -> list[str]:
     """Markdown lines: main table, scaling, targets, notes."""
     out = [
-        "| workload | system | runs | median s | per-step ms | peak MB "
-        "| ratio peer/runyard (per-step) | ratio peer/runyard (wall) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| workload | system | runs | median s | per-step ms | marginal ms/step | peak MB "
+        "| import s | ratio peer/runyard (per-step) | ratio peer/runyard (marginal) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for wl in WORKLOADS:
-        floor = series.get(("floor", wl.name))
-        ry = series.get(("runyard", wl.name))
-        ry_step = per_step_ms(ry, floor) if ry else None
-        ry_wall = ry.median("seconds") if ry else None
+        ry_step = per_step_ms(series, "runyard", wl)
+        ry_marg = marginal_ms(series, "runyard", wl)
         for system in ("floor", *systems):
             s = series.get((system, wl.name))
             if s is None:
                 continue
             if not s.runs:
-                out.append(f"| {wl.name} | {system} | 0 | failed | | | | |")
+                out.append(f"| {wl.name} | {system} | 0 | failed | | | | | | |")
                 continue
-            step = per_step_ms(s, floor) if system != "floor" else None
-            wall = s.median("seconds")
-            r_step = r_wall = ""
-            if system in PEERS:
-                if step is not None and ry_step:
-                    r_step = f"{step / ry_step:.0f}x"
-                if wall is not None and ry_wall:
-                    r_wall = f"{wall / ry_wall:.0f}x"
+            is_peer = system in PEERS
+            step = per_step_ms(series, system, wl)
+            marg = marginal_ms(series, system, wl)
             out.append(
-                f"| {wl.name} | {system} | {len(s.runs)} | {fmt(wall, '.3f')} "
+                f"| {wl.name} | {system} | {len(s.runs)} | {fmt(s.median('seconds'), '.3f')} "
                 f"| {fmt(step, '.3f') if system != 'floor' else '-'} "
-                f"| {fmt(s.median('peak_rss_mb'), '.0f')} | {r_step} | {r_wall} |"
+                f"| {fmt(marg, '.3f') if system != 'floor' and marg is not None else '-'} "
+                f"| {fmt(s.median('peak_rss_mb'), '.0f')} "
+                f"| {fmt(s.median('startup_seconds'), '.2f')} "
+                f"| {ratio(step, ry_step) if is_peer else ''} "
+                f"| {ratio(marg, ry_marg) if is_peer else ''} |"
             )
 
-    out += ["", "Scaling (median wall time ratio for 10x the steps; ~10x is linear):", ""]
+    out += [
+        "",
+        "Scaling, 10x the steps (~10x is linear; 'minus fixed' subtracts the chain2 time):",
+        "",
+    ]
     for system in systems:
+        base = series.get((system, BASELINE))
+        fixed = base.median("seconds") if base else None
         for small, big in (("chain100", "chain1000"), ("fan500", "fan5000")):
             a, b = series.get((system, small)), series.get((system, big))
             ma = a.median("seconds") if a else None
             mb = b.median("seconds") if b else None
             if ma and mb:
-                out.append(f"- {system} {small} -> {big}: {mb / ma:.1f}x")
+                line = f"- {system} {small} -> {big}: {mb / ma:.1f}x"
+                if fixed is not None and ma > fixed:
+                    line += f" (minus fixed: {(mb - fixed) / (ma - fixed):.1f}x)"
+                out.append(line)
 
     ry5k = series.get(("runyard", "fan5000"))
-    dg = [
-        (wl.name, series.get(("dagster", wl.name)), series.get(("runyard", wl.name)))
-        for wl in WORKLOADS
-    ]
     if ry5k and ry5k.runs:
         sec, mb = ry5k.median("seconds"), ry5k.median("peak_rss_mb")
         out += ["", "Targets:", ""]
-        out.append(f"- runyard fan5000 < 3 s: {sec:.2f} s -> {'PASS' if sec < 3 else 'FAIL'}")
-        out.append(f"- runyard fan5000 < 150 MB: {mb:.0f} MB -> {'PASS' if mb < 150 else 'FAIL'}")
-        for name, d, r in dg:
-            if d and d.runs and r and r.runs:
-                floor = series.get(("floor", name))
-                ds, rs = per_step_ms(d, floor), per_step_ms(r, floor)
-                if ds and rs:
-                    verdict = "PASS" if ds / rs >= 20 else "FAIL"
-                    out.append(
-                        f"- per-step overhead >= 20x lower than Dagster ({name}): "
-                        f"{ds / rs:.0f}x -> {verdict}"
-                    )
+        if sec is not None and mb is not None:
+            out.append(f"- runyard fan5000 < 3 s: {sec:.2f} s -> {'PASS' if sec < 3 else 'FAIL'}")
+            out.append(f"- runyard fan5000 < 150 MB: {mb:.0f} MB -> {'PASS' if mb < 150 else 'FAIL'}")
+    for wl in WORKLOADS:
+        for how, fn in (("per-step", per_step_ms), ("marginal", marginal_ms)):
+            d, r = fn(series, "dagster", wl), fn(series, "runyard", wl)
+            if d is not None and r:
+                verdict = "PASS" if d / r >= 20 else "FAIL"
+                out.append(f"- {how} overhead >= 20x lower than Dagster ({wl.name}): {d / r:.0f}x -> {verdict}")
 
     notes = []
     for wl in WORKLOADS:
@@ -300,9 +321,7 @@ def main() -> int:
         default=1,
         help="repetitions for the minutes-long peer fan5000 runs",
     )
-    parser.add_argument(
-        "--quick", action="store_true", help="1 repetition each and skip the slow peer fan5000 runs"
-    )
+    parser.add_argument("--quick", action="store_true", help="1 repetition each and skip the slow peer fan5000 runs")
     parser.add_argument(
         "--quiet-peers",
         action="store_true",
@@ -330,11 +349,7 @@ def main() -> int:
 
     series: dict[tuple[str, str], Series] = {}
     for wl in WORKLOADS:
-        plan = {
-            s: repeats_for(s, wl, args)
-            for s in ("floor", *systems)
-            if s == "floor" or s in wl.systems
-        }
+        plan = {s: repeats_for(s, wl, args) for s in ("floor", *systems) if s == "floor" or s in wl.systems}
         if args.quick:
             plan = {s: r for s, r in plan.items() if (s, wl.name) not in SLOW}
         if set(plan) == {"floor"}:
@@ -390,9 +405,8 @@ def main() -> int:
                         "n": s.workload.n,
                         "steps": s.workload.steps,
                         "median_seconds": s.median("seconds"),
-                        "per_step_ms": per_step_ms(s, series.get(("floor", s.workload.name)))
-                        if s.system != "floor"
-                        else None,
+                        "per_step_ms": None if s.system == "floor" else per_step_ms(series, s.system, s.workload),
+                        "marginal_ms": None if s.system == "floor" else marginal_ms(series, s.system, s.workload),
                         "median_peak_rss_mb": s.median("peak_rss_mb"),
                         "runs": s.runs,
                         "failures": s.failures,

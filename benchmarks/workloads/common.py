@@ -13,7 +13,7 @@ import os
 import resource
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Literal, get_args
 
 Kind = Literal["chain", "fan"]
@@ -71,7 +71,7 @@ def measure(
     kind: Kind,
     n: int,
     run: Callable[[Kind, int], int],
-    after: Callable[[], dict[str, object]] | None = None,
+    after: Callable[[], Mapping[str, object]] | None = None,
     startup: float | None = None,
     **extra: object,
 ) -> None:

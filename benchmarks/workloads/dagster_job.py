@@ -66,7 +66,8 @@ def run(kind: Kind, n: int) -> int:
     result = build(kind, n).execute_in_process(run_config=run_config)
     if not result.success:
         raise RuntimeError(f"dagster {kind} {n}: run failed")
-    return result.output_for_node(key(n - 1) if kind == "chain" else "total")
+    value: int = result.output_for_node(key(n - 1) if kind == "chain" else "total")
+    return value
 
 
 def main() -> None:
