@@ -76,8 +76,22 @@ class Capabilities:
     needs_shared_outputs: bool = True
 
 
+_NoConfig = attrs.make_class("NoConfig", {}, frozen=True, kw_only=True)
+
+
 @attrs.frozen(kw_only=True)
-class ExecutorSpec:
+class PluginSpec:
+    """Fields every spec has. ``extra`` is the pip extra of ``runyard`` that installs the
+    plugin, used in hints; ``api_version`` the plugin API it was written against."""
+
+    name: str
+    description: str = ""
+    extra: str | None = None
+    api_version: int = API_VERSION
+
+
+@attrs.frozen(kw_only=True)
+class ExecutorSpec(PluginSpec):
     """Registers an executor: returned from the ``runyard_executors`` hook.
 
     ``handler`` is the import string (``"package.module:Class"``) of a `StepHandler`
@@ -85,41 +99,29 @@ class ExecutorSpec:
     validating config never import the backend's dependencies.
     """
 
-    name: str
     handler: str
     config: type[ExecutorConfig] = ExecutorConfig
     capabilities: Capabilities = Capabilities()
-    description: str = ""
-    extra: str | None = None  # the pip extra of `runyard` that installs it, for hints
     default_max_concurrent: int | None = None  # None: the number of CPUs
-    api_version: int = API_VERSION
 
 
 @attrs.frozen(kw_only=True)
-class RunLauncherSpec:
+class RunLauncherSpec(PluginSpec):
     """Registers a run launcher: returned from the ``runyard_run_launchers`` hook."""
 
-    name: str
     launcher: str
-    config: type = attrs.make_class("NoConfig", {}, frozen=True, kw_only=True)
-    description: str = ""
-    extra: str | None = None
-    api_version: int = API_VERSION
+    config: type = _NoConfig
 
 
 @attrs.frozen(kw_only=True)
-class StorageSpec:
+class StorageSpec(PluginSpec):
     """Registers a run storage: returned from the ``runyard_storages`` hook.
 
     ``storage`` imports to a callable ``(config, instance_home: Path) -> RunStorage``.
     """
 
-    name: str
     storage: str
-    config: type = attrs.make_class("NoConfig", {}, frozen=True, kw_only=True)
-    description: str = ""
-    extra: str | None = None
-    api_version: int = API_VERSION
+    config: type = _NoConfig
 
 
 @attrs.frozen(kw_only=True)
@@ -269,6 +271,7 @@ __all__ = [
     "FailureInfo",
     "FailureKind",
     "HandlerContext",
+    "PluginSpec",
     "RunLauncherSpec",
     "StepContext",
     "StepHandler",
