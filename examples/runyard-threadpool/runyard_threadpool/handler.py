@@ -34,6 +34,10 @@ class _Handle:
 
 
 class ThreadPoolStepHandler(StepHandler):
+    """Runs each step attempt with `runyard.plugin.execute_step` on a pool of
+    ``context.max_concurrent`` threads in the engine's process. Threads cannot be stopped,
+    so running steps are neither timed out nor canceled (see the spec's capabilities)."""
+
     config: ThreadPoolConfig
 
     def setup(self) -> None:

@@ -43,5 +43,8 @@ def runyard_executors() -> list[ExecutorSpec]:
                 needs_shared_outputs=False,
             ),
             description="Steps on a thread pool in the run's own process (I/O-bound steps).",
+            # The plugin API this was written against: a runyard with another one refuses to
+            # load the spec instead of failing at run time. (Left unset, it always matches.)
+            api_version=1,
         )
     ]
