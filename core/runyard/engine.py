@@ -153,8 +153,8 @@ class Engine:
         ready: deque[tuple[str, int]] = deque((k, 1) for k, n in remaining.items() if n == 0)
         self._remaining = remaining
         self._ready = ready
-        self.handler.setup()
         try:
+            self.handler.setup()
             self._loop()
         finally:
             try:
@@ -245,7 +245,9 @@ class Engine:
         except Exception as e:
             with self._lock:
                 self._running[attempt_id] = att
-            self._fail(att, FailureInfo(kind=FailureKind.NOT_STARTED, message=f"launch failed: {type(e).__name__}: {e}"))
+            self._fail(
+                att, FailureInfo(kind=FailureKind.NOT_STARTED, message=f"launch failed: {type(e).__name__}: {e}")
+            )
             self._release(att)
             return
         with self._lock:

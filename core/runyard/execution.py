@@ -15,7 +15,7 @@ from .errors import ConfigError, RunyardError, StepSelectionError
 from .events import Event, EventType, FailureInfo, FailureKind
 from .instance import Instance
 from .plan import ExecutionPlan
-from .plugin import ExecutorConfig, ExecutorSpec, HandlerContext, StepHandler
+from .plugin import Capabilities, ExecutorConfig, ExecutorSpec, HandlerContext, StepHandler
 from .registry import load_object
 from .storage import RunRecord, RunStatus
 
@@ -68,21 +68,20 @@ def resolve_executor(
     return ResolvedExecutor(name, config, same)
 
 
-def check_capabilities(job: JobDefinition, executor: str, spec: ExecutorSpec, config: ExecutorConfig,
-                       max_concurrent: int) -> None:
+def check_capabilities(job: JobDefinition, executor: str, caps: Capabilities, max_concurrent: int) -> None:
     """Reject, before anything runs, configuration the executor cannot honour."""
-    caps = spec.capabilities
     problems: list[str] = []
     for key, node in job.nodes.items():
         if node.step.timeout and not caps.enforces_timeouts:
             problems.append(
                 f"step '{key}' has timeout={node.step.timeout:g}s but executor '{executor}' cannot "
-                "enforce timeouts; remove the timeout or use an executor that can (e.g. in_process)"
+                "enforce timeouts (it lacks capability 'enforces_timeouts'); remove the timeout or "
+                "use an executor that can (e.g. in_process)"
             )
         if RESOURCES_TAG in node.step.tags and not caps.supports_resources:
             problems.append(
                 f"step '{key}' requests resources (tag '{RESOURCES_TAG}') but executor '{executor}' "
-                "does not support resources"
+                "does not support resources (it lacks capability 'supports_resources')"
             )
     if caps.max_concurrency is not None and max_concurrent > caps.max_concurrency:
         problems.append(
@@ -93,11 +92,27 @@ def check_capabilities(job: JobDefinition, executor: str, spec: ExecutorSpec, co
         raise ConfigError("\n".join(problems))
 
 
+def structure_executor_config(resolved: ResolvedExecutor, spec: ExecutorSpec) -> ExecutorConfig:
+    """Structure the merged settings, blaming a bad key on the layer that wrote it."""
+    path = f"executor.{resolved.name}"
+    for sel in resolved.layers:
+        if not sel.config:
+            continue
+        try:
+            structure(sel.config, spec.config, source=sel.source, path=path)
+        except ConfigError as e:
+            # A layer may rightly leave a required key to another layer; anything else is its fault.
+            if not all("is missing" in line for line in str(e).splitlines()):
+                raise
+    return structure(resolved.config, spec.config, source=resolved.layers[0].source, path=path)
+
+
 class ExecutionResult:
     """The outcome of executing a job: status, events and access to step outputs."""
 
-    def __init__(self, *, run: RunRecord, engine: EngineResult | None, events: list[Event],
-                 instance: Instance, output_store: str) -> None:
+    def __init__(
+        self, *, run: RunRecord, engine: EngineResult | None, events: list[Event], instance: Instance, output_store: str
+    ) -> None:
         self.run = run
         self.run_id = run.run_id
         self.status = run.status
@@ -186,20 +201,22 @@ def execute_job(
             f"the selected steps read outputs of unselected step(s) {', '.join(sorted(plan.external))}; "
             "pass the run they come from (parent_run_id / --parent RUN_ID)"
         )
-    resolved = resolve_executor(job, definitions=definitions, run_config=run_config, instance=instance, override=executor)
+    resolved = resolve_executor(
+        job, definitions=definitions, run_config=run_config, instance=instance, override=executor
+    )
     spec: ExecutorSpec = instance.registry.executor(resolved.name)
-    source = resolved.layers[0].source
-    config: ExecutorConfig = structure(resolved.config, spec.config, source=source, path=f"executor.{resolved.name}")
+    config = structure_executor_config(resolved, spec)
     max_concurrent = config.max_concurrent or spec.default_max_concurrent or os.cpu_count() or 1
-    if spec.capabilities.max_concurrency is not None and config.max_concurrent is None:
-        max_concurrent = min(max_concurrent, spec.capabilities.max_concurrency)
-    check_capabilities(job, resolved.name, spec, config, max_concurrent)
     handler_cls = load_object(spec.handler, what=f"executor '{resolved.name}'")
+    caps: Capabilities = handler_cls.capabilities or spec.capabilities
+    if caps.max_concurrency is not None and config.max_concurrent is None:
+        max_concurrent = min(max_concurrent, caps.max_concurrency)
+    check_capabilities(job, resolved.name, caps, max_concurrent)
     pointer = job.code_pointer or CodePointer(module="__main__")
     from .worker import register_job
 
     register_job(pointer, job)
-    store = instance.output_store(shared=spec.capabilities.needs_shared_outputs)
+    store = instance.output_store(shared=caps.needs_shared_outputs)
     storage = instance.storage
     if run is None:
         run = RunRecord(
@@ -225,7 +242,7 @@ def execute_job(
     engine = Engine(
         plan=plan,
         handler=handler,
-        capabilities=handler.capabilities or spec.capabilities,
+        capabilities=caps,
         run_id=run.run_id,
         sink=storage.store_events,
         code_pointer=pointer,
@@ -237,14 +254,22 @@ def execute_job(
         cancellation=cancellation,
     )
     storage.set_run_status(run.run_id, RunStatus.STARTED)
-    storage.store_events([Event(type=EventType.RUN_START, run_id=run.run_id,
-                                data={"executor": resolved.name, "steps": len(plan)})])
+    storage.store_events(
+        [Event(type=EventType.RUN_START, run_id=run.run_id, data={"executor": resolved.name, "steps": len(plan)})]
+    )
     try:
         result = engine.run()
     except BaseException as e:
-        storage.store_events([Event(type=EventType.RUN_FAILURE, run_id=run.run_id,
-                                    message=f"engine error: {type(e).__name__}: {e}",
-                                    data={"failure": FailureInfo(kind=FailureKind.ERROR, message=str(e)).to_dict()})])
+        storage.store_events(
+            [
+                Event(
+                    type=EventType.RUN_FAILURE,
+                    run_id=run.run_id,
+                    message=f"engine error: {type(e).__name__}: {e}",
+                    data={"failure": FailureInfo(kind=FailureKind.ERROR, message=str(e)).to_dict()},
+                )
+            ]
+        )
         storage.set_run_status(run.run_id, RunStatus.FAILURE)
         raise
     if result.canceled:

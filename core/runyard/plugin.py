@@ -19,6 +19,7 @@ import pluggy
 from .config import EnvVar, resolve
 from .definitions import CodePointer
 from .events import Event, EventType, FailureInfo, FailureKind
+from .storage import RunRecord, RunStatus, RunStorage, StoredEvent
 from .worker import StepContext, StepInterrupted, StepTimedOut
 
 API_VERSION = 1
@@ -81,13 +82,14 @@ _NoConfig = attrs.make_class("NoConfig", {}, frozen=True, kw_only=True)
 
 @attrs.frozen(kw_only=True)
 class PluginSpec:
-    """Fields every spec has. ``extra`` is the pip extra of ``runyard`` that installs the
-    plugin, used in hints; ``api_version`` the plugin API it was written against."""
+    """Fields every spec has. ``api_version`` is the plugin API the plugin was written
+    against (write ``api_version=API_VERSION``, imported at the time you write it);
+    ``extra`` is the pip extra of ``runyard`` that installs the plugin, used in hints."""
 
     name: str
+    api_version: int  # required: the check is meaningless if it defaults to ours
     description: str = ""
     extra: str | None = None
-    api_version: int = API_VERSION
 
 
 @attrs.frozen(kw_only=True)
@@ -273,6 +275,9 @@ __all__ = [
     "HandlerContext",
     "PluginSpec",
     "RunLauncherSpec",
+    "RunRecord",
+    "RunStatus",
+    "RunStorage",
     "StepContext",
     "StepHandler",
     "StepInterrupted",
@@ -280,6 +285,7 @@ __all__ = [
     "StepTimedOut",
     "StepUpdate",
     "StorageSpec",
+    "StoredEvent",
     "TagConcurrencyLimit",
     "execute_step",
     "hookimpl",

@@ -53,6 +53,7 @@ class PluginFailure:
     distribution: str
     version: str
     error: str
+    spec_name: str | None = None  # the executor/launcher/storage name, when known
 
 
 class PluginRegistry:
@@ -76,7 +77,10 @@ class PluginRegistry:
             except Exception as e:  # a broken plugin must not take the others down
                 self.failures.append(PluginFailure(ep.name, dist, version, f"{type(e).__name__}: {e}"))
                 continue
-            self.register(module, name=ep.name, distribution=dist, version=version)
+            try:
+                self.register(module, name=ep.name, distribution=dist, version=version)
+            except PluginError as e:
+                self.failures.append(PluginFailure(ep.name, dist, version, str(e)))
 
     def register(
         self, plugin: types.ModuleType | object, *, name: str, distribution: str = "?", version: str = "?"
@@ -103,17 +107,22 @@ class PluginRegistry:
                     specs = impl.function() or []
                 except Exception as e:
                     self.failures.append(
-                        PluginFailure(impl.plugin_name, dist, version, f"{_HOOKS[kind]}() raised {type(e).__name__}: {e}")
+                        PluginFailure(
+                            impl.plugin_name, dist, version, f"{_HOOKS[kind]}() raised {type(e).__name__}: {e}"
+                        )
                     )
                     continue
                 for spec in specs:
                     if getattr(spec, "api_version", None) != API_VERSION:
                         self.failures.append(
                             PluginFailure(
-                                impl.plugin_name, dist, version,
+                                impl.plugin_name,
+                                dist,
+                                version,
                                 f"{_LABEL[kind]} '{spec.name}' is built for plugin API version "
                                 f"{getattr(spec, 'api_version', '?')}, this runyard has version {API_VERSION}; "
                                 "upgrade the plugin or runyard",
+                                spec_name=getattr(spec, "name", None),
                             )
                         )
                         continue
@@ -138,19 +147,17 @@ class PluginRegistry:
             raise PluginError(self._missing_message(kind, name))
         if len(regs) > 1:
             who = " and ".join(f"{r.distribution} (plugin '{r.plugin}')" for r in regs)
-            raise PluginError(
-                f"{_LABEL[kind]} '{name}' is provided by both {who}; uninstall one of them"
-            )
+            raise PluginError(f"{_LABEL[kind]} '{name}' is provided by both {who}; uninstall one of them")
         return regs[0].spec
 
     def _missing_message(self, kind: Kind, name: str) -> str:
         extra = KNOWN_BACKENDS[kind].get(name)
-        broken = [f for f in self.failures if f.plugin == name]
+        broken = [f for f in self.failures if name in (f.plugin, f.spec_name)]
         if broken:
             f = broken[0]
             return f"{_LABEL[kind]} '{name}' is installed ({f.distribution} {f.version}) but failed to load: {f.error}"
         if extra:
-            return f'{_LABEL[kind]} \'{name}\' is not installed: pip install "runyard[{extra}]"'
+            return f"{_LABEL[kind]} '{name}' is not installed: pip install \"runyard[{extra}]\""
         installed = ", ".join(self.names(kind)) or "none"
         return f"unknown {_LABEL[kind]} '{name}'; installed {_LABEL[kind]}s: {installed}"
 

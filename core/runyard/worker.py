@@ -7,6 +7,7 @@ import logging
 import os
 import socket
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Mapping
@@ -78,13 +79,64 @@ class StepContext:
     log: logging.Logger
 
 
+class _ThreadRoutedStream(io.TextIOBase):
+    """Stands in for sys.stdout/sys.stderr: writes from a thread running a step go to that
+    step's buffer, everything else to the real stream. Installed once per process, so
+    steps running at once on several threads never see (or steal) each other's output."""
+
+    def __init__(self, real: Any, slot: str) -> None:
+        self._real = real
+        self._slot = slot
+
+    def _target(self) -> Any:
+        bufs = getattr(_capture, "buffers", None)
+        return bufs[self._slot] if bufs is not None else self._real
+
+    def write(self, s: str) -> int:
+        return self._target().write(s)
+
+    def flush(self) -> None:
+        self._target().flush()
+
+    def isatty(self) -> bool:
+        return self._real.isatty()
+
+    def fileno(self) -> int:
+        return self._real.fileno()
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return getattr(self._real, "encoding", "utf-8")
+
+
+_capture = threading.local()
+_install_lock = threading.Lock()
+
+
+def _install_streams() -> None:
+    with _install_lock:
+        if not isinstance(sys.stdout, _ThreadRoutedStream):
+            sys.stdout = _ThreadRoutedStream(sys.stdout, "out")
+        if not isinstance(sys.stderr, _ThreadRoutedStream):
+            sys.stderr = _ThreadRoutedStream(sys.stderr, "err")
+
+
+# Records from `context.log` reach the capture handler whatever the root level is.
+logging.getLogger("runyard.step").setLevel(logging.DEBUG)
+
+
 class _EventLogHandler(logging.Handler):
+    """Turns log records emitted on one step's thread into STEP_LOG events of that step."""
+
     def __init__(self, sink: list[Event], base: dict[str, Any]) -> None:
         super().__init__(logging.DEBUG)
         self.sink = sink
         self.base = base
+        self.thread = threading.get_ident()
 
     def emit(self, record: logging.LogRecord) -> None:
+        if record.thread != self.thread:
+            return
         try:
             msg = record.getMessage()
         except Exception:  # a bad format string must not fail the step
@@ -132,7 +184,6 @@ def execute_step(request: StepRequest) -> list[Event]:
     out, err = io.StringIO(), io.StringIO()
     log_handler = _EventLogHandler(events, base)
     root = logging.getLogger()
-    saved = sys.stdout, sys.stderr
     try:
         store = open_output_store(request.output_store)
         kwargs: dict[str, Any] = {}
@@ -155,12 +206,13 @@ def execute_step(request: StepRequest) -> list[Event]:
                     log=logger,
                 ),
             )
+        _install_streams()
         root.addHandler(log_handler)
-        sys.stdout, sys.stderr = out, err
+        _capture.buffers = {"out": out, "err": err}
         try:
             value = node.step.fn(*args, **kwargs)
         finally:
-            sys.stdout, sys.stderr = saved
+            _capture.buffers = None
             root.removeHandler(log_handler)
         ref = store.put(request.run_id, request.step_key, value)
         _append_captured(events, base, out, err)
@@ -177,7 +229,7 @@ def execute_step(request: StepRequest) -> list[Event]:
     except StepInterrupted as e:
         _append_captured(events, base, out, err)
         events.append(_failure_event(base, FailureInfo(kind=e.kind, message=str(e))))
-    except Exception as e:
+    except (Exception, SystemExit) as e:  # a step calling sys.exit() failed; it must not end the worker
         _append_captured(events, base, out, err)
         events.append(
             _failure_event(

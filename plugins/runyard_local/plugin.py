@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import attrs
-from runyard.plugin import Capabilities, ExecutorConfig, ExecutorSpec, StorageSpec, hookimpl
+from runyard.plugin import API_VERSION, Capabilities, ExecutorConfig, ExecutorSpec, StorageSpec, hookimpl
 
 
 @attrs.frozen(kw_only=True)
@@ -23,6 +23,7 @@ def runyard_executors() -> list[ExecutorSpec]:
     return [
         ExecutorSpec(
             name="in_process",
+            api_version=API_VERSION,
             handler="runyard_local.in_process:InProcessStepHandler",
             config=InProcessConfig,
             capabilities=Capabilities(
@@ -42,6 +43,7 @@ def runyard_storages() -> list[StorageSpec]:
     return [
         StorageSpec(
             name="sqlite",
+            api_version=API_VERSION,
             storage="runyard_local.storages:create_sqlite_storage",
             config=SqliteConfig,
             description="SQLite database under $RUNYARD_HOME (WAL; safe for several processes).",

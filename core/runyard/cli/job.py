@@ -29,7 +29,12 @@ def list_jobs(pointer, as_json: bool) -> None:  # type: ignore[no-untyped-def]
 
     loc = load_code_location(pointer)
     rows = [
-        {"name": j.name, "steps": len(j.nodes), "executor": j.executor, "description": (j.description or "").split("\n")[0]}
+        {
+            "name": j.name,
+            "steps": len(j.nodes),
+            "executor": j.executor,
+            "description": (j.description or "").split("\n")[0],
+        }
         for j in sorted(loc.jobs.values(), key=lambda j: j.name)
     ]
     if as_json:
@@ -97,7 +102,9 @@ def execute(pointer, job_name, config_path, executor, tags, steps, parent_run_id
         for ev in result.events:
             if ev.type is EventType.STEP_FAILURE:
                 f = ev.failure
-                click.echo(f"step {ev.step_key} failed (attempt {ev.attempt}, {f.kind.value if f else '?'}): {ev.message}")
+                click.echo(
+                    f"step {ev.step_key} failed (attempt {ev.attempt}, {f.kind.value if f else '?'}): {ev.message}"
+                )
                 if f and f.traceback:
                     click.echo(f.traceback.rstrip())
         counts: dict[str, int] = {}

@@ -1,10 +1,8 @@
 """Output capture of steps running at the same time in one process.
 
-The step worker (core/runyard/worker.py, ``execute_step``) captures a step's prints by
-assigning ``sys.stdout``/``sys.stderr`` and its logs by adding a handler to the root logger:
-both are process-wide, so concurrent steps in threads capture each other's output. These
-tests state the behaviour a thread-based executor needs; they are expected to fail until
-the core captures per thread. ``strict`` makes them fail loudly once it does.
+A thread-based executor runs several steps in one process at once; each step's prints and
+log records must land in that step's events only, and the process's own stdout must keep
+working afterwards.
 """
 
 from __future__ import annotations
@@ -45,7 +43,6 @@ def chatter():
     talk.alias("b")("b")
 '''
 
-CORE_BUG = "core: execute_step swaps sys.stdout and the root log handler process-wide (core/runyard/worker.py)"
 
 
 @pytest.fixture
@@ -63,7 +60,6 @@ def captured(result, step_key: str, type_: EventType) -> str:  # type: ignore[no
     return "".join(e.data.get("text", e.message + "\n") for e in result.events_for(step_key) if e.type is type_)
 
 
-@pytest.mark.xfail(strict=True, reason=CORE_BUG)
 def test_concurrent_steps_capture_only_their_own_prints(runyard_instance: Instance, jobs: ModuleType) -> None:
     result = execute_job(jobs.chatter, instance=runyard_instance, executor="threadpool",
                          run_config={"execution": {"threadpool": {"max_concurrent": 2}}})
@@ -72,7 +68,6 @@ def test_concurrent_steps_capture_only_their_own_prints(runyard_instance: Instan
     assert captured(result, "b", EventType.STEP_STDOUT) == "printed by b\n"
 
 
-@pytest.mark.xfail(strict=True, reason=CORE_BUG)
 def test_concurrent_steps_capture_only_their_own_logs(runyard_instance: Instance, jobs: ModuleType) -> None:
     result = execute_job(jobs.chatter, instance=runyard_instance, executor="threadpool",
                          run_config={"execution": {"threadpool": {"max_concurrent": 2}}})
