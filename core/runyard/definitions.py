@@ -188,10 +188,17 @@ class StepDefinition:
     def bind_inputs(self, job_name: str, key: str, args: tuple, kwargs: dict) -> dict[str, InputSource]:
         if self.takes_context:
             args = (None, *args)
+        params = [p for p in self.signature.parameters if p != "context" or not self.takes_context]
+        accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in self.signature.parameters.values())
+        unknown = [k for k in kwargs if k not in params and not accepts_any]
+        if unknown:
+            raise DefinitionError(
+                f"job '{job_name}', step '{key}': unknown input '{unknown[0]}' "
+                f"(the step's inputs are: {', '.join(params) or 'none'})"
+            )
         try:
             bound = self.signature.bind(*args, **kwargs)
         except TypeError as e:
-            params = [p for p in self.signature.parameters if p != "context" or not self.takes_context]
             raise DefinitionError(
                 f"job '{job_name}', step '{key}': {e} (the step's inputs are: {', '.join(params) or 'none'})"
             ) from None
@@ -283,6 +290,8 @@ class JobDefinition:
         self.executor_config = dict(executor_config) if executor_config else None
         self.tags = {str(k): str(v) for k, v in (tags or {}).items()}
         self.code_pointer = code_pointer
+        if not self.nodes:
+            raise DefinitionError(f"job '{name}' calls no steps; call at least one step in its body")
         if executor_config is not None and executor is None:
             raise DefinitionError(f"job '{name}': executor_config needs executor= to say which executor it configures")
         _check_graph(name, self.nodes)
@@ -343,7 +352,17 @@ def _check_graph(job_name: str, nodes: Mapping[str, StepNode]) -> None:
             if indegree[d] == 0:
                 ready.append(d)
     if seen != len(nodes):
-        cyclic = sorted(k for k, d in indegree.items() if d > 0)
+        # What Kahn's algorithm leaves holds the cycles plus steps downstream of them;
+        # peel off steps with nothing left downstream until only the cycles remain.
+        left = {k for k, d in indegree.items() if d > 0}
+        changed = True
+        while changed:
+            changed = False
+            for k in list(left):
+                if not any(d in left for d in down[k]):
+                    left.discard(k)
+                    changed = True
+        cyclic = sorted(left)
         raise DefinitionError(f"job '{job_name}' has a cycle among steps: {', '.join(cyclic)}")
 
 
@@ -371,8 +390,6 @@ def job(
             body()
         finally:
             _current_builder.reset(token)
-        if not builder.nodes:
-            raise DefinitionError(f"job '{job_name}' calls no steps; call at least one step in its body")
         return JobDefinition(
             name=job_name,
             nodes=builder.nodes,

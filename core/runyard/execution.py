@@ -218,6 +218,7 @@ def execute_job(
     register_job(pointer, job)
     store = instance.output_store(shared=caps.needs_shared_outputs)
     storage = instance.storage
+    outs = parent_outputs(instance, parent_run_id, plan.external) if plan.external else {}
     if run is None:
         run = RunRecord(
             job_name=job.name,
@@ -229,7 +230,6 @@ def execute_job(
             step_selection=selection,
         )
         storage.add_run(run)
-    outs = parent_outputs(instance, parent_run_id, plan.external) if plan.external else {}
     handler: StepHandler = handler_cls(
         config,
         HandlerContext(

@@ -62,7 +62,8 @@ class PluginRegistry:
     def __init__(self, *, use_entry_points: bool = True) -> None:
         self.pm = pluggy.PluginManager("runyard")
         self.pm.add_hookspecs(hookspecs)
-        self.failures: list[PluginFailure] = []
+        self._load_failures: list[PluginFailure] = []
+        self._hook_failures: list[PluginFailure] = []
         self._dist: dict[str, tuple[str, str]] = {}
         self._cache: dict[Kind, dict[str, list[Registered]]] | None = None
         if use_entry_points:
@@ -75,12 +76,12 @@ class PluginRegistry:
             try:
                 module = ep.load()
             except Exception as e:  # a broken plugin must not take the others down
-                self.failures.append(PluginFailure(ep.name, dist, version, f"{type(e).__name__}: {e}"))
+                self._load_failures.append(PluginFailure(ep.name, dist, version, f"{type(e).__name__}: {e}"))
                 continue
             try:
                 self.register(module, name=ep.name, distribution=dist, version=version)
             except PluginError as e:
-                self.failures.append(PluginFailure(ep.name, dist, version, str(e)))
+                self._load_failures.append(PluginFailure(ep.name, dist, version, str(e)))
 
     def register(
         self, plugin: types.ModuleType | object, *, name: str, distribution: str = "?", version: str = "?"
@@ -95,9 +96,16 @@ class PluginRegistry:
         self._dist[name] = (distribution, version)
         self._cache = None
 
+    @property
+    def failures(self) -> list[PluginFailure]:
+        """Plugins that failed to import, or whose hooks raised or declared another API version."""
+        self._collect()
+        return [*self._load_failures, *self._hook_failures]
+
     def _collect(self) -> dict[Kind, dict[str, list[Registered]]]:
         if self._cache is not None:
             return self._cache
+        self._hook_failures = []  # rebuilt with the cache, so nothing is reported twice
         found: dict[Kind, dict[str, list[Registered]]] = {k: {} for k in KINDS}
         for kind in KINDS:
             hook = getattr(self.pm.hook, _HOOKS[kind])
@@ -106,7 +114,7 @@ class PluginRegistry:
                 try:
                     specs = impl.function() or []
                 except Exception as e:
-                    self.failures.append(
+                    self._hook_failures.append(
                         PluginFailure(
                             impl.plugin_name, dist, version, f"{_HOOKS[kind]}() raised {type(e).__name__}: {e}"
                         )
@@ -114,7 +122,7 @@ class PluginRegistry:
                     continue
                 for spec in specs:
                     if getattr(spec, "api_version", None) != API_VERSION:
-                        self.failures.append(
+                        self._hook_failures.append(
                             PluginFailure(
                                 impl.plugin_name,
                                 dist,
@@ -185,6 +193,8 @@ def load_object(ref: str, *, what: str) -> Any:
         raise PluginError(f"{what}: cannot import '{ref}': {e}") from e
     except AttributeError as e:
         raise PluginError(f"{what}: '{ref}' does not exist: {e}") from e
+    except Exception as e:  # the module itself failed while importing
+        raise PluginError(f"{what}: importing '{ref}' failed: {type(e).__name__}: {e}") from e
     return obj
 
 

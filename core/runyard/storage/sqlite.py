@@ -56,18 +56,32 @@ class SqliteRunStorage(RunStorage):
             self._shared = self._connect()
         else:
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        conn = self._conn()
-        with self._lock:
-            conn.executescript(_SCHEMA)
+        self._init_schema()
+
+    def _init_schema(self) -> None:
+        # Several processes may open a new database at once; switching it to WAL and
+        # creating tables can report "locked" without waiting on the busy timeout.
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                conn = self._conn()
+                with self._lock:
+                    conn.executescript(_SCHEMA)
+                return
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) or time.monotonic() > deadline:
+                    raise
+                self._local.conn = None
+                time.sleep(0.05)
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA busy_timeout=30000")
         if not self._memory:
             conn.execute("PRAGMA journal_mode=WAL")
             # NORMAL is durable across process crashes in WAL mode; only power loss can drop
             # the last transactions, and that is not worth an fsync per event batch.
             conn.execute("PRAGMA synchronous=NORMAL")
-        conn.execute("PRAGMA busy_timeout=30000")
         return conn
 
     def _conn(self) -> sqlite3.Connection:
