@@ -8,7 +8,6 @@ from pathlib import Path
 
 import click
 from click.testing import CliRunner
-
 from runyard import hookspecs
 from runyard.plugin import hookimpl
 from runyard.registry import PluginRegistry

@@ -71,6 +71,9 @@ class SqliteRunStorage(RunStorage):
             except sqlite3.OperationalError as e:
                 if "locked" not in str(e) or time.monotonic() > deadline:
                     raise
+                stale = getattr(self._local, "conn", None)
+                if stale is not None and not self._memory:
+                    stale.close()
                 self._local.conn = None
                 time.sleep(0.05)
 
