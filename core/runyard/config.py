@@ -7,6 +7,7 @@ was expected and what was found.
 
 from __future__ import annotations
 
+import functools
 import os
 import typing
 from collections.abc import Mapping
@@ -14,10 +15,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import attrs
-import cattrs
-from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError, IterableValidationError
 
 from .errors import ConfigError
+
+if typing.TYPE_CHECKING:
+    import cattrs
 
 T = TypeVar("T")
 
@@ -95,18 +97,27 @@ def _any_mapping(value: Any, _: Any) -> dict:
     return dict(value)
 
 
-converter = cattrs.Converter(forbid_extra_keys=True)
-converter.register_structure_hook(str, _str)
-converter.register_structure_hook(int, _int)
-converter.register_structure_hook(float, _float)
-converter.register_structure_hook(bool, _bool)
-converter.register_structure_hook_func(lambda t: t == dict[str, typing.Any], _any_mapping)
-converter.register_structure_hook(typing.Any, lambda v, _: v)
-converter.register_unstructure_hook(EnvVar, lambda e: {"env": e.name})
+@functools.cache
+def converter() -> cattrs.Converter:
+    """The one converter for every config class (built on first use: cattrs is not cheap
+    to import, and a run whose settings are all defaults never needs it)."""
+    import cattrs
+
+    conv = cattrs.Converter(forbid_extra_keys=True)
+    conv.register_structure_hook(str, _str)
+    conv.register_structure_hook(int, _int)
+    conv.register_structure_hook(float, _float)
+    conv.register_structure_hook(bool, _bool)
+    conv.register_structure_hook_func(lambda t: t == dict[str, typing.Any], _any_mapping)
+    conv.register_structure_hook(typing.Any, lambda v, _: v)
+    conv.register_unstructure_hook(EnvVar, lambda e: {"env": e.name})
+    return conv
 
 
 def _problems(exc: BaseException, path: str) -> list[str]:
     """Flatten cattrs' exception tree into ``path: message`` lines."""
+    from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError, IterableValidationError
+
     if isinstance(exc, ForbiddenExtraKeysError):
         allowed = ", ".join(a.name for a in attrs.fields(exc.cl)) or "none"
         return [
@@ -142,9 +153,16 @@ def structure(data: Any, cls: type[T], *, source: str, path: str) -> T:
         data = {}
     if attrs.has(cls) and not isinstance(data, Mapping):
         raise ConfigError(f"{source}: {path}: expected a mapping of settings, got {_describe(data)}")
+    if not data and attrs.has(cls):
+        try:
+            return cls()  # every setting defaulted: no converter needed
+        except TypeError:
+            pass  # a required setting is missing: let the converter say which
+    from cattrs.errors import BaseValidationError, ForbiddenExtraKeysError
+
     try:
-        return converter.structure(data, cls)
-    except (ClassValidationError, IterableValidationError, ForbiddenExtraKeysError, _Mismatch) as e:
+        return converter().structure(data, cls)
+    except (BaseValidationError, ForbiddenExtraKeysError, _Mismatch) as e:
         problems = _problems(e, path)
     except (TypeError, ValueError) as e:  # attrs validators
         problems = [f"{path}: {e}"]
@@ -152,7 +170,16 @@ def structure(data: Any, cls: type[T], *, source: str, path: str) -> T:
 
 
 def unstructure(obj: Any) -> Any:
-    return converter.unstructure(obj)
+    """Plain data for storage: ``{env: NAME}`` references stay references, never values."""
+    if isinstance(obj, EnvVar):
+        return {"env": obj.name}
+    if isinstance(obj, Mapping):
+        return {k: unstructure(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [unstructure(v) for v in obj]
+    if attrs.has(type(obj)):
+        return converter().unstructure(obj)
+    return obj
 
 
 def load_yaml(path: Path) -> Any:
