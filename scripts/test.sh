@@ -13,7 +13,7 @@ if [ ! -x .tools/bin/uv ]; then
   .tools/bin/pip install --quiet --disable-pip-version-check uv
 fi
 echo "--- syncing the workspace into .venv/ (uv.lock)"
-.tools/bin/uv sync --locked --all-packages --python "$PY" --quiet
+.tools/bin/uv sync --locked --all-packages --compile-bytecode --python "$PY" --quiet
 echo "--- ruff"
 .venv/bin/ruff check .
 echo "--- pytest"
