@@ -20,6 +20,7 @@ from .registry import load_object
 from .storage import RunRecord, RunStatus
 
 BUILTIN_DEFAULT_EXECUTOR = "in_process"
+_UNFINISHED = (RunStatus.QUEUED, RunStatus.STARTING, RunStatus.STARTED, RunStatus.CANCELING)
 RESOURCES_TAG = "runyard/resources"
 
 
@@ -253,7 +254,12 @@ def execute_job(
         parent_outputs=outs,
         cancellation=cancellation,
     )
-    storage.set_run_status(run.run_id, RunStatus.STARTED)
+    if not storage.set_run_status(run.run_id, RunStatus.STARTED, only_from=[RunStatus.QUEUED, RunStatus.STARTING]):
+        current = storage.get_run(run.run_id)
+        if current is not None and current.status is RunStatus.CANCELING and cancellation is not None:
+            cancellation.cancel()  # canceled while starting: run the engine so everything is skipped
+        elif current is None or current.status.is_finished:
+            raise RunyardError(f"run {run.run_id} is already {current.status.value if current else 'gone'}")
     storage.store_events(
         [Event(type=EventType.RUN_START, run_id=run.run_id, data={"executor": resolved.name, "steps": len(plan)})]
     )
@@ -270,7 +276,7 @@ def execute_job(
                 )
             ]
         )
-        storage.set_run_status(run.run_id, RunStatus.FAILURE)
+        storage.set_run_status(run.run_id, RunStatus.FAILURE, only_from=_UNFINISHED)
         raise
     if result.canceled:
         status, ev_type, msg = RunStatus.CANCELED, EventType.RUN_CANCELED, "run canceled"
@@ -279,8 +285,9 @@ def execute_job(
     else:
         failed = [k for k, s in result.states.items() if s == StepState.FAILED]
         status, ev_type, msg = RunStatus.FAILURE, EventType.RUN_FAILURE, f"step(s) failed: {', '.join(failed)}"
-    storage.store_events([Event(type=ev_type, run_id=run.run_id, message=msg)])
-    storage.set_run_status(run.run_id, status)
+    # The first final status wins: a monitor may have failed the run meanwhile.
+    if storage.set_run_status(run.run_id, status, only_from=_UNFINISHED):
+        storage.store_events([Event(type=ev_type, run_id=run.run_id, message=msg)])
     final = storage.get_run(run.run_id) or run
     events = [s.event for s in storage.get_events(run.run_id)]
     res = ExecutionResult(run=final, engine=result, events=events, instance=instance, output_store=store.url)

@@ -109,7 +109,11 @@ class ExecutorSpec(PluginSpec):
 
 @attrs.frozen(kw_only=True)
 class RunLauncherSpec(PluginSpec):
-    """Registers a run launcher: returned from the ``runyard_run_launchers`` hook."""
+    """Registers a run launcher: returned from the ``runyard_run_launchers`` hook.
+
+    ``launcher`` is the import string of a `RunLauncher` subclass, imported only when a
+    run is launched, terminated or checked with it.
+    """
 
     launcher: str
     config: type = _NoConfig
@@ -124,6 +128,56 @@ class StorageSpec(PluginSpec):
 
     storage: str
     config: type = _NoConfig
+
+
+@attrs.frozen(kw_only=True)
+class WorkerHealth:
+    """What a run launcher knows of a run worker: ``running``, ``dead`` or ``unknown``.
+
+    ``message`` says why it is dead (exit code, signal, the container's last log lines);
+    it becomes the reason of the run's failure.
+    """
+
+    status: str  # "running" | "dead" | "unknown"
+    message: str = ""
+
+    @property
+    def is_dead(self) -> bool:
+        return self.status == "dead"
+
+
+class RunLauncher:
+    """Allocates compute for a whole run and starts the run worker there. Subclass it.
+
+    The worker is the command ``runyard api execute-run RUN_ID`` (see `worker_command`),
+    run where the launcher puts it, with the same ``RUNYARD_HOME`` or storage reachable.
+    Launchers are stateless between calls: whatever `launch` returns is stored with the
+    run (in its RUN_LAUNCHED event) and handed back to `terminate` and `check_health`,
+    which may run in another process (``runyard run cancel``) long after the launch.
+    """
+
+    def __init__(self, config: Any, instance_home: str | None) -> None:
+        self.config = config
+        self.instance_home = instance_home
+
+    def launch(self, run: RunRecord) -> dict[str, Any]:
+        """Start the run worker for ``run`` and return JSON data identifying it (a pid,
+        a container id). Must return once the worker is started, not when it ends."""
+        raise NotImplementedError
+
+    def terminate(self, run: RunRecord, worker: Mapping[str, Any], *, force: bool = False) -> None:
+        """Ask the worker to stop (it then cancels its steps and ends the run CANCELED);
+        with ``force``, kill it and everything it started. Must be idempotent."""
+        raise NotImplementedError
+
+    def check_health(self, run: RunRecord, worker: Mapping[str, Any]) -> WorkerHealth:
+        """Say whether the worker is still running."""
+        return WorkerHealth(status="unknown")
+
+    @staticmethod
+    def worker_command(run: RunRecord) -> list[str]:
+        """The command that runs a run worker for ``run``."""
+        return ["runyard", "api", "execute-run", run.run_id]
 
 
 @attrs.frozen(kw_only=True)
@@ -274,6 +328,7 @@ __all__ = [
     "FailureKind",
     "HandlerContext",
     "PluginSpec",
+    "RunLauncher",
     "RunLauncherSpec",
     "RunRecord",
     "RunStatus",
@@ -287,6 +342,7 @@ __all__ = [
     "StorageSpec",
     "StoredEvent",
     "TagConcurrencyLimit",
+    "WorkerHealth",
     "execute_step",
     "hookimpl",
     "resolve",

@@ -3,7 +3,15 @@
 from __future__ import annotations
 
 import attrs
-from runyard.plugin import API_VERSION, Capabilities, ExecutorConfig, ExecutorSpec, StorageSpec, hookimpl
+from runyard.plugin import (
+    API_VERSION,
+    Capabilities,
+    ExecutorConfig,
+    ExecutorSpec,
+    RunLauncherSpec,
+    StorageSpec,
+    hookimpl,
+)
 
 
 @attrs.frozen(kw_only=True)
@@ -47,5 +55,23 @@ def runyard_storages() -> list[StorageSpec]:
             storage="runyard_local.storages:create_sqlite_storage",
             config=SqliteConfig,
             description="SQLite database under $RUNYARD_HOME (WAL; safe for several processes).",
+        )
+    ]
+
+
+@attrs.frozen(kw_only=True)
+class DefaultLauncherConfig:
+    """The default launcher has no settings: each run gets one process on this machine."""
+
+
+@hookimpl
+def runyard_run_launchers() -> list[RunLauncherSpec]:
+    return [
+        RunLauncherSpec(
+            name="default",
+            api_version=API_VERSION,
+            launcher="runyard_local.launcher:DefaultRunLauncher",
+            config=DefaultLauncherConfig,
+            description="One OS process per run on this machine (its own process group).",
         )
     ]

@@ -31,3 +31,17 @@ def execute_step(request: str | None) -> None:
     for ev in run(req):
         sys.stdout.write(ev.to_json() + "\n")
     sys.stdout.flush()
+
+
+@api.command("execute-run")
+@click.argument("run_id")
+def execute_run(run_id: str) -> None:
+    """Run worker: execute the stored run RUN_ID here (started by a run launcher).
+
+    SIGTERM cancels the run cleanly. Exit status 0 if the run succeeded, 1 otherwise.
+    """
+    from ..instance import Instance
+    from ..runs import execute_run as run
+
+    result = run(Instance.from_env(), run_id)
+    sys.exit(0 if result.status.value == "SUCCESS" else 1)

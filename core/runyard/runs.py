@@ -1,0 +1,353 @@
+"""Runs as first-class records: create, launch, execute in a run worker, monitor, cancel,
+re-execute. The CLI's ``job launch`` and ``run …`` commands are thin wrappers over this."""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import attrs
+
+from .config import Selection, structure
+from .definitions import CodePointer, Definitions, JobDefinition
+from .errors import RunyardError, StepSelectionError
+from .events import Event, EventType, FailureInfo, FailureKind
+from .instance import Instance
+from .plan import ExecutionPlan
+from .plugin import RunLauncher, WorkerHealth
+from .registry import load_object
+from .storage import RunRecord, RunStatus
+
+DEFAULT_LAUNCHER = "default"
+UNFINISHED = (RunStatus.QUEUED, RunStatus.STARTING, RunStatus.STARTED, RunStatus.CANCELING)
+ACTIVE = (RunStatus.STARTING, RunStatus.STARTED, RunStatus.CANCELING)
+STARTING_GRACE = 30.0  # seconds a launched worker may take to mark its run STARTED
+
+
+class RunNotFound(RunyardError):
+    pass
+
+
+def get_run(instance: Instance, run_id: str) -> RunRecord:
+    run = instance.storage.get_run(run_id)
+    if run is None:
+        # Accept a unique prefix, as `run list` shows shortened ids.
+        matches = [r for r in instance.storage.list_runs(limit=10_000) if r.run_id.startswith(run_id)]
+        if len(matches) == 1:
+            return matches[0]
+        raise RunNotFound(f"no run '{run_id}' in {instance.home}; `runyard run list` shows the runs")
+    return run
+
+
+def _event(run: RunRecord | str, type: EventType, message: str = "", **data: Any) -> Event:
+    run_id = run if isinstance(run, str) else run.run_id
+    return Event(type=type, run_id=run_id, message=message, data=data)
+
+
+# -- creating and launching ------------------------------------------------------------
+
+
+def create_run(
+    instance: Instance,
+    job: JobDefinition,
+    *,
+    pointer: CodePointer,
+    definitions: Definitions | None = None,
+    run_config: Mapping[str, Any] | None = None,
+    executor: str | None = None,
+    tags: Mapping[str, str] | None = None,
+    step_selection: Iterable[str] | None = None,
+    parent_run_id: str | None = None,
+) -> RunRecord:
+    """Validate everything a run needs and record it QUEUED. Nothing is started.
+
+    The executor is resolved now and stored with the run, so the worker uses what was
+    validated here whatever its own environment says.
+    """
+    from .execution import check_capabilities, parent_outputs, resolve_executor, structure_executor_config
+
+    run_config = dict(run_config or {})
+    selection = list(step_selection) if step_selection is not None else None
+    plan = ExecutionPlan.build(job, selection)
+    if plan.external:
+        if not parent_run_id:
+            raise StepSelectionError(
+                f"the selected steps read outputs of unselected step(s) {', '.join(sorted(plan.external))}; "
+                "pass the run they come from with --parent RUN_ID"
+            )
+        parent_outputs(instance, parent_run_id, plan.external)
+    resolved = resolve_executor(
+        job, definitions=definitions, run_config=run_config, instance=instance, override=executor
+    )
+    spec = instance.registry.executor(resolved.name)
+    config = structure_executor_config(resolved, spec)
+    import os
+
+    max_concurrent = config.max_concurrent or spec.default_max_concurrent or os.cpu_count() or 1
+    if spec.capabilities.max_concurrency is not None and config.max_concurrent is None:
+        max_concurrent = min(max_concurrent, spec.capabilities.max_concurrency)
+    check_capabilities(job, resolved.name, spec.capabilities, max_concurrent)
+    launcher_selection(instance)  # a bad launcher config fails now, not in the worker
+    from .execution import _storable
+
+    run = RunRecord(
+        job_name=job.name,
+        code_pointer=pointer.to_dict(),
+        run_config=_storable(run_config),
+        executor=resolved.name,
+        tags={**job.tags, **(tags or {})},
+        parent_run_id=parent_run_id,
+        step_selection=selection,
+    )
+    instance.storage.add_run(run)
+    instance.storage.store_events([_event(run, EventType.RUN_QUEUED, f"run of job '{job.name}' queued")])
+    return run
+
+
+def launcher_selection(instance: Instance) -> tuple[Selection, Any]:
+    sel = instance.sections["run_launcher"] or Selection(DEFAULT_LAUNCHER, {}, "default")
+    spec = instance.registry.run_launcher(sel.name)
+    return sel, structure(sel.config, spec.config, source=sel.source, path=f"run_launcher.{sel.name}")
+
+
+def get_launcher(instance: Instance, name: str | None = None) -> tuple[str, RunLauncher]:
+    sel, config = launcher_selection(instance)
+    if name is not None and name != sel.name:
+        # The run was launched with another launcher than the instance now names.
+        spec = instance.registry.run_launcher(name)
+        config = structure({}, spec.config, source="run record", path=f"run_launcher.{name}")
+        sel = Selection(name, {}, "run record")
+    spec = instance.registry.run_launcher(sel.name)
+    cls = load_object(spec.launcher, what=f"run launcher '{sel.name}'")
+    return sel.name, cls(config, str(instance.home) if instance.home else None)
+
+
+def launch_run(instance: Instance, run: RunRecord) -> RunRecord:
+    """Hand a QUEUED run to the instance's run launcher."""
+    if instance.is_ephemeral:
+        raise RunyardError("an ephemeral instance cannot launch runs: its storage lives in this process only")
+    storage = instance.storage
+    name, launcher = get_launcher(instance)
+    if not storage.set_run_status(run.run_id, RunStatus.STARTING, only_from=[RunStatus.QUEUED]):
+        raise RunyardError(f"run {run.run_id} is not QUEUED; it cannot be launched again")
+    storage.store_events([_event(run, EventType.RUN_STARTING, f"launching with run launcher '{name}'")])
+    try:
+        worker = launcher.launch(run)
+    except Exception as e:
+        fail_run(
+            instance,
+            run.run_id,
+            f"run launcher '{name}' could not start the run worker: {e}",
+            kind=FailureKind.NOT_STARTED,
+        )
+        raise
+    storage.store_events(
+        [_event(run, EventType.RUN_LAUNCHED, f"run worker started by '{name}'", launcher=name, worker=worker)]
+    )
+    return storage.get_run(run.run_id) or run
+
+
+def fail_run(instance: Instance, run_id: str, reason: str, *, kind: FailureKind = FailureKind.WORKER_LOST) -> bool:
+    """End an unfinished run FAILURE with ``reason``; False if it had already ended."""
+    if not instance.storage.set_run_status(run_id, RunStatus.FAILURE, only_from=UNFINISHED):
+        return False
+    info = FailureInfo(kind=kind, message=reason)
+    instance.storage.store_events([_event(run_id, EventType.RUN_FAILURE, reason, failure=info.to_dict())])
+    return True
+
+
+# -- the run worker ------------------------------------------------------------------
+
+
+def execute_run(instance: Instance, run_id: str) -> RunRecord:
+    """Body of the run worker (``runyard api execute-run``): run the stored run here.
+
+    SIGTERM or SIGINT cancel the run: running steps are stopped, the rest skipped, and the
+    run ends CANCELED.
+    """
+    from .engine import Cancellation
+    from .execution import execute_job
+    from .loader import load_job
+
+    storage = instance.storage
+    run = get_run(instance, run_id)
+    if run.status not in (RunStatus.QUEUED, RunStatus.STARTING):
+        raise RunyardError(f"run {run.run_id} is {run.status.value}; only a queued or starting run can be executed")
+    cancellation = Cancellation()
+
+    def on_signal(signum: int, frame: Any) -> None:
+        cancellation.cancel()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        try:
+            pointer = CodePointer.from_dict(run.code_pointer or {})
+            job, loc = load_job(pointer, run.job_name)
+        except Exception as e:
+            fail_run(instance, run.run_id, f"could not load job '{run.job_name}': {e}", kind=FailureKind.NOT_STARTED)
+            raise
+        execute_job(
+            job,
+            instance=instance,
+            executor=run.executor,
+            definitions=loc.definitions,
+            run_config=run.run_config,
+            step_selection=run.step_selection,
+            parent_run_id=run.parent_run_id,
+            cancellation=cancellation,
+            run=run,
+        )
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+    return storage.get_run(run.run_id) or run
+
+
+# -- monitoring, cancel, re-execution ------------------------------------------------------
+
+
+def worker_info(instance: Instance, run_id: str) -> tuple[str | None, dict[str, Any] | None]:
+    launched = instance.storage.get_events(run_id, types=[EventType.RUN_LAUNCHED])
+    if not launched:
+        return None, None
+    data = launched[-1].event.data
+    return data.get("launcher"), data.get("worker")
+
+
+def check_run(instance: Instance, run: RunRecord) -> RunRecord:
+    """Notice a run whose worker died: mark it FAILURE with the reason. Cheap for finished runs."""
+    if run.status not in ACTIVE:
+        return run
+    name, worker = worker_info(instance, run.run_id)
+    if worker is None:
+        if run.status is RunStatus.STARTING and time.time() - run.created_at > STARTING_GRACE:
+            fail_run(
+                instance,
+                run.run_id,
+                "the run was never handed to a run worker (launch did not complete)",
+                kind=FailureKind.NOT_STARTED,
+            )
+        return instance.storage.get_run(run.run_id) or run
+    _, launcher = get_launcher(instance, name)
+    health: WorkerHealth = launcher.check_health(run, worker)
+    if health.is_dead:
+        latest = instance.storage.get_run(run.run_id)
+        if latest is not None and latest.status in ACTIVE:  # it may have just finished
+            if latest.status is RunStatus.CANCELING:
+                if instance.storage.set_run_status(run.run_id, RunStatus.CANCELED, only_from=[RunStatus.CANCELING]):
+                    instance.storage.store_events(
+                        [_event(run, EventType.RUN_CANCELED, "run canceled (worker stopped)")]
+                    )
+            else:
+                fail_run(instance, run.run_id, f"run worker died before the run finished: {health.message}")
+    return instance.storage.get_run(run.run_id) or run
+
+
+def cancel_run(instance: Instance, run_id: str, *, grace: float = 10.0) -> RunRecord:
+    """Cancel a run: stop its running steps, skip the rest, end it CANCELED.
+
+    The worker is asked to stop (it cancels its steps cleanly); after ``grace`` seconds it
+    and everything it started are killed. No process of the run survives.
+    """
+    storage = instance.storage
+    run = get_run(instance, run_id)
+    if run.status is RunStatus.QUEUED:
+        if storage.set_run_status(run.run_id, RunStatus.CANCELED, only_from=[RunStatus.QUEUED]):
+            storage.store_events([_event(run, EventType.RUN_CANCELED, "run canceled before it started")])
+        return storage.get_run(run.run_id) or run
+    if run.status.is_finished:
+        return run
+    if storage.set_run_status(run.run_id, RunStatus.CANCELING, only_from=[RunStatus.STARTING, RunStatus.STARTED]):
+        storage.store_events([_event(run, EventType.RUN_CANCELING, "cancel requested")])
+    name, worker = worker_info(instance, run.run_id)
+    if worker is None:
+        storage.set_run_status(run.run_id, RunStatus.CANCELED, only_from=[RunStatus.CANCELING])
+        storage.store_events([_event(run, EventType.RUN_CANCELED, "run canceled before its worker started")])
+        return storage.get_run(run.run_id) or run
+    _, launcher = get_launcher(instance, name)
+    launcher.terminate(run, worker)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        current = storage.get_run(run.run_id)
+        if current is not None and current.status.is_finished and launcher.check_health(run, worker).is_dead:
+            break
+        time.sleep(0.05)
+    # Whatever is left of the run (a worker ignoring SIGTERM, a step's orphaned child) goes now.
+    launcher.terminate(run, worker, force=True)
+    if storage.set_run_status(run.run_id, RunStatus.CANCELED, only_from=[RunStatus.CANCELING]):
+        storage.store_events([_event(run, EventType.RUN_CANCELED, f"run worker killed after {grace:g}s grace")])
+    return storage.get_run(run.run_id) or run
+
+
+def step_states(instance: Instance, run_id: str) -> dict[str, str]:
+    """The last known state of each step of a run, from its events."""
+    states: dict[str, str] = {}
+    names = {
+        EventType.STEP_START: "running",
+        EventType.STEP_SUCCESS: "success",
+        EventType.STEP_FAILURE: "failed",
+        EventType.STEP_RETRY: "retrying",
+        EventType.STEP_SKIPPED: "skipped",
+    }
+    for stored in instance.storage.get_events(run_id, types=list(names)):
+        ev = stored.event
+        if ev.step_key is not None:
+            states[ev.step_key] = names[ev.type]
+    return states
+
+
+def reexecution_selection(
+    instance: Instance, parent: RunRecord, job: JobDefinition, *, from_failure: bool, steps: Iterable[str] | None
+) -> list[str] | None:
+    if from_failure:
+        if parent.status is RunStatus.SUCCESS:
+            raise RunyardError(f"run {parent.run_id} succeeded: nothing to re-execute from failure")
+        done = {k for k, s in step_states(instance, parent.run_id).items() if s == "success"}
+        base = parent.step_selection or list(job.nodes)
+        return [k for k in job.nodes if k in base and k not in done]
+    if steps is not None:
+        return list(steps)
+    return parent.step_selection
+
+
+@attrs.frozen
+class WaitResult:
+    run: RunRecord
+    timed_out: bool
+
+
+def wait_for_run(
+    instance: Instance, run_id: str, *, timeout: float | None = None, on_events: Any = None, health_every: float = 1.0
+) -> WaitResult:
+    """Poll until the run finishes, checking its worker's health; ``on_events`` gets new events."""
+    storage = instance.storage
+    run = get_run(instance, run_id)
+    last_id = 0
+    started = time.monotonic()
+    last_health = 0.0
+    delay = 0.02
+    while True:
+        new = storage.get_events(run.run_id, after_id=last_id)
+        if new:
+            last_id = new[-1].id
+            if on_events is not None:
+                on_events([s.event for s in new])
+            delay = 0.02
+        run = storage.get_run(run.run_id) or run
+        if run.status.is_finished:
+            tail = storage.get_events(run.run_id, after_id=last_id)
+            if tail and on_events is not None:
+                on_events([s.event for s in tail])
+            return WaitResult(run, False)
+        now = time.monotonic()
+        if now - last_health >= health_every:
+            last_health = now
+            run = check_run(instance, run)
+            if run.status.is_finished:
+                continue
+        if timeout is not None and now - started > timeout:
+            return WaitResult(run, True)
+        time.sleep(delay)
+        delay = min(delay * 1.5, 0.2)
