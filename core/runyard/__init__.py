@@ -7,30 +7,29 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .definitions import (
-    CodePointer,
-    Definitions,
-    JobDefinition,
-    RetryPolicy,
-    StepDefinition,
-    StepOutput,
-    graph_job,
-    job,
-    step,
-)
-from .errors import (
-    ConfigError,
-    DefinitionError,
-    JobLoadError,
-    OutputSerializationError,
-    PluginError,
-    RunyardError,
-    StepSelectionError,
-)
-from .events import Event, EventType, FailureInfo, FailureKind
-
 if TYPE_CHECKING:
+    from .definitions import (
+        CodePointer,
+        Definitions,
+        JobDefinition,
+        RetryPolicy,
+        StepDefinition,
+        StepOutput,
+        graph_job,
+        job,
+        step,
+    )
     from .engine import Cancellation
+    from .errors import (
+        ConfigError,
+        DefinitionError,
+        JobLoadError,
+        OutputSerializationError,
+        PluginError,
+        RunyardError,
+        StepSelectionError,
+    )
+    from .events import Event, EventType, FailureInfo, FailureKind
     from .execution import ExecutionResult, execute_job
     from .instance import Instance
     from .storage import RunRecord, RunStatus
@@ -38,8 +37,20 @@ if TYPE_CHECKING:
 
 __version__ = "0.1.0"
 
-# Heavier pieces load on first use, so `import runyard` in a job file stays cheap.
+# Everything loads on first use: `runyard --help` and plugin discovery import this package
+# but need none of the job model, and a job file pays only for what it uses.
 _LAZY = {
+    **dict.fromkeys(
+        ["CodePointer", "Definitions", "JobDefinition", "RetryPolicy", "StepDefinition", "StepOutput",
+         "graph_job", "job", "step"],
+        "definitions",
+    ),
+    **dict.fromkeys(
+        ["ConfigError", "DefinitionError", "JobLoadError", "OutputSerializationError", "PluginError",
+         "RunyardError", "StepSelectionError"],
+        "errors",
+    ),
+    **dict.fromkeys(["Event", "EventType", "FailureInfo", "FailureKind"], "events"),
     "Cancellation": "engine",
     "ExecutionResult": "execution",
     "execute_job": "execution",
@@ -56,7 +67,9 @@ def __getattr__(name: str) -> Any:
         raise AttributeError(f"module 'runyard' has no attribute '{name}'")
     import importlib
 
-    return getattr(importlib.import_module(f".{mod}", __name__), name)
+    value = getattr(importlib.import_module(f".{mod}", __name__), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
 
 
 __all__ = [

@@ -1,0 +1,13 @@
+"""The same one no-op step for Dagster."""
+
+from dagster import job, op
+
+
+@op
+def noop() -> int:
+    return 1
+
+
+@job
+def one():
+    noop()
