@@ -79,7 +79,13 @@ def test_an_import_of_a_backend_would_be_seen(stub_path: Path, tmp_path: Path) -
 
 
 def test_import_runyard(stub_path: Path, tmp_path: Path) -> None:
-    _check(_python("import runyard", stub_path, tmp_path), {"runyard", "runyard.definitions"})
+    _check(_python("import runyard", stub_path, tmp_path), {"runyard"})
+
+
+def test_whole_public_api(stub_path: Path, tmp_path: Path) -> None:
+    # The public names load lazily: touch every one so the whole API's imports are checked.
+    code = "import runyard\nfor name in runyard.__all__:\n    getattr(runyard, name)\n"
+    _check(_python(code, stub_path, tmp_path), {"runyard.definitions", "runyard.execution", "runyard.instance"})
 
 
 def test_import_cli_and_discover_plugins(stub_path: Path, tmp_path: Path) -> None:
