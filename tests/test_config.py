@@ -217,7 +217,7 @@ def test_unknown_plugin_name_lists_installed_names(runyard_make_instance: Callab
 
 def test_unknown_storage_name_lists_installed_storages(runyard_make_instance: Callable[..., Instance]) -> None:
     inst = runyard_make_instance({"storage": "mongo"})
-    assert inst.validate() == ["unknown storage 'mongo'; installed storages: sqlite"]
+    assert inst.validate() == ["unknown storage 'mongo'; installed storages: postgres, sqlite"]
 
 
 def test_known_but_not_installed_backend_gives_the_install_command(

@@ -1,0 +1,38 @@
+"""Spec of the PostgreSQL storage. Imports nothing but the public plugin API: psycopg is
+imported only when the storage is opened (``pip install "runyard[postgres]"``)."""
+
+from __future__ import annotations
+
+import attrs
+from runyard.plugin import API_VERSION, StorageSpec, hookimpl
+
+
+def _positive(_: object, attribute: attrs.Attribute, value: float) -> None:
+    if value <= 0:
+        raise ValueError(f"'{attribute.name}' must be more than 0 seconds, got {value}")
+
+
+@attrs.frozen(kw_only=True)
+class PostgresConfig:
+    """``url``: ``postgresql://user:password@host:5432/dbname`` (or ``{env: NAME}``; never
+    logged or stored). ``connect_timeout``: seconds to wait for the server (whole seconds,
+    at least 2). ``schema``: keep runyard's tables in this schema (created when missing)
+    instead of the first schema of the server's ``search_path``."""
+
+    url: str
+    connect_timeout: float = attrs.field(default=10.0, validator=_positive)
+    schema: str | None = None
+
+
+@hookimpl
+def runyard_storages() -> list[StorageSpec]:
+    return [
+        StorageSpec(
+            name="postgres",
+            api_version=API_VERSION,
+            storage="runyard_local.storages:create_postgres_storage",
+            config=PostgresConfig,
+            extra="postgres",
+            description="PostgreSQL database, shared by run workers in containers, pods or on other machines.",
+        )
+    ]
