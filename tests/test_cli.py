@@ -287,7 +287,10 @@ def _all_command_paths() -> list[list[str]]:
 def test_help_on_every_command(home: Path) -> None:
     paths = _all_command_paths()
     expected = {("job",), ("job", "list"), ("job", "execute"), ("plugin",), ("plugin", "list"), ("instance",),
-                ("instance", "info"), ("instance", "validate"), ("api",), ("api", "execute-step")}
+                ("instance", "info"), ("instance", "validate"), ("api",), ("api", "execute-step"),
+                ("api", "execute-run"), ("job", "launch"), ("run",), ("run", "list"), ("run", "show"), ("run", "logs"),
+                ("run", "wait"), ("run", "cancel"), ("run", "reexecute"), ("run", "delete"), ("config",),
+                ("config", "explain")}
     assert expected <= {tuple(p) for p in paths}
     env = {**os.environ, "RUNYARD_HOME": str(home)}
     procs = [
@@ -299,6 +302,7 @@ def test_help_on_every_command(home: Path) -> None:
         out, err = proc.communicate(timeout=60)
         assert proc.returncode == 0, (p, err)
         assert out.startswith("Usage: runyard"), (p, out)
+        assert "Example" in out, (p, out)
         assert err == "", (p, err)
 
 

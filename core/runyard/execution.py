@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -29,6 +29,7 @@ class ResolvedExecutor:
     name: str
     config: dict[str, Any]
     layers: tuple[Selection, ...]  # every layer that named this executor, highest first
+    overridden: tuple[Selection, ...] = ()  # layers that named another executor, highest first
 
 
 def resolve_executor(
@@ -66,7 +67,8 @@ def resolve_executor(
     config: dict[str, Any] = {}
     for sel in reversed(same):
         config.update(sel.config)
-    return ResolvedExecutor(name, config, same)
+    other = tuple(sel for sel in layers if sel.name != name)
+    return ResolvedExecutor(name, config, same, other)
 
 
 def check_capabilities(job: JobDefinition, executor: str, caps: Capabilities, max_concurrent: int) -> None:
@@ -187,11 +189,13 @@ def execute_job(
     raise_on_error: bool = False,
     cancellation: Cancellation | None = None,
     run: RunRecord | None = None,
+    on_events: Callable[[Sequence[Event]], None] | None = None,
 ) -> ExecutionResult:
     """Execute ``job`` in this process (the engine here, steps wherever the executor puts them).
 
     Configuration problems raise before any step runs; a failing step does not raise unless
-    ``raise_on_error``: the result says what failed.
+    ``raise_on_error``: the result says what failed. ``on_events``, when given, is called with
+    each batch of events right after it is written to storage (the CLI shows progress with it).
     """
     instance = instance if instance is not None else Instance.ephemeral()
     run_config = dict(run_config or {})
@@ -219,6 +223,14 @@ def execute_job(
     register_job(pointer, job)
     store = instance.output_store(shared=caps.needs_shared_outputs)
     storage = instance.storage
+    if on_events is None:
+        sink = storage.store_events
+    else:
+
+        def sink(events: Sequence[Event]) -> None:
+            storage.store_events(events)
+            on_events(events)
+
     outs = parent_outputs(instance, parent_run_id, plan.external) if plan.external else {}
     if run is None:
         run = RunRecord(
@@ -245,7 +257,7 @@ def execute_job(
         handler=handler,
         capabilities=caps,
         run_id=run.run_id,
-        sink=storage.store_events,
+        sink=sink,
         code_pointer=pointer,
         output_store=store.url,
         max_concurrent=max_concurrent,
@@ -260,13 +272,11 @@ def execute_job(
             cancellation.cancel()  # canceled while starting: run the engine so everything is skipped
         elif current is None or current.status.is_finished:
             raise RunyardError(f"run {run.run_id} is already {current.status.value if current else 'gone'}")
-    storage.store_events(
-        [Event(type=EventType.RUN_START, run_id=run.run_id, data={"executor": resolved.name, "steps": len(plan)})]
-    )
+    sink([Event(type=EventType.RUN_START, run_id=run.run_id, data={"executor": resolved.name, "steps": len(plan)})])
     try:
         result = engine.run()
     except BaseException as e:
-        storage.store_events(
+        sink(
             [
                 Event(
                     type=EventType.RUN_FAILURE,
@@ -287,7 +297,7 @@ def execute_job(
         status, ev_type, msg = RunStatus.FAILURE, EventType.RUN_FAILURE, f"step(s) failed: {', '.join(failed)}"
     # The first final status wins: a monitor may have failed the run meanwhile.
     if storage.set_run_status(run.run_id, status, only_from=_UNFINISHED):
-        storage.store_events([Event(type=ev_type, run_id=run.run_id, message=msg)])
+        sink([Event(type=ev_type, run_id=run.run_id, message=msg)])
     final = storage.get_run(run.run_id) or run
     events = [s.event for s in storage.get_events(run.run_id)]
     res = ExecutionResult(run=final, engine=result, events=events, instance=instance, output_store=store.url)

@@ -269,15 +269,23 @@ def cancel_run(instance: Instance, run_id: str, *, grace: float = 10.0) -> RunRe
     _, launcher = get_launcher(instance, name)
     launcher.terminate(run, worker)
     deadline = time.monotonic() + grace
+    stopped = False
     while time.monotonic() < deadline:
+        # A dead worker writes nothing more, whether or not it ended the run (SIGTERM may
+        # reach it before it handles signals): stop waiting as soon as it is gone.
+        health = launcher.check_health(run, worker)
+        if health.is_dead:
+            stopped = True
+            break
         current = storage.get_run(run.run_id)
-        if current is not None and current.status.is_finished and launcher.check_health(run, worker).is_dead:
+        if current is not None and current.status.is_finished and health.status == "unknown":
             break
         time.sleep(0.05)
     # Whatever is left of the run (a worker ignoring SIGTERM, a step's orphaned child) goes now.
     launcher.terminate(run, worker, force=True)
     if storage.set_run_status(run.run_id, RunStatus.CANCELED, only_from=[RunStatus.CANCELING]):
-        storage.store_events([_event(run, EventType.RUN_CANCELED, f"run worker killed after {grace:g}s grace")])
+        why = "run canceled (its worker stopped)" if stopped else f"run worker killed after {grace:g}s grace"
+        storage.store_events([_event(run, EventType.RUN_CANCELED, why)])
     return storage.get_run(run.run_id) or run
 
 
@@ -301,12 +309,23 @@ def step_states(instance: Instance, run_id: str) -> dict[str, str]:
 def reexecution_selection(
     instance: Instance, parent: RunRecord, job: JobDefinition, *, from_failure: bool, steps: Iterable[str] | None
 ) -> list[str] | None:
+    """The steps a re-execution of ``parent`` runs: those that did not succeed
+    (``from_failure``), ``steps``, or else the parent's own selection."""
+    if not parent.status.is_finished:
+        raise RunyardError(
+            f"run {parent.run_id} is {parent.status.value}: wait for it to finish (or cancel it) before re-executing it"
+        )
     if from_failure:
         if parent.status is RunStatus.SUCCESS:
             raise RunyardError(f"run {parent.run_id} succeeded: nothing to re-execute from failure")
+        from .plan import resolve_selection
+
         done = {k for k, s in step_states(instance, parent.run_id).items() if s == "success"}
-        base = parent.step_selection or list(job.nodes)
-        return [k for k in job.nodes if k in base and k not in done]
+        base = resolve_selection(job, parent.step_selection) if parent.step_selection is not None else set(job.nodes)
+        left = [k for k in job.nodes if k in base and k not in done]
+        if not left:
+            raise RunyardError(f"run {parent.run_id}: every selected step succeeded; nothing to re-execute")
+        return left
     if steps is not None:
         return list(steps)
     return parent.step_selection

@@ -12,7 +12,9 @@ import click
 from ..errors import RunyardError
 
 _COMMANDS = {
-    "job": ("runyard.cli.job", "job", "Run jobs: list them, execute one here."),
+    "job": ("runyard.cli.job", "job", "Run jobs: list them, execute one here, launch runs."),
+    "run": ("runyard.cli.run", "run", "Launched runs: list, show, logs, wait, cancel, reexecute, delete."),
+    "config": ("runyard.cli.config", "config", "Explain the executor and launcher settings a run would use."),
     "plugin": ("runyard.cli.plugin", "plugin", "List the executors, run launchers and storages installed."),
     "instance": ("runyard.cli.instance", "instance", "Show and check the instance ($RUNYARD_HOME, runyard.yaml)."),
     "api": ("runyard.cli.api", "api", "Machine interface used by executors and launchers (step worker)."),

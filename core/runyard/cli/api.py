@@ -9,7 +9,12 @@ import click
 
 @click.group()
 def api() -> None:
-    """Commands run by executors and launchers, not by people."""
+    """Commands run by executors and launchers, not by people.
+
+    \b
+    Example:
+      runyard api execute-step < request.json
+    """
 
 
 @api.command("execute-step")
@@ -19,6 +24,10 @@ def execute_step(request: str | None) -> None:
 
     Exit status is 0 when the step ran (whether it succeeded or failed: the events say
     which) and 2 when the request is malformed.
+
+    \b
+    Example:
+      runyard api execute-step '{"run_id": "r1", "step_key": "emit", ...}'
     """
     from ..plugin import StepRequest
     from ..plugin import execute_step as run
@@ -39,6 +48,10 @@ def execute_run(run_id: str) -> None:
     """Run worker: execute the stored run RUN_ID here (started by a run launcher).
 
     SIGTERM cancels the run cleanly. Exit status 0 if the run succeeded, 1 otherwise.
+
+    \b
+    Example (what the default run launcher starts):
+      python -m runyard api execute-run 3f2c9a1b04de4f6e8d7c6b5a49382716
     """
     from ..instance import Instance
     from ..runs import execute_run as run

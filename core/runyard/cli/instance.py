@@ -11,7 +11,12 @@ from ._common import echo_json
 
 @click.group()
 def instance() -> None:
-    """Show and validate the instance ($RUNYARD_HOME)."""
+    """Show and validate the instance ($RUNYARD_HOME).
+
+    \b
+    Example:
+      runyard instance validate
+    """
 
 
 @instance.command("info")

@@ -9,7 +9,12 @@ from ._common import echo_json
 
 @click.group()
 def plugin() -> None:
-    """Inspect installed plugins."""
+    """Inspect installed plugins.
+
+    \b
+    Example:
+      runyard plugin list
+    """
 
 
 @plugin.command("list")

@@ -1,0 +1,378 @@
+"""``runyard run``: look at launched runs, follow them, cancel, re-execute, delete.
+
+Every command that looks at an unfinished run first checks its worker (`runs.check_run`),
+so a run whose worker died is marked FAILURE, with the reason, as soon as anyone looks.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from ._common import echo_json
+
+if TYPE_CHECKING:
+    from ..instance import Instance
+    from ..storage import RunRecord
+
+_STATUSES = ("QUEUED", "STARTING", "STARTED", "SUCCESS", "FAILURE", "CANCELING", "CANCELED")
+
+
+@click.group()
+def run() -> None:
+    """Inspect, follow, cancel, re-execute and delete launched runs.
+
+    RUN_ID may be a unique prefix of a run id (`run list` shows 12 characters).
+
+    \b
+    Examples:
+      runyard run list --status failure
+      runyard run reexecute 3f2c9a1b04de --from-failure --wait
+    """
+
+
+def _instance() -> Instance:
+    from ..instance import Instance
+
+    return Instance.from_env()
+
+
+def _checked(instance: Instance, run_id: str) -> RunRecord:
+    """The run (by id or unique prefix), after noticing a dead worker."""
+    from ..runs import check_run, get_run
+
+    return check_run(instance, get_run(instance, run_id))
+
+
+def _when(ts: float | None) -> str:
+    return datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S") if ts else "-"
+
+
+def _took(run: RunRecord) -> str:
+    from ._runs import duration
+
+    d = duration(run)
+    if d is None:
+        if run.started_at is None:
+            return "-"
+        return f"{time.time() - run.started_at:.1f}s…"
+    return f"{d:.2f}s"
+
+
+@run.command("list")
+@click.option(
+    "--status", "statuses", multiple=True, type=click.Choice(_STATUSES, case_sensitive=False),
+    help="Only runs with this status (repeatable).",
+)
+@click.option("--limit", default=20, show_default=True, type=click.IntRange(min=1), help="At most this many runs.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+def list_runs(statuses: tuple[str, ...], limit: int, as_json: bool) -> None:
+    """List runs, newest first.
+
+    Unfinished runs are checked first: one whose worker died shows as FAILURE.
+
+    \b
+    Examples:
+      runyard run list
+      runyard run list --status failure --limit 5 --json
+    """
+    from ..runs import ACTIVE, check_run
+    from ..storage import RunStatus
+    from ._runs import run_dict
+
+    instance = _instance()
+    storage = instance.storage
+    for r in storage.list_runs(limit=10_000, statuses=ACTIVE):
+        check_run(instance, r)
+    wanted = [RunStatus(s.upper()) for s in statuses] or None
+    runs = storage.list_runs(limit=limit, statuses=wanted)
+    if as_json:
+        echo_json([run_dict(r) for r in runs])
+        return
+    if not runs:
+        click.echo("no runs" + (f" with status {', '.join(s.upper() for s in statuses)}" if statuses else ""))
+        return
+    width = max(len("JOB"), *(len(r.job_name) for r in runs))
+    click.echo(f"{'RUN_ID':<12}  {'JOB':<{width}}  {'STATUS':<9}  {'CREATED':<19}  DURATION")
+    for r in runs:
+        click.echo(
+            f"{r.run_id[:12]:<12}  {r.job_name:<{width}}  {r.status.value:<9}  {_when(r.created_at):<19}  {_took(r)}"
+        )
+
+
+def _step_details(instance: Instance, run: RunRecord) -> dict[str, dict[str, Any]]:
+    from ..events import EventType
+    from ..runs import step_states
+
+    states = step_states(instance, run.run_id)
+    steps: dict[str, dict[str, Any]] = {k: {"state": s, "attempts": 0, "failure": None} for k, s in states.items()}
+    for stored in instance.storage.get_events(
+        run.run_id, types=[EventType.STEP_START, EventType.STEP_FAILURE, EventType.STEP_SUCCESS]
+    ):
+        ev = stored.event
+        info = steps.get(ev.step_key or "")
+        if info is None:
+            continue
+        if ev.attempt is not None:
+            info["attempts"] = max(info["attempts"], ev.attempt)
+        if ev.type is EventType.STEP_FAILURE:
+            f = ev.failure
+            info["failure"] = f.to_dict() if f else {"message": ev.message}
+        elif ev.type is EventType.STEP_SUCCESS:
+            info["failure"] = None  # an earlier attempt failed, a retry succeeded
+    return steps
+
+
+@run.command("show")
+@click.argument("run_id")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+def show(run_id: str, as_json: bool) -> None:
+    """Show a run, the state of each step and why it failed.
+
+    RUN_ID may be a unique prefix, as `runyard run list` shows.
+
+    \b
+    Example:
+      runyard run show 3f2c9a1b04de --json
+    """
+    from ..runs import worker_info
+    from ._runs import end_reason, run_dict
+
+    instance = _instance()
+    r = _checked(instance, run_id)
+    steps = _step_details(instance, r)
+    reason = end_reason(instance, r)
+    launcher, worker = worker_info(instance, r.run_id)
+    if as_json:
+        echo_json({**run_dict(r), "steps": steps, "failure": reason, "launcher": launcher, "worker": worker})
+        return
+    pointer = r.code_pointer or {}
+    rows = [
+        ("run", r.run_id),
+        ("job", r.job_name),
+        ("status", r.status.value),
+    ]
+    if reason is not None:
+        rows.append(("reason", reason["message"]))
+    rows += [
+        ("code", f"-f {pointer['file']}" if "file" in pointer else f"-m {pointer.get('module', '?')}"),
+        ("executor", r.executor or "-"),
+        ("tags", " ".join(f"{k}={v}" for k, v in r.tags.items()) or "-"),
+        ("parent", r.parent_run_id or "-"),
+        ("steps", ", ".join(r.step_selection) if r.step_selection is not None else "all"),
+        ("created", _when(r.created_at)),
+        ("started", _when(r.started_at)),
+        ("ended", _when(r.ended_at)),
+        ("duration", _took(r)),
+    ]
+    if worker is not None:
+        where = f"pid {worker['pid']}" if "pid" in worker else ", ".join(f"{k}={v}" for k, v in worker.items())
+        if worker.get("host"):
+            where += f" on {worker['host']}"
+        rows.append(("worker", f"{launcher}: {where}"))
+    for k, v in rows:
+        lines = str(v).splitlines() or [""]
+        click.echo(f"{k:<9} {lines[0]}")
+        for more in lines[1:]:
+            click.echo(f"{'':<9} {more}")
+    if not steps:
+        click.echo("\nno step has run")
+        return
+    width = max(len("STEP"), *(len(k) for k in steps))
+    click.echo(f"\n{'STEP':<{width}}  {'STATE':<8}  ATTEMPTS")
+    for key, info in steps.items():
+        line = f"{key:<{width}}  {info['state']:<8}  {info['attempts']}"
+        if info["failure"]:
+            line += f"  {info['failure'].get('message', '')}".splitlines()[0]
+        click.echo(line)
+
+
+def _print_log_event(ev: Any, prefix: bool) -> None:
+    from ..events import EventType
+
+    head = f"[{ev.step_key}] " if prefix else ""
+    if ev.type is EventType.STEP_LOG:
+        text = f"{ev.data.get('level', 'INFO')} {ev.data.get('logger', '')}: {ev.message}"
+    else:
+        text = str(ev.data.get("text", ""))
+    for line in text.splitlines():
+        click.echo(f"{head}{line}")
+
+
+@run.command("logs")
+@click.argument("run_id")
+@click.option("--step", "step_key", help="Only this step's output.")
+@click.option("-f", "--follow", is_flag=True, help="Keep printing new output until the run finishes.")
+def logs(run_id: str, step_key: str | None, follow: bool) -> None:
+    """Print what a run's steps wrote (stdout, stderr, logs).
+
+    Lines are prefixed with their step's key unless --step picks one step.
+
+    \b
+    Examples:
+      runyard run logs 3f2c9a1b04de
+      runyard run logs 3f2c9a1b04de --step load --follow
+    """
+    from ..errors import RunyardError
+    from ..events import EventType
+    from ..runs import step_states, wait_for_run
+
+    instance = _instance()
+    r = _checked(instance, run_id)
+    if step_key is not None and r.status.is_finished:
+        known = step_states(instance, r.run_id)
+        if step_key not in known:
+            steps = ", ".join(known) or "none ran"
+            raise RunyardError(f"run {r.run_id} has no step '{step_key}' (its steps: {steps})")
+    kinds = {EventType.STEP_STDOUT, EventType.STEP_STDERR, EventType.STEP_LOG}
+
+    def emit(events: Any) -> None:
+        for ev in events:
+            if ev.type in kinds and (step_key is None or ev.step_key == step_key):
+                _print_log_event(ev, prefix=step_key is None)
+
+    if follow and not r.status.is_finished:
+        try:
+            wait_for_run(instance, r.run_id, on_events=emit)
+        except KeyboardInterrupt:
+            sys.exit(1)
+        return
+    emit(s.event for s in instance.storage.get_events(r.run_id, step_key=step_key, types=list(kinds)))
+
+
+@run.command("wait")
+@click.argument("run_id")
+@click.option("--timeout", type=click.FloatRange(min=0), help="Give up after this many seconds (exit 1).")
+@click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON instead of progress.")
+def wait(run_id: str, timeout: float | None, as_json: bool) -> None:
+    """Wait for a run to finish, showing its progress.
+
+    Exit 0 if it succeeded, 1 if it failed or was canceled.
+    A run whose worker died is marked FAILURE (with the reason) within about a second.
+    A timeout exits 1 and leaves the run going.
+
+    \b
+    Example:
+      runyard run wait 3f2c9a1b04de --timeout 600
+    """
+    from ._runs import wait_and_report
+
+    instance = _instance()
+    r = _checked(instance, run_id)
+    sys.exit(wait_and_report(instance, r, timeout=timeout, as_json=as_json))
+
+
+@run.command("cancel")
+@click.argument("run_id")
+@click.option("--grace", default=10.0, show_default=True, type=click.FloatRange(min=0),
+              help="Seconds the run gets to stop its steps before everything of it is killed.")
+def cancel(run_id: str, grace: float) -> None:
+    """Cancel a run: stop its steps, skip the rest.
+
+    The run ends CANCELED.
+
+    The worker is asked to stop; after --grace seconds it and every process it started
+    are killed. Exit 0 once the run has ended (whatever its status).
+
+    \b
+    Example:
+      runyard run cancel 3f2c9a1b04de --grace 30
+    """
+    from ..errors import RunyardError
+    from ..runs import cancel_run
+    from ._runs import fail
+
+    instance = _instance()
+    r = _checked(instance, run_id)
+    if r.status.is_finished:
+        click.echo(f"run {r.run_id} already ended {r.status.value}; nothing to cancel")
+        return
+    try:
+        done = cancel_run(instance, r.run_id, grace=grace)
+    except RunyardError:
+        raise
+    except Exception as e:
+        fail(f"could not cancel run {r.run_id}: {type(e).__name__}: {e}", 2)
+    click.echo(f"run {done.run_id} {done.status.value}")
+
+
+@run.command("reexecute")
+@click.argument("run_id")
+@click.option("--from-failure", is_flag=True, help="Run only the steps that did not succeed.")
+@click.option("--steps", help="Run these steps (comma-separated keys or globs).")
+@click.option("--wait", "wait_", is_flag=True, help="Wait for the new run to finish; exit 0/1 by its outcome.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+def reexecute(run_id: str, from_failure: bool, steps: str | None, wait_: bool, as_json: bool) -> None:
+    """Launch a child run that reuses its parent's outputs.
+
+    The new run of the same job has parent_run_id set and reads the outputs the
+    parent's successful steps stored; without --from-failure or --steps it runs the
+    parent's steps again. The job is loaded from the parent's code pointer.
+
+    \b
+    Examples:
+      runyard run reexecute 3f2c9a1b04de --from-failure --wait
+      runyard run reexecute 3f2c9a1b04de --steps 'report,load_*'
+    """
+    from ..definitions import CodePointer
+    from ..errors import RunyardError
+    from ..loader import load_job
+    from ..runs import create_run, reexecution_selection
+    from ._runs import start, wait_and_report
+
+    if from_failure and steps:
+        raise click.UsageError("give --from-failure or --steps, not both")
+    instance = _instance()
+    parent = _checked(instance, run_id)
+    if not parent.code_pointer:
+        raise RunyardError(f"run {parent.run_id} has no code pointer: its job cannot be loaded again")
+    pointer = CodePointer.from_dict(parent.code_pointer)
+    job_def, loc = load_job(pointer, parent.job_name)
+    selected = [s.strip() for s in steps.split(",") if s.strip()] if steps else None
+    selection = reexecution_selection(instance, parent, job_def, from_failure=from_failure, steps=selected)
+    child = create_run(
+        instance, job_def, pointer=pointer, definitions=loc.definitions, run_config=parent.run_config,
+        executor=parent.executor, tags=parent.tags, step_selection=selection, parent_run_id=parent.run_id,
+    )
+    child = start(instance, child)
+    if not wait_:
+        if as_json:
+            echo_json({"run_id": child.run_id, "parent_run_id": parent.run_id, "status": child.status.value,
+                       "step_selection": selection})
+        else:
+            click.echo(child.run_id)
+        return
+    if not as_json:
+        click.echo(child.run_id)
+    sys.exit(wait_and_report(instance, child, timeout=None, as_json=as_json))
+
+
+@run.command("delete")
+@click.argument("run_id")
+@click.option("--force", is_flag=True, help="Delete an unfinished run too (it is canceled first).")
+def delete(run_id: str, force: bool) -> None:
+    """Delete a finished run and its events. Its step outputs are kept.
+
+    An unfinished run is refused unless --force, which cancels it first.
+
+    \b
+    Example:
+      runyard run delete 3f2c9a1b04de
+    """
+    from ..errors import RunyardError
+    from ..runs import cancel_run
+
+    instance = _instance()
+    r = _checked(instance, run_id)
+    if not r.status.is_finished:
+        if not force:
+            raise RunyardError(
+                f"run {r.run_id} is {r.status.value}: cancel it first (runyard run cancel {r.run_id}) or pass --force"
+            )
+        cancel_run(instance, r.run_id, grace=2.0)
+    instance.storage.delete_run(r.run_id)
+    click.echo(f"deleted run {r.run_id}")
