@@ -46,7 +46,15 @@ def time_command(cmd: list[str], env: dict[str, str], repeat: int) -> list[float
 def runyard_launch(repeat: int) -> list[float]:
     home = Path(tempfile.mkdtemp(prefix="bench-runyard-home-"))
     env = {**os.environ, "RUNYARD_HOME": str(home)}
-    cmd = [str(RUNYARD_BIN / "runyard"), "job", "launch", "-f", str(HERE / "launch" / "runyard_one.py"), "--wait", "--json"]
+    cmd = [
+        str(RUNYARD_BIN / "runyard"),
+        "job",
+        "launch",
+        "-f",
+        str(HERE / "launch" / "runyard_one.py"),
+        "--wait",
+        "--json",
+    ]
     samples = []
     for i in range(repeat + 1):
         t0 = time.time()
@@ -55,7 +63,9 @@ def runyard_launch(repeat: int) -> list[float]:
             raise SystemExit(f"runyard launch failed: {proc.stdout}{proc.stderr}")
         # Read the end time straight from runyard's SQLite file: no import in this process.
         with sqlite3.connect(home / "runyard.db") as db:
-            status, ended_at = db.execute("SELECT status, ended_at FROM runs ORDER BY created_at DESC LIMIT 1").fetchone()
+            status, ended_at = db.execute(
+                "SELECT status, ended_at FROM runs ORDER BY created_at DESC LIMIT 1"
+            ).fetchone()
         assert status == "SUCCESS", status
         if i:  # the first launch warms the page cache and byte-code; not counted
             samples.append(ended_at - t0)
@@ -64,10 +74,20 @@ def runyard_launch(repeat: int) -> list[float]:
 
 def dagster_launch(repeat: int) -> list[float]:
     home = Path(tempfile.mkdtemp(prefix="bench-dagster-home-"))
-    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    # The default run coordinator, as `dagster job launch` would use without a daemon: the
+    # queued coordinator (Dagster's default now) needs `dagster-daemon` to dequeue runs.
+    (home / "dagster.yaml").write_text(
+        "telemetry:\n  enabled: false\n"
+        "run_coordinator:\n  module: dagster.core.run_coordinator\n  class: DefaultRunCoordinator\n"
+    )
     env = {**os.environ, "DAGSTER_HOME": str(home)}
-    poller = subprocess.Popen([str(PEER_BIN / "python"), str(HERE / "launch" / "dagster_poll.py")], env=env,
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    poller = subprocess.Popen(
+        [str(PEER_BIN / "python"), str(HERE / "launch" / "dagster_poll.py")],
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert poller.stdout and poller.stdin
     assert poller.stdout.readline().strip() == "ready"
     samples = []
@@ -75,8 +95,22 @@ def dagster_launch(repeat: int) -> list[float]:
         for i in range(repeat + 1):
             run_id = str(uuid.uuid4())
             t0 = time.time()
-            subprocess.run([str(PEER_BIN / "dagster"), "job", "launch", "-f", str(HERE / "launch" / "dagster_one.py"),
-                            "-j", "one", "--run-id", run_id], env=env, capture_output=True, check=True)
+            subprocess.run(
+                [
+                    str(PEER_BIN / "dagster"),
+                    "job",
+                    "launch",
+                    "-f",
+                    str(HERE / "launch" / "dagster_one.py"),
+                    "-j",
+                    "one",
+                    "--run-id",
+                    run_id,
+                ],
+                env=env,
+                capture_output=True,
+                check=True,
+            )
             poller.stdin.write(run_id + "\n")
             poller.stdin.flush()
             end, status = poller.stdout.readline().split()
@@ -102,7 +136,9 @@ def main() -> None:
     }
     has_peers = (PEER_BIN / "dagster").exists()
     if has_peers:
-        results["dagster --help"] = time_command([str(PEER_BIN / "dagster"), "--help"], env, max(3, args.help_repeat // 3))
+        results["dagster --help"] = time_command(
+            [str(PEER_BIN / "dagster"), "--help"], env, max(3, args.help_repeat // 3)
+        )
     results["runyard job launch --wait (1 step)"] = runyard_launch(args.repeat)
     if has_peers:
         results["dagster job launch, default run launcher (1 step)"] = dagster_launch(args.repeat)
