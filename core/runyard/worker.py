@@ -156,7 +156,14 @@ def _failure_event(base: dict[str, Any], info: FailureInfo) -> Event:
     return Event(type=EventType.STEP_FAILURE, message=info.message, data={"failure": info.to_dict()}, **base)
 
 
-def execute_step(request: StepRequest) -> list[Event]:
+def execute_step(request: StepRequest, *, capture_output: bool = True) -> list[Event]:
+    """Run one attempt here and return its events (see `runyard.plugin.execute_step`).
+
+    ``capture_output=False`` leaves ``sys.stdout``/``sys.stderr`` alone, for callers that
+    capture the process's file descriptors themselves (a step in a process of its own):
+    Python-level and C-level output then reach the same place in the order written, and
+    no text is reported twice.
+    """
     base = {
         "run_id": request.run_id,
         "step_key": request.step_key,
@@ -206,9 +213,10 @@ def execute_step(request: StepRequest) -> list[Event]:
                     log=logger,
                 ),
             )
-        _install_streams()
+        if capture_output:
+            _install_streams()
+            _capture.buffers = {"out": out, "err": err}
         root.addHandler(log_handler)
-        _capture.buffers = {"out": out, "err": err}
         try:
             value = node.step.fn(*args, **kwargs)
         finally:
@@ -235,7 +243,9 @@ def execute_step(request: StepRequest) -> list[Event]:
             _failure_event(
                 base,
                 FailureInfo(
-                    kind=FailureKind.ERROR,
+                    # Running out of memory is not a bug in the step: retry policies and
+                    # users treat it like an OOM-killed process on any other backend.
+                    kind=FailureKind.OOM if isinstance(e, MemoryError) else FailureKind.ERROR,
                     message=f"{type(e).__name__}: {e}",
                     error_class=f"{type(e).__module__}.{type(e).__qualname__}",
                     traceback=traceback.format_exc(),

@@ -1,0 +1,37 @@
+"""The built-in multiprocess executors pass the conformance kit, with every start method
+and, for multi_or_in_process, in both modes."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from runyard.instance import Instance
+from runyard.plugin import Capabilities
+from runyard.testing.conformance import ExecutorConformance
+
+
+class TestMultiprocessConformance(ExecutorConformance):
+    executor = "multiprocess"  # default start method: the fork server
+
+
+class TestMultiprocessSpawnConformance(ExecutorConformance):
+    executor = "multiprocess"
+    executor_config: ClassVar[dict[str, Any]] = {"start_method": "spawn"}
+
+
+class TestMultiprocessForkConformance(ExecutorConformance):
+    executor = "multiprocess"
+    executor_config: ClassVar[dict[str, Any]] = {"start_method": "fork"}
+
+
+class TestMultiOrInProcessConformance(ExecutorConformance):
+    executor = "multi_or_in_process"  # multiprocess mode by default
+
+
+class TestMultiOrInProcessInProcessModeConformance(ExecutorConformance):
+    executor = "multi_or_in_process"
+    executor_config: ClassVar[dict[str, Any]] = {"mode": "in_process"}
+
+    def capabilities(self, instance: Instance) -> Capabilities:
+        # In this mode steps run one at a time (the config pins max_concurrent to 1).
+        return Capabilities(enforces_timeouts=True, can_terminate=True, max_concurrency=1)
