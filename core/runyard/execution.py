@@ -153,6 +153,75 @@ class ExecutionResult:
         return f"<ExecutionResult {self.run_id} {self.status.value}>"
 
 
+@attrs.frozen
+class ValidatedRun:
+    plan: ExecutionPlan
+    resolved: ResolvedExecutor
+    config: ExecutorConfig
+    max_concurrent: int
+    capabilities: Capabilities
+    handler_cls: Any  # the StepHandler class, when imported
+    parent_refs: dict[str, str]  # outputs of unselected upstream steps, from the parent run
+
+
+def validate_run(
+    job: JobDefinition,
+    *,
+    instance: Instance,
+    executor: str | None,
+    definitions: Definitions | None,
+    run_config: Mapping[str, Any],
+    step_selection: list[str] | None,
+    parent_run_id: str | None,
+    import_handler: bool,
+) -> ValidatedRun:
+    """Everything that can be wrong with a run, checked before it is recorded or started.
+
+    ``import_handler`` imports the executor's handler to use the capabilities it declares
+    at run time; a launch leaves it False so that the launching process imports no backend.
+    """
+    plan = ExecutionPlan.build(job, step_selection)
+    if plan.external:
+        if not parent_run_id:
+            raise StepSelectionError(
+                f"the selected steps read outputs of unselected step(s) {', '.join(sorted(plan.external))}; "
+                "pass the run they come from (parent_run_id / --parent RUN_ID)"
+            )
+    refs = parent_outputs(instance, parent_run_id, plan.external) if plan.external and parent_run_id else {}
+    resolved = resolve_executor(
+        job, definitions=definitions, run_config=run_config, instance=instance, override=executor
+    )
+    spec: ExecutorSpec = instance.registry.executor(resolved.name)
+    config = structure_executor_config(resolved, spec)
+    handler_cls = load_object(spec.handler, what=f"executor '{resolved.name}'") if import_handler else None
+    caps: Capabilities = (handler_cls.capabilities if handler_cls else None) or spec.capabilities
+    max_concurrent = config.max_concurrent or spec.default_max_concurrent or os.cpu_count() or 1
+    if caps.max_concurrency is not None and config.max_concurrent is None:
+        max_concurrent = min(max_concurrent, caps.max_concurrency)
+    check_capabilities(job, resolved.name, caps, max_concurrent)
+    return ValidatedRun(plan, resolved, config, max_concurrent, caps, handler_cls, refs)
+
+
+def new_run_record(
+    job: JobDefinition,
+    pointer: CodePointer,
+    run_config: Mapping[str, Any],
+    executor: str,
+    tags: Mapping[str, str] | None,
+    parent_run_id: str | None,
+    step_selection: list[str] | None,
+) -> RunRecord:
+    return RunRecord(
+        job_name=job.name,
+        code_pointer=pointer.to_dict(),
+        run_config=_storable(run_config),
+        executor=executor,
+        tags={**job.tags, **(tags or {})},
+        parent_run_id=parent_run_id,
+        step_selection=step_selection,
+    )
+
+
 def parent_outputs(instance: Instance, parent_run_id: str, keys: Iterable[str]) -> dict[str, str]:
     """References to outputs of ``keys`` in the parent run (or, through re-executions, its parents)."""
     wanted = set(keys)
@@ -200,23 +269,18 @@ def execute_job(
     instance = instance if instance is not None else Instance.ephemeral()
     run_config = dict(run_config or {})
     selection = list(step_selection) if step_selection is not None else None
-    plan = ExecutionPlan.build(job, selection)
-    if plan.external and not parent_run_id:
-        raise StepSelectionError(
-            f"the selected steps read outputs of unselected step(s) {', '.join(sorted(plan.external))}; "
-            "pass the run they come from (parent_run_id / --parent RUN_ID)"
-        )
-    resolved = resolve_executor(
-        job, definitions=definitions, run_config=run_config, instance=instance, override=executor
+    v = validate_run(
+        job,
+        instance=instance,
+        executor=executor,
+        definitions=definitions,
+        run_config=run_config,
+        step_selection=selection,
+        parent_run_id=parent_run_id,
+        import_handler=True,
     )
-    spec: ExecutorSpec = instance.registry.executor(resolved.name)
-    config = structure_executor_config(resolved, spec)
-    max_concurrent = config.max_concurrent or spec.default_max_concurrent or os.cpu_count() or 1
-    handler_cls = load_object(spec.handler, what=f"executor '{resolved.name}'")
-    caps: Capabilities = handler_cls.capabilities or spec.capabilities
-    if caps.max_concurrency is not None and config.max_concurrent is None:
-        max_concurrent = min(max_concurrent, caps.max_concurrency)
-    check_capabilities(job, resolved.name, caps, max_concurrent)
+    plan, resolved, config, max_concurrent, caps = v.plan, v.resolved, v.config, v.max_concurrent, v.capabilities
+    handler_cls = v.handler_cls
     pointer = job.code_pointer or CodePointer(module="__main__")
     from .worker import register_job
 
@@ -231,17 +295,9 @@ def execute_job(
             storage.store_events(events)
             on_events(events)
 
-    outs = parent_outputs(instance, parent_run_id, plan.external) if plan.external else {}
+    outs = v.parent_refs
     if run is None:
-        run = RunRecord(
-            job_name=job.name,
-            code_pointer=pointer.to_dict(),
-            run_config=_storable(run_config),
-            executor=resolved.name,
-            tags={**job.tags, **(tags or {})},
-            parent_run_id=parent_run_id,
-            step_selection=selection,
-        )
+        run = new_run_record(job, pointer, run_config, resolved.name, tags, parent_run_id, selection)
         storage.add_run(run)
     handler: StepHandler = handler_cls(
         config,

@@ -12,10 +12,9 @@ import attrs
 
 from .config import Selection, structure
 from .definitions import CodePointer, Definitions, JobDefinition
-from .errors import RunyardError, StepSelectionError
+from .errors import RunyardError
 from .events import Event, EventType, FailureInfo, FailureKind
 from .instance import Instance
-from .plan import ExecutionPlan
 from .plugin import RunLauncher, WorkerHealth
 from .registry import load_object
 from .storage import RunRecord, RunStatus
@@ -66,41 +65,22 @@ def create_run(
     The executor is resolved now and stored with the run, so the worker uses what was
     validated here whatever its own environment says.
     """
-    from .execution import check_capabilities, parent_outputs, resolve_executor, structure_executor_config
+    from .execution import new_run_record, validate_run
 
     run_config = dict(run_config or {})
     selection = list(step_selection) if step_selection is not None else None
-    plan = ExecutionPlan.build(job, selection)
-    if plan.external:
-        if not parent_run_id:
-            raise StepSelectionError(
-                f"the selected steps read outputs of unselected step(s) {', '.join(sorted(plan.external))}; "
-                "pass the run they come from with --parent RUN_ID"
-            )
-        parent_outputs(instance, parent_run_id, plan.external)
-    resolved = resolve_executor(
-        job, definitions=definitions, run_config=run_config, instance=instance, override=executor
-    )
-    spec = instance.registry.executor(resolved.name)
-    config = structure_executor_config(resolved, spec)
-    import os
-
-    max_concurrent = config.max_concurrent or spec.default_max_concurrent or os.cpu_count() or 1
-    if spec.capabilities.max_concurrency is not None and config.max_concurrent is None:
-        max_concurrent = min(max_concurrent, spec.capabilities.max_concurrency)
-    check_capabilities(job, resolved.name, spec.capabilities, max_concurrent)
-    launcher_selection(instance)  # a bad launcher config fails now, not in the worker
-    from .execution import _storable
-
-    run = RunRecord(
-        job_name=job.name,
-        code_pointer=pointer.to_dict(),
-        run_config=_storable(run_config),
-        executor=resolved.name,
-        tags={**job.tags, **(tags or {})},
-        parent_run_id=parent_run_id,
+    v = validate_run(
+        job,
+        instance=instance,
+        executor=executor,
+        definitions=definitions,
+        run_config=run_config,
         step_selection=selection,
+        parent_run_id=parent_run_id,
+        import_handler=False,
     )
+    launcher_selection(instance)  # a bad launcher config fails now, not in the worker
+    run = new_run_record(job, pointer, run_config, v.resolved.name, tags, parent_run_id, selection)
     instance.storage.add_run(run)
     instance.storage.store_events([_event(run, EventType.RUN_QUEUED, f"run of job '{job.name}' queued")])
     return run
