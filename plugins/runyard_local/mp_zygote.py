@@ -20,8 +20,9 @@ executor -> fork server
 - ``{"op": "stop", "id": ID, "grace": SECONDS}``: SIGTERM the attempt's process group,
   SIGKILL it ``grace`` seconds later if the process has not exited. Unknown ids (already
   exited) are ignored.
-- end of file: the run is over or the run worker died: SIGKILL every step's group and
-  every remaining descendant, reap them, exit.
+- ``{"op": "shutdown"}``, or end of file without it (the run worker died): SIGKILL every
+  step's group and every remaining descendant, reap them, exit. Without the message, also
+  remove the run's temporary directory, which nobody else will.
 
 fork server -> executor
 
@@ -50,6 +51,7 @@ import contextlib
 import gc
 import json
 import os
+import select
 import selectors
 import shutil
 import signal
@@ -84,6 +86,7 @@ class ForkServer:
         self.spawn = False
         self.dir: str | None = None
         self.terminating = False
+        self.orderly = False  # told to shut down, rather than finding the executor gone
         self.loaded: set[tuple[tuple[tuple[str, str], ...], str]] = set()
         self.me = os.getpid()
         self.done_fd = -1  # the executor's done pipe: step processes write their ids to it
@@ -118,6 +121,9 @@ class ForkServer:
             self.start(msg)
         elif op == "stop":
             self.stop(msg["id"], float(msg.get("grace", 0)))
+        elif op == "shutdown":
+            self.orderly = True
+            self.terminating = True
         elif op == "init":
             self.spawn = bool(msg["spawn"])
             self.dir = msg.get("dir")
@@ -297,16 +303,19 @@ class ForkServer:
         if self.spare is not None:
             mp_os.killpg(self.spare[0], signal.SIGKILL)
         deadline = time.monotonic() + 5
-        me = os.getpid()
         while time.monotonic() < deadline:
             self.reap_all()
-            left = mp_os.children_of(me)
+            left = mp_os.children_of(self.me)
             if not left:
                 break
             for pid in left:
                 with contextlib.suppress(OSError):
                     os.kill(pid, signal.SIGKILL)
-            time.sleep(0.005)
+            # Until a SIGCHLD (through the wakeup pipe) says one more can be reaped.
+            select.select([_WAKEUP[0]], [], [], 0.05)
+            with contextlib.suppress(BlockingIOError):
+                while os.read(_WAKEUP[0], 512):
+                    pass
         self.reap_all()
 
     def reap_all(self) -> None:
@@ -345,9 +354,9 @@ class ForkServer:
             if self.want_spare:
                 self.make_spare()
         self.shutdown()
-        parent_gone = self.parent and os.getppid() != self.parent
-        if parent_gone and self.dir:
-            # Nobody else will clean up after a killed run worker.
+        if not self.orderly and self.dir:
+            # The run worker died (end of file, or PR_SET_PDEATHSIG, without a shutdown
+            # message): nobody else will remove the run's temporary files.
             shutil.rmtree(self.dir, ignore_errors=True)
 
 

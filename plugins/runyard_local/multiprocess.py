@@ -478,6 +478,7 @@ class _ForkServer(_Backend):
         self._send({"op": "stop", "id": att.id, "grace": grace})
 
     def close(self) -> None:
+        self._send({"op": "shutdown"})
         try:
             with self.send_lock:
                 if self.sock is not None:
