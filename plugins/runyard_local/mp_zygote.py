@@ -169,7 +169,7 @@ class ForkServer:
         """Fork a step process that waits for its spec on a pipe: ``(pid, pipe)``."""
         from . import mp_child
 
-        r, w = os.pipe2(os.O_CLOEXEC)
+        r, w = os.pipe()  # close-on-exec, as every fd Python creates
         for stream in (sys.stdout, sys.stderr):  # nothing of ours may end up in a step's output
             stream.flush()
         pid = os.fork()
@@ -373,7 +373,9 @@ def main(argv: list[str]) -> None:
     def on_sigterm(signum: int, frame: Any) -> None:
         server.terminating = True  # the run worker died (PR_SET_PDEATHSIG) or we are told to go
 
-    r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    r, w = os.pipe()  # (not pipe2: macOS has none)
+    os.set_blocking(r, False)
+    os.set_blocking(w, False)
     _WAKEUP = (r, w)
     signal.set_wakeup_fd(w, warn_on_full_buffer=False)  # a full pipe still wakes select
     signal.signal(signal.SIGCHLD, lambda signum, frame: None)  # wakes select via the pipe

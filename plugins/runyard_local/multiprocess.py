@@ -312,7 +312,9 @@ class _Backend:
         self.dir = directory
         # Non-blocking at both ends: a step process never waits on a full pipe (its line is
         # then lost and its exit status tells the rest), and collect() never blocks.
-        self.done_r, self.done_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self.done_r, self.done_w = os.pipe()  # close-on-exec, as every fd Python creates
+        os.set_blocking(self.done_r, False)
+        os.set_blocking(self.done_w, False)
         self.waiting: dict[str, _Attempt] = {}  # attempts whose outcome is not known yet
         self.poller = select.poll()
         self.poller.register(self.done_r, select.POLLIN)
