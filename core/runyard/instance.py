@@ -107,6 +107,14 @@ class Instance:
                 problems.append(str(e))
         return problems
 
+    @property
+    def outputs_url(self) -> str | None:
+        """Where step outputs go: the configured ``outputs``, else ``$RUNYARD_HOME/outputs``
+        (None for an ephemeral instance, whose outputs stay in memory or a temp dir)."""
+        if self._outputs_url:
+            return self._outputs_url
+        return str(self.home / "outputs") if self.home is not None else None
+
     @cached_property
     def storage(self) -> RunStorage:
         from .registry import load_object
@@ -121,10 +129,8 @@ class Instance:
 
     def output_store(self, *, shared: bool) -> OutputStore:
         """The output store for a run; ``shared`` when steps run outside this process."""
-        if self._outputs_url:
-            return open_output_store(self._outputs_url)
-        if self.home is not None:
-            return open_output_store(str(self.home / "outputs"))
+        if self.outputs_url is not None:
+            return open_output_store(self.outputs_url)
         if not shared:
             return self._memory_store
         return open_output_store(self._temp_outputs)

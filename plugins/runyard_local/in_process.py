@@ -28,11 +28,11 @@ _MAIN = threading.main_thread().ident
 
 
 class _Handle:
-    __slots__ = ("request", "stopped")
+    __slots__ = ("request", "done")
 
     def __init__(self, request: StepRequest) -> None:
         self.request = request
-        self.stopped: FailureKind | None = None
+        self.done = False  # ran, or was stopped before it ran: a later poll reports it finished
 
 
 class InProcessStepHandler(StepHandler):
@@ -53,7 +53,7 @@ class InProcessStepHandler(StepHandler):
         return _Handle(request)  # runs at the first poll, so cancel can find the handle
 
     def poll(self, handle: _Handle) -> StepUpdate:
-        if handle.stopped is not None:
+        if handle.done:
             return StepUpdate.finished()
         timer = None
         with self._lock:
@@ -75,13 +75,13 @@ class InProcessStepHandler(StepHandler):
         except StepInterrupted as e:
             # Delivered after the step returned but before we disarmed: the step is over anyway.
             return StepUpdate.crashed(FailureInfo(kind=e.kind, message=str(e)))
-        handle.stopped = FailureKind.ERROR  # marks it done for any later poll
+        handle.done = True
         return StepUpdate.finished(events)
 
     def terminate(self, handle: _Handle, kind: FailureKind) -> None:
         with self._lock:
-            if handle.stopped is None and self._current is not handle:
-                handle.stopped = kind  # not started: never run it
+            if not handle.done and self._current is not handle:
+                handle.done = True  # not started: never run it
                 return
             if self._current is not handle:
                 return

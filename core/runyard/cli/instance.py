@@ -37,7 +37,7 @@ def info(as_json: bool) -> None:
         "config_file": str(inst.home / CONFIG_FILE),
         "config_file_exists": (inst.home / CONFIG_FILE).exists(),
         **{k: (s.name if s else None) for k, s in inst.sections.items()},
-        "outputs": inst._outputs_url or str(inst.home / "outputs"),
+        "outputs": inst.outputs_url,
     }
     if as_json:
         echo_json(data)
