@@ -303,16 +303,34 @@ class StepHandler:
         """Release what `setup` acquired."""
 
 
-def execute_step(request: StepRequest) -> list[Event]:
+def execute_step(request: StepRequest, *, capture_output: bool = True) -> list[Event]:
     """Run one step attempt in this process and return its events (the step-worker protocol).
 
-    Loads the job from the request's code pointer, reads inputs from the output store,
-    calls the step, writes the output, and reports STEP_START, captured output,
-    STEP_OUTPUT and STEP_SUCCESS or STEP_FAILURE. Never raises for a failing step.
+    Loads the job from the request's code pointer (once per process: see `preload_job`),
+    reads inputs from the output store, calls the step, writes the output, and reports
+    STEP_START, captured output, STEP_OUTPUT and STEP_SUCCESS or STEP_FAILURE. Never
+    raises for a failing step.
+
+    ``capture_output=False`` leaves ``sys.stdout``/``sys.stderr`` alone and reports no
+    output events: for executors that capture the step process's file descriptors
+    themselves (a process or container per step), where Python-level capture would miss
+    what C extensions and subprocesses write.
     """
     from .worker import execute_step as _execute
 
-    return _execute(request)
+    return _execute(request, capture_output=capture_output)
+
+
+def preload_job(code_pointer: CodePointer, job_name: str) -> None:
+    """Import a job now, so that `execute_step` in this process (or in processes forked
+    from it later) finds it loaded. Raises what loading the job raises.
+
+    Long-lived step workers (a fork server, a Dask or Celery worker) call it to pay a job's
+    import once rather than on the first step of every run.
+    """
+    from .worker import load_job_cached
+
+    load_job_cached(code_pointer, job_name)
 
 
 __all__ = [
@@ -345,5 +363,6 @@ __all__ = [
     "WorkerHealth",
     "execute_step",
     "hookimpl",
+    "preload_job",
     "resolve",
 ]

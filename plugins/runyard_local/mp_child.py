@@ -28,8 +28,7 @@ import sys
 from collections.abc import Iterable
 from typing import Any, NoReturn
 
-from runyard.plugin import StepInterrupted, StepRequest
-from runyard.worker import execute_step
+from runyard.plugin import StepInterrupted, StepRequest, execute_step
 
 from . import mp_os
 

@@ -87,7 +87,7 @@ class ForkServer:
         self.dir: str | None = None
         self.terminating = False
         self.orderly = False  # told to shut down, rather than finding the executor gone
-        self.loaded: set[tuple[tuple[tuple[str, str], ...], str]] = set()
+        self.loaded: set[tuple[str, str]] = set()
         self.me = os.getpid()
         self.done_fd = -1  # the executor's done pipe: step processes write their ids to it
         # A step process forked ahead of time, waiting for its spec: (pid, spec pipe,
@@ -136,15 +136,13 @@ class ForkServer:
 
     def load(self, id: str, request: dict[str, Any]) -> bool:
         """Import the job once, here, so that every step process forked afterwards has it."""
-        from runyard.definitions import CodePointer
-        from runyard.worker import _pointer_key, load_job_cached
+        from runyard.plugin import CodePointer, preload_job
 
-        pointer = CodePointer.from_dict(request["code_pointer"])
-        key = (_pointer_key(pointer), request["job_name"])
+        key = (json.dumps(request["code_pointer"], sort_keys=True), request["job_name"])
         if key in self.loaded:
             return True
         try:
-            load_job_cached(pointer, request["job_name"])
+            preload_job(CodePointer.from_dict(request["code_pointer"]), request["job_name"])
         except BaseException as e:
             self.not_started(id, e)
             return False
