@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+import pytest
 from runyard.instance import Instance
 from runyard.plugin import Capabilities
 from runyard.testing.conformance import ExecutorConformance
@@ -12,6 +13,18 @@ from runyard.testing.conformance import ExecutorConformance
 
 class TestMultiprocessConformance(ExecutorConformance):
     executor = "multiprocess"  # default start method: the fork server
+
+
+class TestMultiprocessExecdForkServerConformance(ExecutorConformance):
+    """The fork server started as a fresh interpreter, as whenever the run worker has threads."""
+
+    executor = "multiprocess"
+
+    @pytest.fixture(autouse=True)
+    def _exec_the_fork_server(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        import runyard_local.multiprocess
+
+        monkeypatch.setattr(runyard_local.multiprocess, "_single_threaded", lambda: False)
 
 
 class TestMultiprocessSpawnConformance(ExecutorConformance):

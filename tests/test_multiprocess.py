@@ -150,6 +150,11 @@ def whoami() -> int:
 
 
 @step
+def parent_cmdline() -> str:
+    return Path(f"/proc/{os.getppid()}/cmdline").read_text().replace("\\0", " ")
+
+
+@step
 def inc(x: int) -> int:
     return x + 1
 
@@ -215,6 +220,11 @@ def pid_job():
     whoami()
     whoami.alias("whoami_2")()
     whoami.alias("whoami_3")()
+
+
+@job
+def parent_job():
+    parent_cmdline()
 '''
 
 
@@ -366,10 +376,39 @@ def test_a_dead_fork_server_fails_its_steps_and_the_next_attempt_gets_a_new_one(
     assert failure.kind in (FailureKind.WORKER_LOST, FailureKind.SIGNAL), failure
 
 
+def exec_the_fork_server(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the executor start its fork server as a fresh interpreter, as it does whenever
+    the run worker has other threads, rather than by forking the run worker."""
+    import runyard_local.multiprocess
+
+    monkeypatch.setattr(runyard_local.multiprocess, "_single_threaded", lambda: False)
+
+
+@pytest.mark.parametrize("threads", [False, True])
+def test_the_fork_server_is_forked_from_a_single_threaded_run_worker_and_execd_otherwise(
+    runyard_instance: Instance, load: Callable[[str], JobDefinition], scratch: Path, threads: bool
+) -> None:
+    stop = threading.Event()
+    other = threading.Thread(target=stop.wait, daemon=True)
+    if threads:
+        other.start()
+    try:
+        result = run(runyard_instance, load("parent_job"), "forkserver", scratch)
+    finally:
+        stop.set()
+    assert result.success, result.events
+    cmdline = result.output_for("parent_cmdline")
+    # Exec'd: "python -m runyard_local.mp_zygote ..."; forked: this process's command line.
+    assert ("runyard_local.mp_zygote" in cmdline) is threads, cmdline
+    if not threads:
+        assert cmdline == Path("/proc/self/cmdline").read_text().replace("\0", " ")
+
+
 def test_a_fork_server_that_cannot_start_fails_the_steps_as_not_started(
     runyard_instance: Instance, load: Callable[[str], JobDefinition], scratch: Path, tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    exec_the_fork_server(monkeypatch)
     broken = tmp_path / "broken-python"
     broken.write_text("#!/bin/sh\necho 'no runyard here' >&2\nexit 3\n")
     broken.chmod(0o755)
@@ -569,9 +608,13 @@ def test_stdout_and_stderr_are_captured_separately_at_the_fd_level(
 # -- where jobs come from ----------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("zygote", ["forked", "exec"])
 def test_the_fork_server_imports_the_job_once(
-    runyard_instance: Instance, job_file: Path, scratch: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    runyard_instance: Instance, job_file: Path, scratch: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    zygote: str,
 ) -> None:
+    if zygote == "exec":
+        exec_the_fork_server(monkeypatch)
     imports = tmp_path / "imports.log"
     monkeypatch.setenv("MP_TEST_IMPORTS", str(imports))
     job, _ = load_job(CodePointer(file=str(job_file)), "pid_job")
@@ -580,7 +623,10 @@ def test_the_fork_server_imports_the_job_once(
     step_pids = {result.output_for(k) for k in ("whoami", "whoami_2", "whoami_3")}
     importers = pids(imports)
     assert len(step_pids) == 3 and os.getpid() not in step_pids
-    assert importers[0] == os.getpid() and len(importers) == 2  # this process, the fork server
+    # This process; and the fork server if it was exec'd. Forked from this process, it looks
+    # the job up in the module this process imported (so it fails for a job other processes
+    # cannot load, as an exec'd one would) without importing it again.
+    assert importers == [os.getpid()] if zygote == "forked" else (importers[0] == os.getpid() and len(importers) == 2)
     assert not step_pids & set(importers)
 
 

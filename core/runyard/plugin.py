@@ -321,16 +321,18 @@ def execute_step(request: StepRequest, *, capture_output: bool = True) -> list[E
     return _execute(request, capture_output=capture_output)
 
 
-def preload_job(code_pointer: CodePointer, job_name: str) -> None:
+def preload_job(code_pointer: CodePointer, job_name: str, *, reload: bool = False) -> None:
     """Import a job now, so that `execute_step` in this process (or in processes forked
     from it later) finds it loaded. Raises what loading the job raises.
 
     Long-lived step workers (a fork server, a Dask or Celery worker) call it to pay a job's
-    import once rather than on the first step of every run.
+    import once rather than on the first step of every run. ``reload=True`` loads it from
+    its code pointer even if this process has it already: a process forked from the one
+    that defined the job learns now whether other processes can load it.
     """
     from .worker import load_job_cached
 
-    load_job_cached(code_pointer, job_name)
+    load_job_cached(code_pointer, job_name, reload=reload)
 
 
 __all__ = [

@@ -57,9 +57,9 @@ def register_job(pointer: CodePointer, job: JobDefinition) -> None:
     _jobs[(_pointer_key(pointer), job.name)] = job
 
 
-def load_job_cached(pointer: CodePointer, job_name: str) -> JobDefinition:
+def load_job_cached(pointer: CodePointer, job_name: str, *, reload: bool = False) -> JobDefinition:
     key = (_pointer_key(pointer), job_name)
-    job = _jobs.get(key)
+    job = None if reload else _jobs.get(key)
     if job is None:
         from .loader import load_job
 

@@ -59,7 +59,7 @@ import socket
 import sys
 import time
 import traceback
-from typing import Any
+from typing import Any, NoReturn
 
 from . import mp_os
 
@@ -89,6 +89,7 @@ class ForkServer:
         self.orderly = False  # told to shut down, rather than finding the executor gone
         self.loaded: set[tuple[str, str]] = set()
         self.me = os.getpid()
+        self.forked = False  # forked from the run worker rather than exec'd
         self.done_fd = -1  # the executor's done pipe: step processes write their ids to it
         # A step process forked ahead of time, waiting for its spec: (pid, spec pipe,
         # len(self.loaded) when it was forked).
@@ -142,7 +143,10 @@ class ForkServer:
         if key in self.loaded:
             return True
         try:
-            preload_job(CodePointer.from_dict(request["code_pointer"]), request["job_name"])
+            # Forked from the run worker, we have its jobs; look them up through the code
+            # pointer all the same (its module is imported already), so that a job other
+            # processes cannot load fails here as it would in a fork server that was exec'd.
+            preload_job(CodePointer.from_dict(request["code_pointer"]), request["job_name"], reload=self.forked)
         except BaseException as e:
             self.not_started(id, e)
             return False
@@ -361,12 +365,12 @@ class ForkServer:
 _WAKEUP: tuple[int, ...] = ()
 
 
-def main(argv: list[str]) -> None:
+def _serve(sock: socket.socket, parent: int, done_fd: int, *, forked: bool = False) -> NoReturn:
     global _WAKEUP
-    sock = socket.socket(fileno=int(argv[1]))
     server = ForkServer(sock)
-    server.parent = int(argv[2])
-    server.done_fd = int(argv[3])
+    server.forked = forked
+    server.parent = parent
+    server.done_fd = done_fd
 
     def on_sigterm(signum: int, frame: Any) -> None:
         server.terminating = True  # the run worker died (PR_SET_PDEATHSIG) or we are told to go
@@ -380,7 +384,7 @@ def main(argv: list[str]) -> None:
     signal.signal(signal.SIGTERM, on_sigterm)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the run worker decides what Ctrl-C means
     mp_os.become_subreaper()
-    mp_os.die_with_parent(signal.SIGTERM, int(argv[2]))
+    mp_os.die_with_parent(signal.SIGTERM, parent)
     # Everything a step process needs from runyard, imported once before any fork.
     import runyard.loader  # noqa: F401
     import runyard.plugin  # noqa: F401
@@ -392,6 +396,43 @@ def main(argv: list[str]) -> None:
     # Nothing left to clean up: skip the interpreter's teardown (tens of milliseconds), which
     # the run waits for.
     os._exit(0)
+
+
+def main(argv: list[str]) -> NoReturn:
+    """``python -m runyard_local.mp_zygote SOCK PARENT DONE``: a fresh interpreter."""
+    _serve(socket.socket(fileno=int(argv[1])), int(argv[2]), int(argv[3]))
+
+
+def forked_main(sock: socket.socket, *, parent: int, done_fd: int, log: str, close: list[int]) -> NoReturn:
+    """The fork server forked straight from a single-threaded run worker: no interpreter to
+    start and nothing to import (runyard and the job are loaded already). Never returns."""
+    try:
+        os.setsid()  # as start_new_session does for the exec'd one: out of the run's signals
+        for fd in close:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        # The run worker's handlers (SIGTERM cancels the run) and wake-up fd mean nothing here.
+        with contextlib.suppress(ValueError):
+            signal.set_wakeup_fd(-1)
+        for sig in (signal.SIGHUP, signal.SIGALRM, signal.SIGUSR1, signal.SIGUSR2):
+            signal.signal(sig, signal.SIG_DFL)
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)
+        os.close(devnull)
+        out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        os.dup2(out, 1)
+        os.dup2(out, 2)
+        os.close(out)
+        # Our own text streams on fds 1 and 2 (the run worker's may be a capture proxy or a
+        # terminal's): what the fork server prints goes to its log, and step processes
+        # reuse these streams (mp_child._stdio_to_fds).
+        sys.stdout = open(1, "w", encoding="utf-8", errors="backslashreplace", closefd=False)  # noqa: SIM115
+        sys.stderr = open(2, "w", encoding="utf-8", errors="backslashreplace", closefd=False)  # noqa: SIM115
+        _serve(sock, parent, done_fd, forked=True)
+    except BaseException:
+        with contextlib.suppress(BaseException):
+            traceback.print_exc()
+    os._exit(70)
 
 
 if __name__ == "__main__":
