@@ -5,9 +5,10 @@
 How step processes start (``start_method``):
 
 - ``forkserver`` (default): a per-run fork server (`runyard_local.mp_zygote`), started at
-  `setup`, imports runyard once and each job once, from its code pointer, then forks a
-  process per step: milliseconds per step, and nothing of the run worker (its threads,
-  locks, connections) is copied into steps.
+  `setup`, has runyard and each job loaded, from its code pointer, and forks a process per
+  step: milliseconds per step. It is forked from the run worker when that has no other
+  thread (ready in a millisecond, no lock can be held by a thread the fork lost), and
+  exec'd as a fresh interpreter otherwise (~0.1 s; nothing of the run worker is copied).
 - ``fork``: fork the run worker itself. The fastest start, and the job need not be
   importable, but the step inherits a copy of everything the run worker holds, which is
   unsafe if other threads of it hold locks at the moment of the fork.
