@@ -14,7 +14,7 @@ from runyard import ConfigError, Definitions, PluginError, job, step
 from runyard.execution import BUILTIN_DEFAULT_EXECUTOR, execute_job, resolve_executor
 from runyard.instance import CONFIG_FILE, Instance
 from runyard.outputs import FileOutputStore
-from runyard.plugin import API_VERSION, Capabilities, ExecutorSpec, hookimpl
+from runyard.plugin import API_VERSION, Capabilities, EventType, ExecutorSpec, hookimpl
 from runyard.registry import PluginRegistry
 from runyard.storage.sqlite import SqliteRunStorage
 
@@ -49,9 +49,9 @@ def test_missing_config_file_means_defaults(runyard_home: Path, runyard_registry
     assert Path(inst.storage.path) == runyard_home.resolve() / "runyard.db"
     store = inst.output_store(shared=True)
     assert isinstance(store, FileOutputStore) and store.base == runyard_home.resolve() / "outputs"
-    assert resolve_executor(plain_job, instance=inst).name == BUILTIN_DEFAULT_EXECUTOR == "in_process"
+    assert resolve_executor(plain_job, instance=inst).name == BUILTIN_DEFAULT_EXECUTOR == "multi_or_in_process"
     result = execute_job(plain_job, instance=inst)
-    assert result.success and result.run.executor == "in_process"
+    assert result.success and result.run.executor == "multi_or_in_process"
     inst.storage.close()
 
 
@@ -294,8 +294,8 @@ def test_executor_precedence_resolve(layered: Instance) -> None:
         j = kw.pop("job")
         assert resolve_executor(j, instance=layered, **kw).name == expected, kw
     # Without any layer: the built-in default.
-    assert resolve_executor(plain_job).name == "in_process"
-    assert resolve_executor(plain_job, instance=Instance.ephemeral()).name == "in_process"
+    assert resolve_executor(plain_job).name == "multi_or_in_process"
+    assert resolve_executor(plain_job, instance=Instance.ephemeral()).name == "multi_or_in_process"
 
 
 def test_executor_precedence_end_to_end(layered: Instance) -> None:
@@ -311,7 +311,11 @@ def test_executor_precedence_end_to_end(layered: Instance) -> None:
 
 def test_builtin_default_end_to_end(runyard_instance: Instance) -> None:
     result = execute_job(plain_job, instance=runyard_instance)
-    assert result.run.executor == "in_process"
+    assert result.success, result.events
+    assert result.run.executor == "multi_or_in_process"
+    # Each step in a process of its own: not this one.
+    starts = [e for e in result.events if e.type is EventType.STEP_START]
+    assert starts and all(e.data["pid"] != os.getpid() for e in starts)
 
 
 def test_config_merges_layers_naming_the_same_executor(layered: Instance) -> None:

@@ -323,7 +323,8 @@ def test_config_explain_shows_each_setting_and_its_layer(home: Path, tmp_path: P
         {"key": "max_concurrent", "value": 1, "source": "job 'configured'"},
         {"key": "tag_concurrency_limits", "value": [{"key": "db", "limit": 1}], "source": str(cfg)},
     ]
-    assert [layer["source"] for layer in ex["layers"]] == ["--executor", "job 'configured'", str(cfg), "default"]
+    # The built-in default (multi_or_in_process) names another executor: not a layer of this one.
+    assert [layer["source"] for layer in ex["layers"]] == ["--executor", "job 'configured'", str(cfg)]
     assert ex["overridden"] == [] and ex["max_concurrent_effective"] == 1
     assert data["run_launcher"] == {"name": "default", "source": "default", "settings": []}
 
@@ -347,11 +348,15 @@ def test_config_explain_shows_each_setting_and_its_layer(home: Path, tmp_path: P
 def test_config_explain_run_config_and_defaults(home: Path, tmp_path: Path) -> None:
     f = write(tmp_path / "solo.py", TWO_STEPS)
     plain = json.loads(ry(home, "config", "explain", "-f", str(f), "--json").stdout)
+    assert plain["executor"]["name"] == "multi_or_in_process"
     assert plain["executor"]["source"] == "default"
-    assert plain["executor"]["settings"] == [
+    assert plain["executor"]["settings"][:4] == [
         {"key": "max_concurrent", "value": None, "source": "default"},
         {"key": "tag_concurrency_limits", "value": [], "source": "default"},
+        {"key": "start_method", "value": "forkserver", "source": "default"},
+        {"key": "terminate_grace", "value": 5.0, "source": "default"},
     ]
+    assert plain["executor"]["max_concurrent_effective"] == os.cpu_count()
     assert plain["instance_config_exists"] is False
     cfg = write(tmp_path / "run.yaml", "execution:\n  in_process: {tag_concurrency_limits: [{key: x, limit: 2}]}\n")
     layered = json.loads(ry(home, "config", "explain", "-f", str(f), "-c", str(cfg), "--json").stdout)

@@ -19,7 +19,7 @@ from .plugin import Capabilities, ExecutorConfig, ExecutorSpec, HandlerContext, 
 from .registry import load_object
 from .storage import RunRecord, RunStatus
 
-BUILTIN_DEFAULT_EXECUTOR = "in_process"
+BUILTIN_DEFAULT_EXECUTOR = "multi_or_in_process"
 _UNFINISHED = (RunStatus.QUEUED, RunStatus.STARTING, RunStatus.STARTED, RunStatus.CANCELING)
 RESOURCES_TAG = "runyard/resources"
 
@@ -29,7 +29,7 @@ class ResolvedExecutor:
     name: str
     config: dict[str, Any]
     layers: tuple[Selection, ...]  # every layer that named this executor, highest first
-    overridden: tuple[Selection, ...] = ()  # layers that named another executor, highest first
+    overridden: tuple[Selection, ...] = ()  # configured layers that named another executor, highest first
 
 
 def resolve_executor(
@@ -67,7 +67,8 @@ def resolve_executor(
     config: dict[str, Any] = {}
     for sel in reversed(same):
         config.update(sel.config)
-    other = tuple(sel for sel in layers if sel.name != name)
+    # The built-in default is a fallback, not a choice someone made: not worth reporting.
+    other = tuple(sel for sel in layers if sel.name != name and sel.source != "default")
     return ResolvedExecutor(name, config, same, other)
 
 
