@@ -754,6 +754,86 @@ def test_multiprocess_runs_steps_at_once_up_to_max_concurrent(
     assert all(f.exists() for f in files)  # both ran at once, or the cancel never came
 
 
+# -- the kernel's OOM killer ---------------------------------------------------------------------
+
+OOM_JOB = '''
+from pathlib import Path
+from runyard import job, step
+
+@step
+def hog() -> int:
+    Path("/proc/self/oom_score_adj").write_text("1000")  # the victim: this process, not the run worker
+    data = b"\\x01" * (1 << 30)  # written, so resident: more than the cgroup allows
+    return len(data)
+
+@job
+def hog_job():
+    hog()
+'''
+
+OOM_RUNNER = '''
+import json, sys
+from runyard.definitions import CodePointer
+from runyard.execution import execute_job
+from runyard.instance import Instance
+from runyard.loader import load_job
+
+job, _ = load_job(CodePointer(file=sys.argv[1]), "hog_job")
+result = execute_job(job, instance=Instance.ephemeral(), executor="multiprocess",
+                     run_config={"execution": {"multiprocess": {"start_method": sys.argv[2]}}})
+failure = result.failure_for("hog")
+print(json.dumps({"status": result.status.value, "kind": failure and failure.kind.value,
+                  "message": failure and failure.message}))
+'''
+
+
+@pytest.fixture
+def memory_cgroup() -> Iterator[Path]:
+    """A memory cgroup (v1 or v2) limited to 256 MiB, under this process's own: the run worker
+    started in it shares the limit with its steps, as a run in a container would. Needs root
+    and a memory controller, which Linux CI machines have: the test fails, not skips, without."""
+    if sys.platform != "linux":
+        pytest.skip("the OOM killer and memory cgroups are Linux's")
+    lines = Path("/proc/self/cgroup").read_text().splitlines()
+    v1 = [line.split(":", 2)[2] for line in lines if "memory" in line.split(":")[1].split(",")]
+    if v1:
+        parent, limit_file = Path("/sys/fs/cgroup/memory", v1[0].lstrip("/")), "memory.limit_in_bytes"
+    else:
+        v2 = [line.split(":", 2)[2] for line in lines if line.startswith("0::")]
+        assert v2, f"no memory cgroup in /proc/self/cgroup: {lines}"
+        parent, limit_file = Path("/sys/fs/cgroup", v2[0].lstrip("/")), "memory.max"
+    group = parent / f"runyard-oom-test-{os.getpid()}-{time.monotonic_ns()}"
+    group.mkdir()
+    try:
+        (group / limit_file).write_text(str(256 << 20))
+        yield group
+    finally:
+        # Empty once every process of the run has exited; the test waited for the run worker.
+        assert wait_until(lambda: not (group / "cgroup.procs").read_text().split(), 10)
+        group.rmdir()
+
+
+@pytest.mark.parametrize("method", ["forkserver", "fork"])
+def test_a_step_the_kernels_oom_killer_kills_fails_as_oom(
+    tmp_path: Path, memory_cgroup: Path, method: str
+) -> None:
+    import json
+
+    job_file = tmp_path / "hog.py"
+    job_file.write_text(OOM_JOB)
+    procs = memory_cgroup / "cgroup.procs"
+    proc = subprocess.run(
+        [sys.executable, "-c", OOM_RUNNER, str(job_file), method],
+        preexec_fn=lambda: procs.write_text(str(os.getpid())),  # the run worker joins the cgroup
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    outcome = json.loads(proc.stdout.splitlines()[-1])
+    assert outcome["status"] == "FAILURE", outcome
+    assert outcome["kind"] == "oom", outcome
+    assert "OOM killer" in outcome["message"]
+
+
 # -- pieces -------------------------------------------------------------------------------------
 
 
