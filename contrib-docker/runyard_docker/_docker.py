@@ -76,8 +76,11 @@ def _short(e: BaseException, limit: int = 300) -> str:
 def is_local_engine(client: docker.DockerClient) -> bool:
     """Whether the engine runs on this machine (a unix socket): bind mounts of this
     machine's paths then mean the same files in the container."""
+    # docker-py names a unix socket connection http+docker://localhost (older: localunixsocket).
     url = client.api.base_url
-    return url.startswith("http+docker://localunixsocket") or urlparse(url).scheme in ("unix", "http+unix")
+    return url.startswith(("http+docker://localhost", "http+docker://localunixsocket")) or urlparse(
+        url
+    ).scheme in ("unix", "http+unix")
 
 
 def ensure_image(client: docker.DockerClient, image: str, pull_policy: str, where: str, setting: str) -> None:

@@ -99,10 +99,21 @@ class DockerStepHandler(StepHandler):
 
     config: DockerExecutorConfig
 
+    def __init__(self, config: DockerExecutorConfig, context: Any) -> None:
+        super().__init__(config, context)
+        # Set here, not in setup: the engine calls teardown even when setup raised.
+        self.client: Any = None
+        self.changed = threading.Event()
+        self.lock = threading.Lock()
+        self.attempts: list[_Attempt] = []
+        self.steps: dict[str, _StepSettings] | None = None
+        self.job_error: ConfigError | None = None
+
     def setup(self) -> None:
         cfg = self.config
-        self.client = d.connect(resolve(cfg.docker_host), WHERE)
+        client = d.connect(resolve(cfg.docker_host), WHERE)
         self.container_kwargs = d.check_container_kwargs(cfg, WHERE)
+        self.client = client
         self.image = str(resolve(cfg.image))
         self.pull_policy = str(resolve(cfg.pull_policy))
         d.ensure_image(self.client, self.image, self.pull_policy, WHERE, f"{WHERE}.image")
@@ -121,11 +132,6 @@ class DockerStepHandler(StepHandler):
         if path is not None and cfg.mount_outputs:
             os.makedirs(path, exist_ok=True)
             d.add_bind(self.binds, path, "rw")
-        self.changed = threading.Event()
-        self.lock = threading.Lock()
-        self.attempts: list[_Attempt] = []
-        self.steps: dict[str, _StepSettings] | None = None
-        self.job_error: ConfigError | None = None
 
     # -- checks made before the first container starts ------------------------------
 
@@ -210,6 +216,8 @@ class DockerStepHandler(StepHandler):
         self.changed.clear()
 
     def teardown(self) -> None:
+        if self.client is None:
+            return
         with self.lock:
             attempts = list(self.attempts)
         deadline = time.monotonic() + float(self.config.terminate_grace) + 15
