@@ -96,8 +96,8 @@ def test_missing_step_image_fails_before_any_step_starts(
         ({"image": "runyard-test/not-built:0"},
          r"executor\.docker\.image: image 'runyard-test/not-built:0' is not in the Docker engine and "
          r"executor\.docker\.pull_policy is never; build it with `runyard docker build-image"),
-        ({"volumes": ["/nonexistent/runyard-dir:/data"]},
-         r"executor\.docker\.volumes\[0\]: the host path '/nonexistent/runyard-dir' does not exist"),
+        ({"volumes": ["TMP/missing-dir:/data"]},
+         r"executor\.docker\.volumes\[0\]: the host path '\S+/missing-dir' does not exist; create it"),
         ({"volumes": ["runyard-test-no-such-volume:/data"]},
          r"executor\.docker\.volumes\[0\]: Docker volume 'runyard-test-no-such-volume' does not exist; "
          r"create it with `docker volume create"),
@@ -111,8 +111,10 @@ def test_missing_step_image_fails_before_any_step_starts(
 )
 def test_bad_settings_fail_before_any_container_starts(
     runyard_make_instance: Any, docker_settings: dict[str, Any], docker_job: Any, run_containers: Any,
-    settings: dict[str, Any], expected: str,
+    settings: dict[str, Any], expected: str, tmp_path: Path,
 ) -> None:
+    if "volumes" in settings:
+        settings = {"volumes": [v.replace("TMP", str(tmp_path)) for v in settings["volumes"]]}
     instance = runyard_make_instance({"executor": {"docker": {**docker_settings, **settings}}})
     with pytest.raises(ConfigError, match=expected):
         execute_job(docker_job("hello_job"), instance=instance)
