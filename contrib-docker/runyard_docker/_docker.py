@@ -155,7 +155,9 @@ def volume_binds(client: docker.DockerClient, settings: DockerSettings, where: s
         except ValueError as e:
             raise ConfigError(f"{where}.volumes[{i}]: {e}") from None
         if source.startswith("/"):
-            if is_local_engine(client) and not os.path.exists(source):
+            # Inside a run container (the launcher sets RUNYARD_DOCKER_CONTAINER) this
+            # machine's paths are not all visible: the engine resolves them on the host.
+            if is_local_engine(client) and "RUNYARD_DOCKER_CONTAINER" not in os.environ and not os.path.exists(source):
                 raise ConfigError(
                     f"{where}.volumes[{i}]: the host path {source!r} does not exist; create it or fix the path "
                     "(Docker would otherwise create an empty root-owned directory there)"
