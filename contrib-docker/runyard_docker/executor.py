@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import io
 import os
+import subprocess
+import sys
 import tarfile
 import threading
 import time
@@ -108,6 +110,7 @@ class DockerStepHandler(StepHandler):
         self.attempts: list[_Attempt] = []
         self.steps: dict[str, _StepSettings] | None = None
         self.job_error: ConfigError | None = None
+        self.reaper: subprocess.Popen[bytes] | None = None
 
     def setup(self) -> None:
         cfg = self.config
@@ -132,6 +135,30 @@ class DockerStepHandler(StepHandler):
         if path is not None and cfg.mount_outputs:
             os.makedirs(path, exist_ok=True)
             d.add_bind(self.binds, path, "rw")
+        self._start_reaper(resolve(cfg.docker_host))
+
+    def _start_reaper(self, docker_host: str | None) -> None:
+        """A process that removes this run's step containers if this one dies (see `reaper`)."""
+        env = {**os.environ, "RUNYARD_DOCKER_CLEANUP": self.config.cleanup}
+        if docker_host:
+            env["RUNYARD_DOCKER_REAPER_HOST"] = docker_host
+        # Its own session: killing the run worker's process group must not take it along.
+        self.reaper = subprocess.Popen(
+            [sys.executable, "-m", "runyard_docker.reaper", self.context.run_id],
+            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, env=env, start_new_session=True, close_fds=True,
+        )
+
+    def _stop_reaper(self) -> None:
+        reaper, self.reaper = self.reaper, None
+        if reaper is None:
+            return
+        try:
+            assert reaper.stdin is not None
+            reaper.stdin.close()  # end of file: it sweeps (nothing left by now) and exits
+        except OSError:
+            pass
+        # Reap it without holding up the end of the run.
+        threading.Thread(target=reaper.wait, args=(30,), daemon=True).start()
 
     # -- checks made before the first container starts ------------------------------
 
@@ -218,15 +245,18 @@ class DockerStepHandler(StepHandler):
     def teardown(self) -> None:
         if self.client is None:
             return
-        with self.lock:
-            attempts = list(self.attempts)
-        deadline = time.monotonic() + float(self.config.terminate_grace) + 15
-        for att in attempts:
-            if att.thread is not None:
-                att.thread.join(max(0.0, deadline - time.monotonic()))
-        if self.config.cleanup == "always":
-            # Whatever an attempt's thread could not remove (a stop that timed out).
-            d.remove_containers(self.client, {LABEL_RUN_ID: self.context.run_id, LABEL_KIND: "step"})
+        try:
+            with self.lock:
+                attempts = list(self.attempts)
+            deadline = time.monotonic() + float(self.config.terminate_grace) + 15
+            for att in attempts:
+                if att.thread is not None:
+                    att.thread.join(max(0.0, deadline - time.monotonic()))
+            if self.config.cleanup == "always":
+                # Whatever an attempt's thread could not remove (a stop that timed out).
+                d.remove_containers(self.client, {LABEL_RUN_ID: self.context.run_id, LABEL_KIND: "step"})
+        finally:
+            self._stop_reaper()
 
     # -- one attempt, on its own thread -------------------------------------------------
 

@@ -163,3 +163,59 @@ def test_resource_tags_are_checked_before_any_step_starts(
     failure = result.failure_for("a")
     assert failure is not None and failure.kind is FailureKind.NOT_STARTED
     assert "step 'a': tag 'runyard/resources': unknown resource 'gpus'" in failure.message
+
+
+def test_step_containers_of_a_crashed_run_worker_are_removed(
+    runyard_home: Path, docker_settings: dict[str, Any], run_containers: Any
+) -> None:
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import yaml
+
+    (runyard_home / "runyard.yaml").write_text(yaml.safe_dump({"executor": {"docker": docker_settings}}))
+    env = {**os.environ, "RUNYARD_HOME": str(runyard_home)}
+    jobs = str(Path(__file__).resolve().parent / "docker_jobs.py")
+    out = subprocess.check_output([sys.executable, "-m", "runyard", "job", "launch", "--json", "-f", jobs,
+                                   "-j", "slow_job"], env=env, text=True)
+    run_id = json.loads(out)["run_id"]
+    deadline = time.monotonic() + 60
+    while not any(c.status == "running" for c in run_containers(run_id)):
+        assert time.monotonic() < deadline, "the step container did not start"
+        time.sleep(0.1)
+    from runyard import Instance
+
+    instance = Instance(runyard_home)
+    (launched,) = [s.event for s in instance.storage.get_events(run_id) if s.event.type is EventType.RUN_LAUNCHED]
+    os.killpg(launched.data["worker"]["pgid"], signal.SIGKILL)  # the run worker crashes
+    deadline = time.monotonic() + 30
+    while run_containers(run_id):
+        assert time.monotonic() < deadline, "the crashed run's step container was not removed"
+        time.sleep(0.2)
+    waited = subprocess.run([sys.executable, "-m", "runyard", "run", "wait", run_id, "--timeout", "30"], env=env,
+                            capture_output=True, text=True)
+    assert waited.returncode == 1
+    assert instance.storage.get_run(run_id).status is RunStatus.FAILURE
+
+
+def test_kept_containers_are_removed_by_the_cleanup_command(
+    runyard_make_instance: Any, docker_settings: dict[str, Any], docker_job: Any, run_containers: Any,
+    runyard_home: Path,
+) -> None:
+    import os
+    import subprocess
+    import sys
+
+    instance = runyard_make_instance({"executor": {"docker": {**docker_settings, "cleanup": "on_success"}}})
+    result = execute_job(docker_job("signal_job"), instance=instance)
+    assert result.status is RunStatus.FAILURE
+    (kept,) = run_containers(result.run_id)  # the failed step's container, kept for inspection
+    assert kept.labels["runyard.step_key"] == "killed" and kept.labels["runyard.kind"] == "step"
+    done = subprocess.run([sys.executable, "-m", "runyard", "docker", "cleanup", "--run", result.run_id],
+                          env={**os.environ, "RUNYARD_HOME": str(runyard_home)}, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert f"removed {kept.name}" in done.stdout
+    assert run_containers(result.run_id) == []
