@@ -158,3 +158,16 @@ def test_sqlite_without_the_home_mounted_is_rejected_before_launch(
     with pytest.raises(ConfigError, match=r"run_launcher\.docker\.mount_home: false, but the run's SQLite storage"):
         launcher.launch(run)
     assert run_containers(run.run_id) == []
+
+
+def test_launch_with_a_missing_image_exits_2_before_any_container(home: Path, run_containers: Any) -> None:
+    config = yaml.safe_load((home / "runyard.yaml").read_text())
+    config["run_launcher"]["docker"]["image"] = "runyard-test/not-built:0"
+    (home / "runyard.yaml").write_text(yaml.safe_dump(config))
+    done = runyard(home, "job", "launch", "-f", str(TESTS / "docker_jobs.py"), "-j", "hello_job")
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "run_launcher.docker.image: image 'runyard-test/not-built:0' is not in the Docker engine" in done.stderr
+    assert "runyard docker build-image" in done.stderr
+    (run,) = Instance(home).storage.list_runs()
+    assert run.status is RunStatus.FAILURE
+    assert run_containers(run.run_id) == []
