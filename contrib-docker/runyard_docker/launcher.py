@@ -139,8 +139,15 @@ class DockerRunLauncher(RunLauncher):
                         "directory at the same path with volumes, or use PostgreSQL storage"
                     )
             return
+        home = str(Path(self.instance_home or "/").resolve())
         if self.config.mount_home:
-            d.add_bind(binds, str(Path(self.instance_home or "/").resolve()), "rw")
+            d.add_bind(binds, home, "rw")
+        elif not self._covered(binds, home):
+            raise ConfigError(
+                f"{WHERE}.mount_home: false, but RUNYARD_HOME {home} is not mounted by volumes, so the run worker "
+                "in the container would not find runyard.yaml (and would use other storage); set mount_home: true "
+                "or mount it at the same path with volumes"
+            )
         if name == "postgres":
             raw = config.get("url")
             try:

@@ -34,8 +34,14 @@ def _run(cmd: list[str], what: str, timeout: float) -> str:
     return done.stdout.strip()
 
 
-def _ours(client: Any) -> tuple[set[str], set[str], set[str]]:
-    containers = {c.id for c in client.containers.list(all=True, filters={"label": ["runyard.run_id"]})}
+def _ours(client: Any, basetemp: str) -> tuple[set[str], set[str], set[str]]:
+    # Containers of runs of the tests' instances (under pytest's basetemp), labelled by the
+    # tests or not: a container the plugin forgot to label for the tests still counts.
+    containers = {
+        c.id
+        for c in client.containers.list(all=True, filters={"label": ["runyard.run_id"]})
+        if (c.labels or {}).get("runyard.instance", "").startswith(basetemp)
+    }
     containers |= {c.id for c in client.containers.list(all=True, filters={"label": [TEST_LABEL]})}
     networks = {n.id for n in client.networks.list(filters={"label": [TEST_LABEL]})}
     volumes = {v.id for v in client.volumes.list(filters={"label": [TEST_LABEL]})}
@@ -43,7 +49,7 @@ def _ours(client: Any) -> tuple[set[str], set[str], set[str]]:
 
 
 @pytest.fixture(scope="session")
-def docker_client() -> Iterator[Any]:
+def docker_client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """A docker SDK client of a running engine (started by scripts/services.sh if down).
 
     On teardown, fails if containers (labelled runyard.run_id or runyard.test), networks
@@ -53,12 +59,13 @@ def docker_client() -> Iterator[Any]:
     import docker
 
     client = docker.from_env(timeout=120)
-    before = _ours(client)
+    basetemp = str(tmp_path_factory.getbasetemp())
+    before = _ours(client, basetemp)
     yield client
     # Removal runs on attempt threads right after a container exits: give them a moment.
     deadline = time.monotonic() + 20
     while True:
-        after = _ours(client)
+        after = _ours(client, basetemp)
         left = [a - b for a, b in zip(after, before, strict=True)]
         if not any(left) or time.monotonic() > deadline:
             break
