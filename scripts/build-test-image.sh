@@ -4,8 +4,8 @@
 #   1. the base image (Debian bookworm + python3 + pip + venv), made with mmdebstrap and
 #      `docker import` (about 20 s; skipped when the image exists);
 #   2. the project image: runyard and runyard-docker from this checkout, installed from a
-#      local wheelhouse by `runyard docker build-image` (skipped when an image built from
-#      the same sources exists).
+#      local wheelhouse by `runyard docker build-image`, with psycopg for PostgreSQL storage
+#      (skipped when an image built from the same sources exists).
 #
 #   bash scripts/build-test-image.sh            # prints the project image's name
 #   RUNYARD_TEST_BASE_IMAGE=...  RUNYARD_TEST_IMAGE=...   choose the names
@@ -54,6 +54,8 @@ if ! docker image inspect "$BASE" >/dev/null 2>&1; then
 fi
 
 [ -x "$PY" ] || die "no Python at $PY: run .tools/bin/uv sync --all-packages first (or set RUNYARD_PYTHON)"
-"$PY" -m runyard docker build-image --base "$BASE" --tag "$IMAGE" --label runyard.test=1 --if-changed >&2 \
+# psycopg: the launcher tests run a worker against PostgreSQL storage from a container.
+"$PY" -m runyard docker build-image --base "$BASE" --tag "$IMAGE" --label runyard.test=1 --if-changed \
+  --with 'psycopg[binary]>=3.1' >&2 \
   || die "runyard docker build-image failed (see above)"
 echo "$IMAGE"

@@ -119,14 +119,14 @@ def build_image(
         hashed = []
     hashed += [Path(w) for w in with_ if os.path.exists(w)] + code_dirs
     digest = _hash(hashed, [base_id, *sources, *with_, *map(str, code_dirs)])
-    if if_changed:
-        try:
-            existing = client.images.get(tag)
-            if (existing.labels or {}).get(SOURCE_HASH_LABEL) == digest:
-                say(f"image {tag} is up to date ({SOURCE_HASH_LABEL}={digest})")
-                return existing.id
-        except Exception:
-            pass
+    previous = None
+    try:
+        previous = client.images.get(tag)
+    except Exception:
+        pass
+    if if_changed and previous is not None and (previous.labels or {}).get(SOURCE_HASH_LABEL) == digest:
+        say(f"image {tag} is up to date ({SOURCE_HASH_LABEL}={digest})")
+        return previous.id
     ctx = Path(tempfile.mkdtemp(prefix="runyard-image-"))
     pip_venv = None
     try:
@@ -162,6 +162,13 @@ def build_image(
             log = "".join(str(chunk.get("stream", chunk.get("error", ""))) for chunk in getattr(e, "build_log", []))
             raise ConfigError(f"docker build of {tag} failed: {e}\n{log[-3000:]}") from None
         say(f"built {tag} ({image.short_id})")
+        if previous is not None and previous.id != image.id:
+            # The image this tag named before is now untagged: remove it unless something uses it.
+            try:
+                if not client.images.get(previous.id).tags:
+                    client.images.remove(previous.id, noprune=False)
+            except Exception:
+                pass
         return image.id
     finally:
         shutil.rmtree(ctx, ignore_errors=True)

@@ -90,3 +90,24 @@ def hello_job():  # type: ignore[no-untyped-def]
 @job
 def slow_job():  # type: ignore[no-untyped-def]
     plus_one(slow())
+
+
+@step
+def look() -> dict:  # type: ignore[type-arg]
+    def read(path: str) -> str:
+        try:
+            return Path(path).read_text().strip()
+        except OSError as e:
+            return f"unreadable: {e}"
+
+    return {
+        "env": {k: os.environ.get(k) for k in ("PASSED", "SET", "FROM_OTHER")},
+        "data": read("/runyard-data/hello.txt"),
+        "memory_limit": read("/sys/fs/cgroup/memory/memory.limit_in_bytes"),
+        "cpu_quota": read("/sys/fs/cgroup/cpu/cpu.cfs_quota_us"),
+    }
+
+
+@job
+def look_job():  # type: ignore[no-untyped-def]
+    look()

@@ -219,3 +219,46 @@ def test_kept_containers_are_removed_by_the_cleanup_command(
     assert done.returncode == 0, done.stderr
     assert f"removed {kept.name}" in done.stdout
     assert run_containers(result.run_id) == []
+
+
+def test_settings_reach_the_container(
+    runyard_make_instance: Any, docker_settings: dict[str, Any], docker_job: Any, docker_client: Any,
+    run_containers: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "hello.txt").write_text("mounted")
+    net = docker_client.networks.create(f"runyard-test-net-{tmp_path.name[-8:]}", labels={"runyard.test": "1"})
+    monkeypatch.setenv("PASSED", "from the run worker")
+    monkeypatch.setenv("OTHER", "read through {env: OTHER}")
+    try:
+        instance = runyard_make_instance({"executor": {"docker": {
+            **docker_settings,
+            "volumes": [*docker_settings["volumes"], f"{data}:/runyard-data:ro"],
+            "networks": ["bridge", net.name],
+            "env_vars": ["PASSED", "SET=a value", {"FROM_OTHER": {"env": "OTHER"}}, "NOT_SET_ANYWHERE"],
+            "labels": {**docker_settings["labels"], "team": "data"},
+            "memory": "96m",
+            "cpus": 0.5,
+            "container_kwargs": {"pids_limit": 64},
+            "cleanup": "never",
+        }}})
+        result = execute_job(docker_job("look_job"), instance=instance)
+        assert result.success, result.events
+        seen = result.output_for("look")
+        assert seen["env"] == {"PASSED": "from the run worker", "SET": "a value",
+                               "FROM_OTHER": "read through {env: OTHER}"}
+        assert seen["data"] == "mounted"
+        assert seen["memory_limit"] == str(96 * 1024 * 1024)
+        assert seen["cpu_quota"] == "50000"  # half of the 100 ms period
+        (container,) = run_containers(result.run_id)  # kept: cleanup never
+        attrs = container.attrs
+        assert set(attrs["NetworkSettings"]["Networks"]) == {"bridge", net.name}
+        assert attrs["HostConfig"]["PidsLimit"] == 64
+        assert "NOT_SET_ANYWHERE" not in " ".join(attrs["Config"]["Env"])
+        assert container.labels["team"] == "data" and container.labels["runyard.step_key"] == "look"
+        assert container.labels["runyard.instance"] == str(instance.home)
+    finally:
+        for c in docker_client.containers.list(all=True, filters={"label": ["team=data", "runyard.test=1"]}):
+            c.remove(force=True)
+        net.remove()

@@ -171,3 +171,32 @@ def test_launch_with_a_missing_image_exits_2_before_any_container(home: Path, ru
     (run,) = Instance(home).storage.list_runs()
     assert run.status is RunStatus.FAILURE
     assert run_containers(run.run_id) == []
+
+
+def test_postgres_storage_works_from_a_run_container_on_the_host_network(
+    runyard_home: Path, docker_settings: dict[str, Any], run_containers: Any
+) -> None:
+    import uuid
+
+    import psycopg
+    from psycopg import sql
+
+    url = os.environ.get("RUNYARD_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+    schema = f"runyard_dockertest_{uuid.uuid4().hex[:8]}"
+    (runyard_home / "runyard.yaml").write_text(yaml.safe_dump({
+        "storage": {"postgres": {"url": url, "schema": schema}},
+        "run_launcher": {"docker": {**docker_settings, "network": "host"}},
+    }))
+    try:
+        done = runyard(runyard_home, "job", "launch", "--wait", "-f", str(TESTS / "docker_jobs.py"), "-j", "hello_job")
+        assert done.returncode == 0, done.stdout + done.stderr
+        instance = Instance(runyard_home)
+        (run,) = instance.storage.list_runs()
+        assert run.status is RunStatus.SUCCESS
+        starts = [s.event for s in instance.storage.get_events(run.run_id) if s.event.type.value == "STEP_START"]
+        assert len(starts) == 2
+        instance.storage.close()
+        wait_for(lambda: run_containers(run.run_id) == [], "the run container to be removed", 20)
+    finally:
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
