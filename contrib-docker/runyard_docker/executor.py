@@ -59,6 +59,7 @@ _ENDINGS = (EventType.STEP_SUCCESS, EventType.STEP_FAILURE)
 _MAX_ARG = 100_000  # bytes of request passed on the command line; larger ones go in a file
 _TAIL = 1500  # characters of stderr quoted in the failure of a container that died
 _MAX_STDERR = 8 << 20  # characters of stderr kept per attempt
+_MAX_STDOUT = 8 << 20  # characters of stdout kept per attempt
 _HINT_WORKER = (
     "the image must hold runyard and runyard-docker (python3 -m runyard_docker.step_worker); "
     "`runyard docker build-image` builds such an image"
@@ -83,6 +84,7 @@ class _Attempt:
         self.pending: list[Event] = []
         self.stderr: list[str] = []
         self.stderr_total = 0
+        self.stdout_total = 0
         self.stderr_tail = ""
         self.ending: Event | None = None
         self.started_step = False
@@ -369,6 +371,14 @@ class DockerStepHandler(StepHandler):
             text = decoder_err.decode(err) if err else ""
             with att.lock:
                 for ev in new:
+                    if ev.type is EventType.STEP_STDOUT:
+                        size = len(ev.data.get("text", ""))
+                        att.stdout_total += size
+                        if att.stdout_total > _MAX_STDOUT:
+                            if att.stdout_total - size <= _MAX_STDOUT:
+                                att.pending.append(self._event(att, EventType.STEP_STDOUT, {
+                                    "text": f"[runyard: stdout beyond {_MAX_STDOUT} characters is not kept]\n"}))
+                            continue
                     if ev.type in _ENDINGS:
                         att.ending = ev  # held back until the container exits: stderr comes first
                     else:

@@ -81,6 +81,32 @@ def _pip() -> tuple[list[str], str | None]:
     return [os.path.join(tmp, "bin", "python"), "-m", "pip"], tmp
 
 
+def _wheel_cache(key: str) -> Path | None:
+    """Where wheels built from the same sources are kept between builds (None: no cache),
+    so that rebuilding an image for new job code (``--code``) skips building wheels."""
+    base = os.environ.get("RUNYARD_WHEEL_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "runyard", "wheelhouse"
+    )
+    if base in ("", "0", "off"):
+        return None
+    return Path(base) / key
+
+
+def _store_wheels(wheels: Path, cached: Path, keep: int = 3) -> None:
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_name(f".{cached.name}.{os.getpid()}")
+        shutil.copytree(wheels, tmp)
+        os.replace(tmp, cached)
+        # Keep the few most recent sets: each source change makes a new one.
+        sets = sorted((p for p in cached.parent.iterdir() if not p.name.startswith(".")),
+                      key=lambda p: p.stat().st_mtime, reverse=True)
+        for old in sets[keep:]:
+            shutil.rmtree(old, ignore_errors=True)
+    except OSError:
+        pass  # a cache that cannot be written only costs time
+
+
 def build_image(
     *,
     tag: str,
@@ -117,7 +143,9 @@ def build_image(
     else:
         sources = [f"runyard=={metadata.version('runyard')}", f"runyard-docker=={metadata.version('runyard-docker')}"]
         hashed = []
-    hashed += [Path(w) for w in with_ if os.path.exists(w)] + code_dirs
+    hashed += [Path(w) for w in with_ if os.path.exists(w)]
+    hashed_sources = list(hashed)  # what the wheels are built from: they are reused while it is unchanged
+    hashed += code_dirs
     digest = _hash(hashed, [base_id, *sources, *with_, *map(str, code_dirs)])
     previous = None
     try:
@@ -131,15 +159,23 @@ def build_image(
     pip_venv = None
     try:
         wheels = ctx / "wheelhouse"
-        wheels.mkdir()
-        pip, pip_venv = _pip()
-        say(f"building wheels of {', '.join(sources + list(with_))}")
-        done = subprocess.run(
-            [*pip, "wheel", "--quiet", "--disable-pip-version-check", "--wheel-dir", str(wheels), *sources, *with_],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )
-        if done.returncode != 0:
-            raise ConfigError(f"building the wheelhouse failed (pip wheel):\n{done.stdout[-3000:]}")
+        cached = _wheel_cache(_hash(hashed_sources, [*sources, *with_]))
+        if cached is not None and cached.is_dir():
+            say(f"using the wheels built before ({cached})")
+            shutil.copytree(cached, wheels)
+        else:
+            wheels.mkdir()
+            pip, pip_venv = _pip()
+            say(f"building wheels of {', '.join(sources + list(with_))}")
+            done = subprocess.run(
+                [*pip, "wheel", "--quiet", "--disable-pip-version-check", "--wheel-dir", str(wheels), *sources,
+                 *with_],
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            )
+            if done.returncode != 0:
+                raise ConfigError(f"building the wheelhouse failed (pip wheel):\n{done.stdout[-3000:]}")
+            if cached is not None:
+                _store_wheels(wheels, cached)
         lines = [
             f"FROM {base}",
             "COPY wheelhouse /tmp/wheelhouse",
