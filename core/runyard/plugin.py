@@ -10,8 +10,8 @@ Versioned: `API_VERSION` changes only when a contract breaks; additions keep it.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import attrs
 import pluggy
@@ -21,6 +21,9 @@ from .definitions import CodePointer
 from .events import Event, EventType, FailureInfo, FailureKind
 from .storage import RunRecord, RunStatus, RunStorage, StoredEvent
 from .worker import StepContext, StepInterrupted, StepTimedOut
+
+if TYPE_CHECKING:
+    from .definitions import JobDefinition
 
 API_VERSION = 1
 """Major version of the plugin API. A spec declaring another version is not loaded."""
@@ -303,7 +306,9 @@ class StepHandler:
         """Release what `setup` acquired."""
 
 
-def execute_step(request: StepRequest, *, capture_output: bool = True) -> list[Event]:
+def execute_step(
+    request: StepRequest, *, capture_output: bool = True, on_event: Callable[[Event], None] | None = None
+) -> list[Event]:
     """Run one step attempt in this process and return its events (the step-worker protocol).
 
     Loads the job from the request's code pointer (once per process: see `preload_job`),
@@ -315,15 +320,18 @@ def execute_step(request: StepRequest, *, capture_output: bool = True) -> list[E
     output events: for executors that capture the step process's file descriptors
     themselves (a process or container per step), where Python-level capture would miss
     what C extensions and subprocesses write.
+
+    ``on_event``, when given, is called with each event as soon as it is emitted (from the
+    thread running the step), so a worker can stream events while the step runs.
     """
     from .worker import execute_step as _execute
 
-    return _execute(request, capture_output=capture_output)
+    return _execute(request, capture_output=capture_output, on_event=on_event)
 
 
-def preload_job(code_pointer: CodePointer, job_name: str, *, reload: bool = False) -> None:
+def preload_job(code_pointer: CodePointer, job_name: str, *, reload: bool = False) -> JobDefinition:
     """Import a job now, so that `execute_step` in this process (or in processes forked
-    from it later) finds it loaded. Raises what loading the job raises.
+    from it later) finds it loaded, and return it. Raises what loading the job raises.
 
     Long-lived step workers (a fork server, a Dask or Celery worker) call it to pay a job's
     import once rather than on the first step of every run. ``reload=True`` loads it from
@@ -332,7 +340,7 @@ def preload_job(code_pointer: CodePointer, job_name: str, *, reload: bool = Fals
     """
     from .worker import load_job_cached
 
-    load_job_cached(code_pointer, job_name, reload=reload)
+    return load_job_cached(code_pointer, job_name, reload=reload)
 
 
 __all__ = [

@@ -10,7 +10,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -156,7 +156,21 @@ def _failure_event(base: dict[str, Any], info: FailureInfo) -> Event:
     return Event(type=EventType.STEP_FAILURE, message=info.message, data={"failure": info.to_dict()}, **base)
 
 
-def execute_step(request: StepRequest, *, capture_output: bool = True) -> list[Event]:
+class _Emitting(list):  # type: ignore[type-arg]
+    """The attempt's event list, calling ``on_event`` with each event as it is added."""
+
+    def __init__(self, on_event: Callable[[Event], None]) -> None:
+        super().__init__()
+        self._on_event = on_event
+
+    def append(self, ev: Event) -> None:
+        super().append(ev)
+        self._on_event(ev)
+
+
+def execute_step(
+    request: StepRequest, *, capture_output: bool = True, on_event: Callable[[Event], None] | None = None
+) -> list[Event]:
     """Run one attempt here and return its events (see `runyard.plugin.execute_step`).
 
     ``capture_output=False`` leaves ``sys.stdout``/``sys.stderr`` alone, for callers that
@@ -174,8 +188,7 @@ def execute_step(request: StepRequest, *, capture_output: bool = True) -> list[E
         job = load_job_cached(request.code_pointer, request.job_name)
         node = job.nodes[request.step_key]
     except BaseException as e:
-        return [
-            _failure_event(
+        failed = _failure_event(
                 base,
                 FailureInfo(
                     kind=FailureKind.NOT_STARTED,
@@ -185,8 +198,11 @@ def execute_step(request: StepRequest, *, capture_output: bool = True) -> list[E
                     traceback=traceback.format_exc(),
                 ),
             )
-        ]
-    events: list[Event] = [Event(type=EventType.STEP_START, data={"pid": os.getpid(), "host": _HOST}, **base)]
+        if on_event is not None:
+            on_event(failed)
+        return [failed]
+    events: list[Event] = _Emitting(on_event) if on_event is not None else []
+    events.append(Event(type=EventType.STEP_START, data={"pid": os.getpid(), "host": _HOST}, **base))
     started = time.perf_counter()
     out, err = io.StringIO(), io.StringIO()
     log_handler = _EventLogHandler(events, base)

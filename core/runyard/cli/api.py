@@ -19,17 +19,19 @@ def api() -> None:
 
 @api.command("execute-step")
 @click.argument("request", required=False)
-def execute_step(request: str | None) -> None:
+@click.option("--stream", is_flag=True, help="Print each event as soon as it is emitted, not when the step ends.")
+def execute_step(request: str | None, stream: bool) -> None:
     """Run one step attempt from a JSON StepRequest (argument or stdin); print events as JSON lines.
 
     Exit status is 0 when the step ran (whether it succeeded or failed: the events say
-    which) and 2 when the request is malformed.
+    which) and 2 when the request is malformed. With --stream, each event line is
+    printed and flushed as the step emits it.
 
     \b
     Example:
       runyard api execute-step '{"run_id": "r1", "step_key": "emit", ...}'
     """
-    from ..plugin import StepRequest
+    from ..plugin import Event, StepRequest
     from ..plugin import execute_step as run
 
     raw = request if request is not None else sys.stdin.read()
@@ -37,6 +39,16 @@ def execute_step(request: str | None) -> None:
         req = StepRequest.from_json(raw)
     except Exception as e:
         raise click.UsageError(f"malformed step request: {type(e).__name__}: {e}") from e
+    if stream:
+        # The real stream: while the step runs, sys.stdout is the step's capture buffer.
+        out = sys.__stdout__ or sys.stdout
+
+        def emit(ev: Event) -> None:
+            out.write(ev.to_json() + "\n")
+            out.flush()
+
+        run(req, on_event=emit)
+        return
     for ev in run(req):
         sys.stdout.write(ev.to_json() + "\n")
     sys.stdout.flush()

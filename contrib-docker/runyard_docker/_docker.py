@@ -1,0 +1,332 @@
+"""What the executor and the launcher share: the engine connection, the checks made
+before anything starts, and the container arguments built from `DockerSettings`.
+
+Imports the docker SDK: imported only by `executor`, `launcher` and the CLI commands.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import threading
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import docker
+import docker.errors
+import docker.models.containers
+from runyard import ConfigError
+from runyard.plugin import EnvVar, resolve
+
+from .plugin import (
+    CLEANUP_POLICIES,
+    LABEL_INSTANCE,
+    LABEL_KIND,
+    LABEL_RUN_ID,
+    PULL_POLICIES,
+    RESERVED_KWARGS,
+    DockerSettings,
+    check_memory,
+    parse_volume,
+)
+
+START_HINT = "start it (on this project's machines: bash scripts/services.sh docker) or set docker_host"
+BUILD_HINT = "build it with `runyard docker build-image --tag IMAGE` (see docs/backends/docker.md)"
+ALLOWED_KWARGS = (
+    set(docker.models.containers.RUN_CREATE_KWARGS)
+    | set(docker.models.containers.RUN_HOST_CONFIG_KWARGS)
+    | {"ports", "name"}
+) - set(RESERVED_KWARGS)
+
+_clients: dict[str | None, docker.DockerClient] = {}
+_clients_lock = threading.Lock()
+
+
+def connect(docker_host: str | None, where: str) -> docker.DockerClient:
+    """A client for the engine, checked with a ping; a ConfigError says how to fix it."""
+    with _clients_lock:
+        client = _clients.get(docker_host)
+    if client is not None:
+        return client
+    shown = docker_host or os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
+    try:
+        if docker_host:
+            client = docker.DockerClient(base_url=docker_host, timeout=60)
+        else:
+            client = docker.from_env(timeout=60)
+        client.ping()
+    except Exception as e:
+        raise ConfigError(
+            f"{where}.docker_host: the Docker engine at {shown} is not reachable "
+            f"({type(e).__name__}: {_short(e)}); {START_HINT}"
+        ) from None
+    with _clients_lock:
+        _clients[docker_host] = client
+    return client
+
+
+def _short(e: BaseException, limit: int = 300) -> str:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def is_local_engine(client: docker.DockerClient) -> bool:
+    """Whether the engine runs on this machine (a unix socket): bind mounts of this
+    machine's paths then mean the same files in the container."""
+    # docker-py names a unix socket connection http+docker://localhost (older: localunixsocket).
+    url = client.api.base_url
+    return url.startswith(("http+docker://localhost", "http+docker://localunixsocket")) or urlparse(
+        url
+    ).scheme in ("unix", "http+unix")
+
+
+def ensure_image(client: docker.DockerClient, image: str, pull_policy: str, where: str, setting: str) -> None:
+    """Make sure ``image`` is there according to ``pull_policy``; ConfigError otherwise."""
+    if pull_policy not in PULL_POLICIES:
+        raise ConfigError(f"{where}.pull_policy: expected one of {', '.join(PULL_POLICIES)}, got {pull_policy!r}")
+    present = True
+    try:
+        client.images.get(image)
+    except docker.errors.ImageNotFound:
+        present = False
+    except docker.errors.APIError as e:
+        raise ConfigError(f"{setting}: cannot inspect image {image!r}: {_short(e)}") from None
+    if pull_policy == "never":
+        if not present:
+            raise ConfigError(
+                f"{setting}: image {image!r} is not in the Docker engine and {where}.pull_policy is never; "
+                f"{BUILD_HINT}, or set pull_policy: if_not_present to pull it"
+            )
+        return
+    if present and pull_policy == "if_not_present":
+        return
+    try:
+        repo, tag = _split_tag(image)
+        client.images.pull(repo, tag=tag)
+    except Exception as e:
+        if present:  # pull_policy always, but the local copy will do
+            return
+        raise ConfigError(
+            f"{setting}: image {image!r} is not in the Docker engine and pulling it failed ({_short(e)}); "
+            f"{BUILD_HINT}, or push it to a registry the engine can reach"
+        ) from None
+
+
+def _split_tag(image: str) -> tuple[str, str | None]:
+    if "@" in image:
+        return image, None
+    name, _, tag = image.rpartition(":")
+    if name and "/" not in tag:
+        return name, tag
+    return image, "latest"
+
+
+def check_networks(client: docker.DockerClient, names: Iterable[str], where: str) -> None:
+    for i, name in enumerate(names):
+        if name in ("host", "none", "bridge") or name.startswith("container:"):
+            continue
+        try:
+            client.networks.get(name)
+        except docker.errors.NotFound:
+            raise ConfigError(
+                f"{where}[{i}]: network {name!r} does not exist in the Docker engine; "
+                f"create it with `docker network create {name}` or fix the name"
+            ) from None
+        except docker.errors.APIError as e:
+            raise ConfigError(f"{where}[{i}]: cannot inspect network {name!r}: {_short(e)}") from None
+
+
+def network_names(settings: DockerSettings) -> list[str]:
+    if settings.network is not None:
+        return [str(resolve(settings.network))]
+    return [str(resolve(n)) for n in settings.networks]
+
+
+def volume_binds(client: docker.DockerClient, settings: DockerSettings, where: str) -> dict[str, dict[str, str]]:
+    """The SDK's ``volumes`` argument for the configured ``volumes``; bad specs raise."""
+    binds: dict[str, dict[str, str]] = {}
+    for i, raw in enumerate(settings.volumes):
+        spec = str(resolve(raw))
+        try:
+            source, target, mode = parse_volume(spec)
+        except ValueError as e:
+            raise ConfigError(f"{where}.volumes[{i}]: {e}") from None
+        if source.startswith("/"):
+            # Inside a run container (the launcher sets RUNYARD_DOCKER_CONTAINER) this
+            # machine's paths are not all visible: the engine resolves them on the host.
+            if is_local_engine(client) and "RUNYARD_DOCKER_CONTAINER" not in os.environ and not os.path.exists(source):
+                raise ConfigError(
+                    f"{where}.volumes[{i}]: the host path {source!r} does not exist; create it or fix the path "
+                    "(Docker would otherwise create an empty root-owned directory there)"
+                )
+        else:
+            try:
+                client.volumes.get(source)
+            except docker.errors.NotFound:
+                raise ConfigError(
+                    f"{where}.volumes[{i}]: Docker volume {source!r} does not exist; create it with "
+                    f"`docker volume create {source}` (runyard does not create volumes, so none is left behind)"
+                ) from None
+        binds[source] = {"bind": target, "mode": mode}
+    return binds
+
+
+def add_bind(binds: dict[str, dict[str, str]], path: str, mode: str = "rw") -> None:
+    """Bind ``path`` at the same path in the container, unless a volume already covers it."""
+    path = os.path.abspath(path)
+    for bind in binds.values():
+        target = bind["bind"].rstrip("/") + "/"
+        if (path + "/").startswith(target):
+            return
+    binds[path] = {"bind": path, "mode": mode}
+
+
+def environment(settings: DockerSettings, where: str) -> dict[str, str]:
+    """``env_vars`` as a mapping; ``NAME`` takes this process's value (skipped when unset)."""
+    env: dict[str, str] = {}
+    for i, item in enumerate(settings.env_vars):
+        if isinstance(item, EnvVar):
+            item = {"env": item.name}
+        if isinstance(item, str):
+            name, eq, value = item.partition("=")
+            if eq:
+                env[name] = value
+            elif name in os.environ:
+                env[name] = os.environ[name]
+            continue
+        ((name, value),) = item.items()
+        if name == "env" and isinstance(value, str):
+            if value in os.environ:
+                env[value] = os.environ[value]
+            continue
+        if isinstance(value, dict):
+            value = EnvVar(value["env"])
+        try:
+            env[name] = str(resolve(value)) if isinstance(value, EnvVar) else str(value)
+        except ConfigError as e:
+            raise ConfigError(f"{where}.env_vars[{i}]: {e}") from None
+    return env
+
+
+def limits(memory: str | None, cpus: float | None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if memory is not None:
+        out["mem_limit"] = memory
+        out["memswap_limit"] = memory  # no swap beyond the limit: exceeding it is an OOM kill
+    if cpus is not None:
+        out["nano_cpus"] = int(cpus * 1e9)
+    return out
+
+
+def parse_resources(raw: str, where: str) -> dict[str, Any]:
+    """The ``runyard/resources`` tag: JSON (``{"memory": "64m", "cpus": 0.5}``) or
+    ``memory=64m,cpus=0.5``."""
+    raw = raw.strip()
+    data: dict[str, Any]
+    if raw.startswith("{"):
+        try:
+            data = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{where}: malformed JSON: {e}") from None
+    else:
+        data = {}
+        for part in filter(None, (p.strip() for p in raw.split(","))):
+            key, eq, value = part.partition("=")
+            if not eq:
+                raise ConfigError(f"{where}: {part!r} is not KEY=VALUE (keys: memory, cpus)")
+            data[key.strip()] = value.strip()
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if key == "memory":
+            try:
+                check_memory("memory", str(value))
+            except ValueError as e:
+                raise ConfigError(f"{where}: {e}") from None
+            out["memory"] = str(value)
+        elif key == "cpus":
+            try:
+                cpus = float(value)
+            except ValueError:
+                raise ConfigError(f"{where}: cpus: expected a number, got {value!r}") from None
+            if cpus <= 0:
+                raise ConfigError(f"{where}: cpus: expected a number above 0, got {value!r}")
+            out["cpus"] = cpus
+        else:
+            raise ConfigError(f"{where}: unknown resource {key!r} (the docker executor knows memory and cpus)")
+    return out
+
+
+def check_container_kwargs(settings: DockerSettings, where: str) -> dict[str, Any]:
+    for key in settings.container_kwargs:
+        if key in RESERVED_KWARGS:
+            raise ConfigError(f"{where}.container_kwargs.{key}: set by the plugin; use {RESERVED_KWARGS[key]}")
+        if key not in ALLOWED_KWARGS:
+            raise ConfigError(
+                f"{where}.container_kwargs.{key}: not an argument of the docker SDK's containers.run/create "
+                f"(allowed: {', '.join(sorted(ALLOWED_KWARGS))})"
+            )
+    if settings.cleanup not in CLEANUP_POLICIES:
+        raise ConfigError(f"{where}.cleanup: expected one of {', '.join(CLEANUP_POLICIES)}, got {settings.cleanup!r}")
+    return dict(settings.container_kwargs)
+
+
+def base_labels(settings: DockerSettings, kind: str, run_id: str, instance_home: str | None) -> dict[str, str]:
+    labels = {str(k): str(resolve(v)) for k, v in settings.labels.items()}
+    labels.update({LABEL_KIND: kind, LABEL_RUN_ID: run_id})
+    if instance_home:
+        labels[LABEL_INSTANCE] = instance_home
+    return labels
+
+
+def outputs_path(output_store: str) -> str | None:
+    """The directory of a file output store (None for fsspec or memory stores)."""
+    parsed = urlparse(output_store)
+    if parsed.scheme == "file":
+        return parsed.path
+    if parsed.scheme == "":
+        return output_store
+    return None
+
+
+def code_dir(code_pointer: Mapping[str, Any]) -> str | None:
+    file = code_pointer.get("file")
+    return str(Path(file).resolve().parent) if file else None
+
+
+def remove_containers(client: docker.DockerClient, labels: Mapping[str, str]) -> list[str]:
+    """Force-remove every container carrying all ``labels``; returns their names."""
+    filters = {"label": [f"{k}={v}" for k, v in labels.items()]}
+    removed: list[str] = []
+    for c in client.containers.list(all=True, filters=filters):
+        try:
+            c.remove(force=True, v=True)
+            removed.append(c.name)
+        except docker.errors.NotFound:
+            pass
+        except docker.errors.APIError as e:
+            if "already in progress" not in str(e):
+                raise
+    return removed
+
+
+def safe_name(*parts: str) -> str:
+    """A container name from parts (Docker allows [a-zA-Z0-9][a-zA-Z0-9_.-]*)."""
+    name = "-".join(re.sub(r"[^a-zA-Z0-9_.-]+", "_", p) for p in parts if p)
+    return name[:200]
+
+
+def describe_exit(code: int | None, oom: bool) -> str:
+    if oom:
+        return f"was killed for exceeding its memory limit (OOM, exit code {code})"
+    if code is not None and code > 128:
+        import signal
+
+        try:
+            name = signal.Signals(code - 128).name
+        except ValueError:
+            name = f"signal {code - 128}"
+        return f"was killed by {name} (exit code {code})"
+    return f"exited with code {code}"

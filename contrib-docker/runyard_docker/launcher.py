@@ -1,0 +1,264 @@
+"""The ``docker`` run launcher: each run's worker in a container.
+
+The container runs ``python3 -m runyard_docker.run_worker RUN_ID`` (``runyard api
+execute-run`` plus self-removal) with the instance's ``RUNYARD_HOME`` bind-mounted at the
+same path, so the SQLite storage, the outputs and runyard.yaml are the same files inside
+and out. Storage the container could not reach is rejected before anything starts: SQLite
+on an engine of another machine, or with ``mount_home: false``; PostgreSQL at a loopback
+address from a container that does not share the host's network.
+
+``terminate`` sends SIGTERM (the worker cancels the run and stops its step containers);
+with ``force`` it removes every container labelled with the run id, step containers
+included. ``check_health`` turns an exited or vanished run container into a dead worker
+whose message carries the exit status (OOM kills included) and the container's last log
+lines, and removes what is left of the run.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import docker
+import docker.errors
+from runyard import ConfigError, Instance
+from runyard.plugin import RunLauncher, RunRecord, WorkerHealth, resolve
+
+from . import _docker as d
+from .plugin import LABEL_KIND, LABEL_RUN_ID, DockerLauncherConfig
+
+WHERE = "run_launcher.docker"
+_LOOPBACK = {"localhost", "127.0.0.1", "::1", "ip6-localhost"}
+_TAIL_LINES = 20
+
+
+class DockerRunLauncher(RunLauncher):
+    config: DockerLauncherConfig
+
+    # -- launch -------------------------------------------------------------------------
+
+    def launch(self, run: RunRecord) -> dict[str, Any]:
+        cfg = self.config
+        docker_host = resolve(cfg.docker_host)
+        client = d.connect(docker_host, WHERE)
+        kwargs = d.check_container_kwargs(cfg, WHERE)
+        image = str(resolve(cfg.image))
+        d.ensure_image(client, image, str(resolve(cfg.pull_policy)), WHERE, f"{WHERE}.image")
+        networks = d.network_names(cfg)
+        d.check_networks(client, networks, f"{WHERE}.networks" if cfg.networks else f"{WHERE}.network")
+        binds = d.volume_binds(client, cfg, WHERE)
+        env = d.environment(cfg, WHERE)
+        if self.instance_home is None:
+            raise ConfigError(f"{WHERE}: an instance without a RUNYARD_HOME cannot launch runs in containers")
+        instance = Instance(self.instance_home)
+        self._check_storage(client, instance, networks, binds)
+        outputs = d.outputs_path(instance.outputs_url or "")
+        if outputs is not None:
+            if not (cfg.mount_outputs or self._covered(binds, outputs)):
+                raise ConfigError(
+                    f"{WHERE}.mount_outputs: false, but the outputs directory {outputs} is not mounted by volumes; "
+                    "the run's steps could not share outputs. Set mount_outputs: true or add a volume for it"
+                )
+            os.makedirs(outputs, exist_ok=True)
+            d.add_bind(binds, outputs, "rw")
+        code = d.code_dir(run.code_pointer or {})
+        if code is not None and cfg.mount_code:
+            d.add_bind(binds, code, "ro")
+        if cfg.mount_docker_socket and d.is_local_engine(client):
+            sock = _socket_path(docker_host)
+            if sock:
+                binds[sock] = {"bind": "/var/run/docker.sock", "mode": "rw"}
+        name = d.safe_name("runyard-run", run.run_id[:12], os.urandom(3).hex())
+        labels = d.base_labels(cfg, "run", run.run_id, self.instance_home)
+        args: dict[str, Any] = {
+            "image": image,
+            "command": ["python3", "-m", "runyard_docker.run_worker", run.run_id],
+            "labels": labels,
+            "environment": {
+                **env,
+                "RUNYARD_HOME": self.instance_home,
+                "RUNYARD_DOCKER_CONTAINER": name,
+                "RUNYARD_DOCKER_CLEANUP": cfg.cleanup,
+                "PYTHONUNBUFFERED": "1",
+            },
+            "volumes": binds,
+            "name": name,
+            "init": True,  # docker-init passes SIGTERM on: the worker cancels the run cleanly
+            "detach": True,
+            **d.limits(resolve(cfg.memory), cfg.cpus),
+            **kwargs,
+        }
+        if networks:
+            first = networks[0]
+            if first in ("host", "none") or first.startswith("container:"):
+                args["network_mode"] = first
+            else:
+                args["network"] = first
+        container = client.containers.create(**args)
+        try:
+            for extra in networks[1:]:
+                client.networks.get(extra).connect(container)
+            container.start()
+        except BaseException:
+            container.remove(force=True, v=True)
+            raise
+        return {"container_id": container.id, "container_name": name, "docker_host": docker_host, "image": image}
+
+    @staticmethod
+    def _covered(binds: Mapping[str, Mapping[str, str]], path: str) -> bool:
+        return any((path.rstrip("/") + "/").startswith(b["bind"].rstrip("/") + "/") for b in binds.values())
+
+    def _check_storage(
+        self, client: Any, instance: Instance, networks: list[str], binds: dict[str, dict[str, str]]
+    ) -> None:
+        """Reject storage the run container could not reach, saying why and what to do."""
+        sel = instance.sections["storage"]
+        name = sel.name if sel is not None else "sqlite"
+        config = dict(sel.config) if sel is not None else {}
+        if name == "sqlite":
+            path = Path(str(resolve(config.get("path")) or Path(self.instance_home or "") / "runyard.db")).resolve()
+            if not d.is_local_engine(client):
+                raise ConfigError(
+                    f"{WHERE}: the run's storage is SQLite ({path}), which a container on the Docker engine at "
+                    f"{client.api.base_url} cannot reach: bind mounts name paths on the engine's machine. Use "
+                    "storage: {postgres: {url: ...}} reachable from the containers, or a Docker engine on this machine"
+                )
+            home = str(Path(self.instance_home or "/").resolve())
+            if self.config.mount_home:
+                d.add_bind(binds, home, "rw")
+            if not self._covered(binds, str(path.parent)):
+                if self.config.mount_home:
+                    d.add_bind(binds, str(path.parent), "rw")
+                else:
+                    raise ConfigError(
+                        f"{WHERE}.mount_home: false, but the run's SQLite storage {path} is not mounted by volumes, "
+                        "so the run worker in the container could not reach it; set mount_home: true, mount its "
+                        "directory at the same path with volumes, or use PostgreSQL storage"
+                    )
+            return
+        home = str(Path(self.instance_home or "/").resolve())
+        if self.config.mount_home:
+            d.add_bind(binds, home, "rw")
+        elif not self._covered(binds, home):
+            raise ConfigError(
+                f"{WHERE}.mount_home: false, but RUNYARD_HOME {home} is not mounted by volumes, so the run worker "
+                "in the container would not find runyard.yaml (and would use other storage); set mount_home: true "
+                "or mount it at the same path with volumes"
+            )
+        if name == "postgres":
+            raw = config.get("url")
+            try:
+                url = str(resolve(raw if not isinstance(raw, Mapping) else _env(raw)))
+            except ConfigError:
+                url = ""  # the worker reports an unset variable itself
+            host = _pg_host(url)
+            shares_host_net = bool(networks) and networks[0] == "host"
+            if (host in _LOOPBACK or host.startswith("/")) and not shares_host_net:
+                where = "a unix socket" if host.startswith("/") else f"{host}"
+                raise ConfigError(
+                    f"{WHERE}: the run's storage is PostgreSQL at {where}, which a container on a bridge network "
+                    "cannot reach (there, 127.0.0.1 is the container itself). Set network: host in "
+                    "run_launcher.docker (and executor.docker), or give storage.postgres.url an address the "
+                    "containers can reach (for example the host's docker0 address 172.17.0.1, with PostgreSQL "
+                    "listening on it)"
+                )
+
+    # -- terminate and health -------------------------------------------------------------
+
+    def _client(self, worker: Mapping[str, Any]) -> Any:
+        return d.connect(worker.get("docker_host"), WHERE)
+
+    def terminate(self, run: RunRecord, worker: Mapping[str, Any], *, force: bool = False) -> None:
+        client = self._client(worker)
+        if force:
+            d.remove_containers(client, {LABEL_RUN_ID: run.run_id})
+            return
+        try:
+            container = client.containers.get(worker["container_id"])
+            if container.status == "running":
+                container.kill(signal="SIGTERM")
+        except docker.errors.NotFound:
+            pass
+        except docker.errors.APIError as e:
+            if "is not running" not in str(e):
+                raise
+
+    def check_health(self, run: RunRecord, worker: Mapping[str, Any]) -> WorkerHealth:
+        try:
+            client = self._client(worker)
+        except ConfigError as e:
+            return WorkerHealth(status="unknown", message=str(e))
+        name = worker.get("container_name") or worker.get("container_id", "?")[:12]
+        try:
+            container = client.containers.get(worker["container_id"])
+        except docker.errors.NotFound:
+            self._remove_steps(client, run)
+            return WorkerHealth(
+                status="dead",
+                message=f"run container {name} vanished (removed from outside, or the Docker engine lost it)",
+            )
+        except docker.errors.APIError as e:
+            return WorkerHealth(status="unknown", message=f"cannot inspect run container {name}: {e}")
+        state = container.attrs.get("State", {})
+        if container.status in ("created", "running", "restarting", "paused"):
+            return WorkerHealth(status="running")
+        code = state.get("ExitCode")
+        oom = bool(state.get("OOMKilled"))
+        try:
+            logs = container.logs(tail=_TAIL_LINES).decode("utf-8", errors="replace").strip()
+        except docker.errors.APIError:
+            logs = ""
+        message = f"run container {name} {d.describe_exit(code, oom)}"
+        if logs:
+            message += f"; last log lines:\n{logs}"
+        if self.config.cleanup != "never":
+            self._remove_steps(client, run)
+            if self.config.cleanup == "always":
+                try:
+                    container.remove(force=True, v=True)
+                except docker.errors.APIError:
+                    pass
+        return WorkerHealth(status="dead", message=message)
+
+    @staticmethod
+    def _remove_steps(client: Any, run: RunRecord) -> None:
+        # Steps of a run whose worker is gone have nobody to report to: stop and remove them.
+        try:
+            d.remove_containers(client, {LABEL_RUN_ID: run.run_id, LABEL_KIND: "step"})
+        except docker.errors.APIError:
+            pass
+
+
+def _env(raw: Mapping[str, Any]) -> Any:
+    from runyard.plugin import EnvVar
+
+    return EnvVar(str(raw.get("env")))
+
+
+def _pg_host(url: str) -> str:
+    if not url:
+        return ""
+    if "://" in url:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        if not host:
+            from urllib.parse import parse_qs
+
+            host = (parse_qs(parts.query).get("host") or [""])[0] or "/var/run/postgresql"
+        return host
+    # key=value connection string
+    for item in url.split():
+        key, _, value = item.partition("=")
+        if key == "host":
+            return value
+    return "/var/run/postgresql"
+
+
+def _socket_path(docker_host: str | None) -> str | None:
+    url = docker_host or os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
+    if url.startswith("unix://"):
+        return url[len("unix://"):]
+    return None

@@ -1,0 +1,64 @@
+"""`runyard docker build-image` (the test image itself is built by it, in the session
+fixture): job code baked into an image runs with ``mount_code: false``."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from runyard import execute_job
+
+CODE = '''
+from runyard import job, step
+
+@step
+def where() -> str:
+    return __file__
+
+@job
+def baked():
+    where()
+'''
+
+
+@pytest.mark.slow
+def test_code_baked_into_the_image_runs_without_the_code_mount(
+    docker_image: str, docker_client: Any, runyard_make_instance: Any, docker_settings: dict[str, Any],
+    tmp_path: Path,
+) -> None:
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "baked_jobs.py").write_text(CODE)
+    tag = f"runyard-test/baked:{tmp_path.name[-8:].lower()}"
+    try:
+        done = subprocess.run(
+            # The same --with as scripts/build-test-image.sh: the wheels it built are reused.
+            [sys.executable, "-m", "runyard", "docker", "build-image", "--base", docker_image, "--tag", tag,
+             "--code", str(code), "--label", "runyard.test=1", "--with", "psycopg[binary]>=3.1"],
+            capture_output=True, text=True, timeout=600, env=os.environ,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "using the wheels built before" in done.stderr
+        image = docker_client.images.get(tag)
+        assert image.labels["runyard.test"] == "1" and image.labels["runyard.source-hash"]
+        # The job file is gone from the host: only the copy in the image can be loaded.
+        from runyard.definitions import CodePointer
+        from runyard.loader import load_job
+
+        job = load_job(CodePointer(file=str(code / "baked_jobs.py")), "baked")[0]
+        (code / "baked_jobs.py").unlink()
+        # No volumes: the tests' usual mount of pytest's basetemp would cover the baked copy.
+        instance = runyard_make_instance({"executor": {"docker": {**docker_settings, "image": tag, "volumes": [],
+                                                                  "mount_code": False}}})
+        result = execute_job(job, instance=instance)
+        assert result.success, result.events
+        assert result.output_for("where") == str(code / "baked_jobs.py")
+    finally:
+        try:
+            docker_client.images.remove(tag, force=True)
+        except Exception:
+            pass

@@ -1,0 +1,92 @@
+"""The streaming step-worker pieces the container worker relies on, run on the host:
+``execute_step(on_event=)``, ``runyard api execute-step --stream`` and
+``python -m runyard_docker.step_worker`` (events while the step runs; fd 1 forwarded)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from runyard.plugin import CodePointer, Event, EventType, StepRequest, execute_step
+
+JOB = '''
+import os, sys, time
+from pathlib import Path
+from runyard import job, step
+
+@step
+def waits(context):
+    context.log.warning("waiting")
+    go = Path(context.run_config["go"])
+    deadline = time.monotonic() + 30
+    while not go.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    print("from python")
+    os.system("echo from a subprocess")
+    print("to stderr", file=sys.stderr)
+    return 7
+
+@job
+def waiting():
+    waits()
+'''
+
+
+@pytest.fixture
+def request_for(tmp_path: Path) -> Any:
+    jobs = tmp_path / "jobs.py"
+    jobs.write_text(JOB)
+
+    def make(go: Path) -> StepRequest:
+        return StepRequest(run_id="r1", step_key="waits", attempt=1, attempt_id="a1", job_name="waiting",
+                           code_pointer=CodePointer(file=str(jobs)), output_store=str(tmp_path / "out"), inputs={},
+                           run_config={"go": str(go)})
+
+    return make
+
+
+def test_on_event_sees_each_event_as_it_is_emitted(request_for: Any, tmp_path: Path) -> None:
+    go = tmp_path / "go"
+    seen: list[Event] = []
+
+    def on_event(ev: Event) -> None:
+        if ev.type is EventType.STEP_LOG:
+            go.write_text("go")  # the step is still waiting for this file
+        seen.append(ev)
+
+    events = execute_step(request_for(go), on_event=on_event)
+    assert seen == events
+    assert [e.type for e in events][:2] == [EventType.STEP_START, EventType.STEP_LOG]
+    assert events[-1].type is EventType.STEP_SUCCESS
+
+
+@pytest.mark.parametrize("command", [["-m", "runyard", "api", "execute-step", "--stream"],
+                                     ["-m", "runyard_docker.step_worker"]])
+def test_worker_prints_events_while_the_step_runs(request_for: Any, tmp_path: Path, command: list[str]) -> None:
+    go = tmp_path / "go"
+    proc = subprocess.Popen([sys.executable, *command, request_for(go).to_json()], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        first = Event.from_json(proc.stdout.readline())
+        second = Event.from_json(proc.stdout.readline())
+        assert (first.type, second.type) == (EventType.STEP_START, EventType.STEP_LOG)
+        assert not go.exists()  # both arrived while the step waited
+        go.write_text("go")
+        # `runyard api execute-step` captures prints at the Python level only: what the
+        # subprocess writes goes to its stdout as is, between the event lines.
+        rest = [Event.from_json(line) for line in proc.stdout if line.startswith("{")]
+        assert proc.wait(30) == 0
+    finally:
+        proc.kill()
+    assert rest[-1].type is EventType.STEP_SUCCESS
+    out = "".join(e.data["text"] for e in rest if e.type is EventType.STEP_STDOUT)
+    assert "from python" in out
+    if command[1] == "runyard_docker.step_worker":
+        # fd-level capture: a subprocess's output is an event too, and stderr is left alone.
+        assert "from a subprocess" in out
+        assert "to stderr" in proc.stderr.read()  # type: ignore[union-attr]
+        assert [e.type for e in rest][-2:] == [EventType.STEP_OUTPUT, EventType.STEP_SUCCESS]
