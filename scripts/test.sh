@@ -18,7 +18,7 @@ echo "--- syncing the workspace into .venv/ (uv.lock)"
 .tools/bin/uv sync --locked --all-packages --compile-bytecode --python "$PY" --quiet
 echo "--- ruff"
 .venv/bin/ruff check .
-echo "--- services (PostgreSQL for the storage tests)"
-bash scripts/services.sh postgres
+echo "--- services (PostgreSQL for the storage tests, Redis and RabbitMQ for Celery)"
+bash scripts/services.sh postgres redis rabbitmq
 echo "--- pytest"
 exec .venv/bin/python -m pytest "$@"
