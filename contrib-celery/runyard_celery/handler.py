@@ -127,7 +127,7 @@ class CeleryStepHandler(StepHandler):
             except Exception as e:
                 problems.append(
                     f"cannot reach the Celery broker at {maybe_sanitize_url(self.broker)} "
-                    f"(executor.celery.broker): {type(e).__name__}: {e}"
+                    f"(executor.celery.broker): {type(e).__name__}: {str(e).rstrip('.')}"
                 )
                 return
             try:
@@ -135,7 +135,7 @@ class CeleryStepHandler(StepHandler):
             except Exception as e:
                 problems.append(
                     f"cannot reach the Celery result backend at {maybe_sanitize_url(self.app.conf.result_backend)} "
-                    f"(executor.celery.backend): {type(e).__name__}: {e}"
+                    f"(executor.celery.backend): {type(e).__name__}: {str(e).rstrip('.')}"
                 )
 
         thread = threading.Thread(target=check, name="runyard-celery-connect", daemon=True)
@@ -147,9 +147,11 @@ class CeleryStepHandler(StepHandler):
                 f"within {timeout * 2 + 1:g}s (executor.celery.connect_timeout is {timeout:g}s)"
             )
         if problems:
-            raise CeleryBrokerError(f"{problems[0]}. Start it, or fix the URL in runyard.yaml.")
+            raise CeleryBrokerError(f"{problems[0]}. Start it, or fix the URL (runyard.yaml or the run config).")
 
     def teardown(self) -> None:
+        if not hasattr(self, "_closing"):  # setup failed, and released what it had
+            return
         self._closing.set()
         self._kick.set()
         self._monitor.join(5)
