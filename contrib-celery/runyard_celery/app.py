@@ -9,15 +9,20 @@ the request, and downstream steps read them from there.
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
 from celery import Celery
+from celery.worker import state as worker_state
+from celery.worker.control import control_command, ok
 from runyard import ConfigError
-from runyard.plugin import StepRequest, execute_step
+from runyard.plugin import StepInterrupted, StepRequest, execute_step
 
-from .plugin import TASK_NAME
+from .plugin import STOP_COMMAND, TASK_NAME
 
 JSON_ONLY = {
     "task_serializer": "json",
@@ -104,7 +109,51 @@ def make_app(
     return app
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise StepInterrupted(message=f"step stopped by signal {signal.Signals(signum).name} on its Celery worker")
+
+
 def _run_step(task: Any, request: Mapping[str, Any]) -> dict[str, Any]:
-    """Run one step attempt on this worker; the events are the result (JSON)."""
-    events = execute_step(StepRequest.from_dict(request))
+    """Run one step attempt in this pool process; the events are the result (JSON).
+
+    SIGTERM (sent by `stop_step`) raises StepInterrupted in the step, so its ``finally``
+    blocks run and the attempt reports a failure; the pool process lives on.
+    """
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        events = execute_step(StepRequest.from_dict(request))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return {"events": [ev.to_dict() for ev in events]}
+
+
+@control_command(args=[("task_id", str), ("grace", float)], signature="<task_id> <grace>", name=STOP_COMMAND)
+def stop_step(state: Any, task_id: str, grace: float = 5.0, **kwargs: Any) -> dict[str, Any]:
+    """Remote control command run by the worker's main process: SIGTERM the pool process
+    running ``task_id``, and SIGKILL it ``grace`` seconds later if it still runs that task.
+
+    Celery's own ``revoke(terminate=True)`` sends one signal and forgets the task at once, so
+    a step that survives the signal (it catches it, or sits in C code) would run on.
+    """
+    for request in list(worker_state.active_requests):
+        pid = request.worker_pid
+        if request.id != task_id or not pid:
+            continue
+
+        def escalate(request: Any = request, pid: int = pid) -> None:
+            if request in worker_state.active_requests and request.worker_pid == pid:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+        try:
+            os.kill(pid, signal.SIGKILL if grace <= 0 else signal.SIGTERM)
+        except ProcessLookupError:
+            return ok("already gone")
+        if grace > 0:
+            timer = threading.Timer(grace, escalate)
+            timer.daemon = True
+            timer.start()
+        return ok(f"stopping pid {pid}")
+    return ok("not running here")

@@ -36,11 +36,11 @@ from runyard.plugin import (
 )
 
 from .app import broker_priority, make_app
-from .plugin import PRIORITY_TAG, QUEUE_TAG, TASK_NAME, CeleryConfig
+from .plugin import PRIORITY_TAG, QUEUE_TAG, STOP_COMMAND, TASK_NAME, CeleryConfig
 
 _POLL_MIN, _POLL_MAX = 0.001, 0.02  # backend polling interval bounds while steps are out, seconds
 _PING_EVERY = 2.0  # seconds between liveness pings of the workers running steps
-_STOP_CONFIRM = 10.0  # seconds to wait for a stopped task's final state before giving up on it
+_STOP_CONFIRM = 10.0  # seconds past terminate_grace to wait for a stopped task's end before giving up
 
 
 class CeleryBrokerError(RunyardError):
@@ -51,7 +51,7 @@ class _Task:
     """The handle of one attempt: its Celery task and what the monitor learnt of it."""
 
     __slots__ = ("request", "task_id", "queue", "sent", "started", "worker", "events", "failure",
-                 "over", "reported", "stop_kind", "stop_at", "silent_since")
+                 "over", "reported", "stop_kind", "stop_at", "silent_since", "expiring")
 
     def __init__(self, request: StepRequest, task_id: str, queue: str) -> None:
         self.request = request
@@ -67,6 +67,7 @@ class _Task:
         self.stop_kind: FailureKind | None = None  # set by terminate
         self.stop_at = 0.0
         self.silent_since: float | None = None  # its worker stopped answering pings then
+        self.expiring = False  # queue_timeout passed: revoked, the failure is being written
 
     @property
     def step(self) -> str:
@@ -232,10 +233,16 @@ class CeleryStepHandler(StepHandler):
                 return
             handle.stop_kind = kind
             handle.stop_at = time.monotonic()
-            queued = not handle.started
-        # A queued task is dropped by whichever worker receives it (revoked ids are shared
-        # between workers); a running one has its pool child killed with the signal.
-        self.app.control.revoke(handle.task_id, terminate=True, signal=self.config.terminate_signal)
+            queued, worker = not handle.started, handle.worker
+        # Revoked ids are shared by all workers (and learnt by workers that start later), so a
+        # queued or reserved task is dropped instead of started. A running one is not touched
+        # by a revoke: the worker running it SIGTERMs its pool process, SIGKILL after the grace.
+        self.app.control.revoke(handle.task_id)
+        self.app.control.broadcast(
+            STOP_COMMAND,
+            arguments={"task_id": handle.task_id, "grace": float(self.config.terminate_grace)},
+            destination=[worker] if worker else None,
+        )
         if queued:
             self._finish(handle, failure=FailureInfo(kind=kind, message=f"step '{handle.step}' was stopped before "
                                                      "a worker started it"))
@@ -313,6 +320,7 @@ class CeleryStepHandler(StepHandler):
             if limit is not None and now - task.sent > limit:
                 with self._lock:
                     task.stop_kind = FailureKind.NOT_STARTED
+                    task.expiring = True
                 # Asking the workers which queues they consume takes a second: not on this thread.
                 threading.Thread(target=self._expire_queued, args=(task, limit), daemon=True).start()
             return False
@@ -322,11 +330,11 @@ class CeleryStepHandler(StepHandler):
                 with self._lock:
                     task.started = True
                     task.worker = info.get("hostname") if isinstance(info, dict) else None
-            if task.stop_kind is not None and now - task.stop_at > _STOP_CONFIRM:
+            if task.stop_kind is not None and now - task.stop_at > self.config.terminate_grace + _STOP_CONFIRM:
                 self._finish(task, failure=FailureInfo(
                     kind=task.stop_kind,
                     message=f"step '{task.step}' was asked to stop; its worker ({task.worker}) did not confirm "
-                    f"within {_STOP_CONFIRM:g}s"))
+                    f"within {self.config.terminate_grace + _STOP_CONFIRM:g}s"))
                 return True
             return False
         assert meta is not None
@@ -334,6 +342,8 @@ class CeleryStepHandler(StepHandler):
             result = meta["result"]
             self._finish(task, events=[Event.from_dict(d) for d in result["events"]])
         elif status == "REVOKED":
+            if task.expiring:
+                return False  # our own revoke at queue_timeout: _expire_queued says why
             kind = task.stop_kind or FailureKind.NOT_STARTED
             why = "was stopped" if task.stop_kind else "was revoked in Celery (by someone else, or expired)"
             self._finish(task, failure=FailureInfo(kind=kind, message=f"step '{task.step}' {why}"))
@@ -421,7 +431,7 @@ class CeleryStepHandler(StepHandler):
                     task.silent_since = now
                 elif now - task.silent_since > self.config.worker_lost_timeout:
                     with contextlib.suppress(Exception):
-                        self.app.control.revoke(task.task_id, terminate=True, signal="SIGKILL")
+                        self.app.control.revoke(task.task_id)  # should the broker redeliver it
                     self._finish(task, failure=FailureInfo(
                         kind=FailureKind.WORKER_LOST,
                         message=f"step '{task.step}': Celery worker {task.worker} running it has not answered "

@@ -21,6 +21,9 @@ PRIORITY_TAG = "celery/priority"
 TASK_NAME = "runyard.execute_step"
 """The one Celery task runyard sends: its only argument is a step request as JSON data."""
 
+STOP_COMMAND = "runyard_stop_step"
+"""Remote control command of runyard's workers: stop the pool process running a task."""
+
 # Settings the executor relies on; `config_source` may not change them (see app.py).
 PINNED_SETTINGS = (
     "task_serializer",
@@ -71,7 +74,8 @@ class CeleryConfig(ExecutorConfig):
     ``worker_lost_timeout``: seconds the worker running a step may fail to answer pings before
     the step fails WORKER_LOST (the whole worker died or lost the broker).
     ``connect_timeout``: seconds to reach the broker and backend when a run starts.
-    ``terminate_signal``: what stops a running step (timeout, cancel): ``SIGTERM`` or ``SIGKILL``.
+    ``terminate_grace``: seconds between SIGTERM and SIGKILL when a running step is stopped
+    (timeout, cancel); 0 kills at once.
     ``time_limit_margin``: a step with a timeout also gets Celery's hard time limit of
     ``timeout + time_limit_margin`` seconds, so that it is killed on the worker even if the run
     worker that should stop it died.
@@ -85,9 +89,7 @@ class CeleryConfig(ExecutorConfig):
     queue_timeout: float | None = attrs.field(default=300.0, validator=_non_negative_or_none)
     worker_lost_timeout: float = attrs.field(default=30.0, validator=_positive)
     connect_timeout: float = attrs.field(default=10.0, validator=_positive)
-    terminate_signal: str = attrs.field(
-        default="SIGTERM", validator=attrs.validators.in_(("SIGTERM", "SIGKILL"))
-    )
+    terminate_grace: float = attrs.field(default=5.0, validator=attrs.validators.ge(0))
     time_limit_margin: float = attrs.field(default=10.0, validator=_positive)
 
 

@@ -6,6 +6,7 @@ running them), ``<step>.done`` if they ever get to the end."""
 from __future__ import annotations
 
 import os
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,12 @@ def blocker(context) -> int:  # type: ignore[no-untyped-def]
 
 @step(timeout=1.0)
 def overrun(context) -> int:  # type: ignore[no-untyped-def]
+    return _sleep_marked(context, 30)
+
+
+@step(timeout=1.0)
+def stubborn(context) -> int:  # type: ignore[no-untyped-def]
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # survives SIGTERM: only SIGKILL stops it
     return _sleep_marked(context, 30)
 
 
@@ -121,3 +128,8 @@ def cancel_mixed_job():  # type: ignore[no-untyped-def]
 @job
 def bad_priority_job():  # type: ignore[no-untyped-def]
     bad_priority()
+
+
+@job
+def stubborn_job():  # type: ignore[no-untyped-def]
+    stubborn()
