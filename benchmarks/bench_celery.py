@@ -272,8 +272,8 @@ def main() -> None:
     env = env_with(work, RUNYARD_HOME=str(home))
     workers = [
         Worker("runyard", [str(RUNYARD_BIN / "runyard"), "celery", "worker", "-q", f"{queue}-runyard",
-                           "-c", str(CONCURRENCY), "-I", "bench_runyard_jobs", "-l", "INFO"], env, work / "runyard-worker.log",
-               " ready."),
+                           "-c", str(CONCURRENCY), "-I", "bench_runyard_jobs", "-l", "INFO"], env,
+               work / "runyard-worker.log", " ready."),
         Worker("celery", [str(RUNYARD_BIN / "celery"), "-A", "bench_raw", "worker", "-Q", f"{queue}-raw",
                           "-c", str(CONCURRENCY), "--without-gossip", "-l", "INFO"], env,
                work / "celery-worker.log", " ready."),

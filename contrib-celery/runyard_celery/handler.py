@@ -325,11 +325,15 @@ class CeleryStepHandler(StepHandler):
                 threading.Thread(target=self._expire_queued, args=(task, limit), daemon=True).start()
             return False
         if status == "STARTED":
-            if not task.started:
-                info = meta.get("result") if meta else None
+            info = meta.get("result") if meta else None
+            host = info.get("hostname") if isinstance(info, dict) else None
+            if not task.started or host != task.worker:
+                # Also when the host changes: the broker redelivered the task of a worker that
+                # died (late acknowledgement) and another worker runs it now.
                 with self._lock:
                     task.started = True
-                    task.worker = info.get("hostname") if isinstance(info, dict) else None
+                    task.worker = host
+                    task.silent_since = None
             if task.stop_kind is not None and now - task.stop_at > self.config.terminate_grace + _STOP_CONFIRM:
                 self._finish(task, failure=FailureInfo(
                     kind=task.stop_kind,

@@ -218,3 +218,27 @@ def test_bad_priority_tag_fails_the_step_before_sending(runyard_instance: Instan
     failure = result.failure_for("bad_priority")
     assert failure is not None and failure.kind is FailureKind.NOT_STARTED
     assert "celery/priority='12'" in failure.message and "0 (lowest) to 9 (highest)" in failure.message
+
+
+def test_rabbitmq_redelivers_the_step_of_a_dead_worker_to_another(
+    runyard_instance: Instance, scratch: Path, start_worker: Any
+) -> None:
+    """Late acknowledgement: the message of a worker that died with the step unfinished goes
+    back to the queue (RabbitMQ: as soon as the connection drops) and another worker runs it."""
+    q = queue("redeliver")
+    workers = [start_worker("rabbitmq", [q], concurrency=1, wait=False) for _ in range(2)]
+    for w in workers:
+        w.wait_ready()
+    thread, box = in_thread(lambda: run(runyard_instance, J.slow_job, "rabbitmq", scratch, queue_name=q))
+    first_pid = read_pid(scratch / "slow_start.pid")
+    (running,) = [w for w in workers if first_pid in w.children()]
+    (scratch / "slow_start.pid").unlink()
+    running.kill(signal.SIGKILL)
+    second_pid = read_pid(scratch / "slow_start.pid", timeout=30)
+    (other,) = [w for w in workers if w is not running]
+    assert second_pid in other.children()
+    thread.join(60)
+    assert not thread.is_alive()
+    result: ExecutionResult = box["result"]
+    assert result.success, result.events
+    assert result.output_for("add_one") == second_pid + 1
