@@ -237,12 +237,14 @@ class CeleryStepHandler(StepHandler):
         # Revoked ids are shared by all workers (and learnt by workers that start later), so a
         # queued or reserved task is dropped instead of started. A running one is not touched
         # by a revoke: the worker running it SIGTERMs its pool process, SIGKILL after the grace.
-        self.app.control.revoke(handle.task_id)
-        self.app.control.broadcast(
-            STOP_COMMAND,
-            arguments={"task_id": handle.task_id, "grace": float(self.config.terminate_grace)},
-            destination=[worker] if worker else None,
-        )
+        with self._control_connection() as conn:
+            self.app.control.revoke(handle.task_id, connection=conn)
+            self.app.control.broadcast(
+                STOP_COMMAND,
+                arguments={"task_id": handle.task_id, "grace": float(self.config.terminate_grace)},
+                destination=[worker] if worker else None,
+                connection=conn,
+            )
         if queued:
             self._finish(handle, failure=FailureInfo(kind=kind, message=f"step '{handle.step}' was stopped before "
                                                      "a worker started it"))
@@ -392,8 +394,9 @@ class CeleryStepHandler(StepHandler):
 
     def _expire_queued(self, task: _Task, limit: float) -> None:
         try:
-            self.app.control.revoke(task.task_id)
-            replies = self.app.control.inspect(timeout=1.0).active_queues() or {}
+            with self._control_connection() as conn:
+                self.app.control.revoke(task.task_id, connection=conn)
+                replies = self.app.control.inspect(timeout=1.0, connection=conn).active_queues() or {}
         except Exception as e:  # the failure is still worth reporting without the diagnosis
             self._finish(task, failure=FailureInfo(
                 kind=FailureKind.NOT_STARTED,
@@ -413,6 +416,19 @@ class CeleryStepHandler(StepHandler):
             message=f"step '{task.step}' waited {limit:g}s (queue_timeout) in queue '{task.queue}' without a worker "
             f"starting it: {diagnosis}"))
 
+    def _control_connection(self) -> Any:
+        """A broker connection of our own for remote control, closed after use.
+
+        Not one from the app's pool: waiting for replies leaves a Redis channel with a BRPOP
+        outstanding, and kombu closes pooled connections again in every child this process
+        forks later (a multiprocess run, say), where reading that BRPOP's reply blocks for ever.
+        """
+        return self.app.connection_for_write()
+
+    def _ping(self, hosts: list[str]) -> list[dict[str, Any]]:
+        with self._control_connection() as conn:
+            return self.app.control.ping(destination=hosts, timeout=1.0, connection=conn)
+
     def _watch_workers(self) -> None:
         """Ping the workers running steps; a step whose worker stays silent is lost."""
         while not self._closing.wait(_PING_EVERY):
@@ -422,7 +438,7 @@ class CeleryStepHandler(StepHandler):
             if not hosts:
                 continue
             try:
-                replies = self.app.control.ping(destination=hosts, timeout=1.0)
+                replies = self._ping(hosts)
             except Exception:
                 replies = []  # the broker is down: silence, as far as the steps are concerned
             alive = {name for reply in replies for name in reply}
@@ -434,8 +450,8 @@ class CeleryStepHandler(StepHandler):
                 if task.silent_since is None:
                     task.silent_since = now
                 elif now - task.silent_since > self.config.worker_lost_timeout:
-                    with contextlib.suppress(Exception):
-                        self.app.control.revoke(task.task_id)  # should the broker redeliver it
+                    with contextlib.suppress(Exception), self._control_connection() as conn:
+                        self.app.control.revoke(task.task_id, connection=conn)  # should the broker redeliver it
                     self._finish(task, failure=FailureInfo(
                         kind=FailureKind.WORKER_LOST,
                         message=f"step '{task.step}': Celery worker {task.worker} running it has not answered "

@@ -121,7 +121,12 @@ def runyard_cli(cli: Any) -> None:
 
     @cli.group("celery")
     def group() -> None:
-        """Celery executor: start workers that run runyard steps."""
+        """Celery executor: start workers that run runyard steps.
+
+        \b
+        Example:
+          runyard celery worker -q runyard --concurrency 4
+        """
 
     @group.command("worker")
     @click.option("-q", "--queues", "queues", multiple=True,

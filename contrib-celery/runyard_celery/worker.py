@@ -40,7 +40,7 @@ def run_worker(
         app = make_app(
             broker=broker_url,
             backend=backend if broker else (backend or resolve(cfg.backend)),
-            include=[*cfg.include, *include],
+            include=[*(resolve(m) or "" for m in cfg.include), *include],
             default_queue=resolve(cfg.default_queue) or "runyard",
             config_source=cfg.config_source,
         )

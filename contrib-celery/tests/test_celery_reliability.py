@@ -242,3 +242,31 @@ def test_rabbitmq_redelivers_the_step_of_a_dead_worker_to_another(
     result: ExecutionResult = box["result"]
     assert result.success, result.events
     assert result.output_for("add_one") == second_pid + 1
+
+
+def test_run_worker_can_fork_after_celery_runs(
+    runyard_instance: Instance, scratch: Path, session_workers: Any
+) -> None:
+    """Pings and queue inspections leave no half-read Redis connection in kombu's pools,
+    which close their connections again in every forked child (a later multiprocess run,
+    for instance) and would block there for ever."""
+    import multiprocessing
+
+    assert run(runyard_instance, J.slow_job, "redis", scratch).success  # runs 3 s: its worker is pinged
+    # A queue timeout where no worker at all answers the inspection (an empty database).
+    lonely_db = BROKERS["redis"]["broker"].rsplit("/", 1)[0] + "/12"
+    nobody = queue("fork-nobody")
+    result = execute_job(J.chain_job, instance=runyard_instance, executor="celery", run_config={
+        "execution": {"celery": {"broker": lonely_db, "default_queue": nobody, "queue_timeout": 1.0}}})
+    failure = result.failure_for("emit")
+    assert failure is not None and "no Celery worker answered" in failure.message
+    import redis
+
+    client = redis.Redis.from_url(lonely_db)
+    client.delete(*client.keys(f"*{nobody}*"))
+    child = multiprocessing.get_context("fork").Process(target=os._exit, args=(0,))
+    child.start()
+    child.join(30)
+    if child.exitcode is None:
+        child.kill()
+    assert child.exitcode == 0, "a process forked after a celery run hung"
