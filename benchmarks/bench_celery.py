@@ -37,6 +37,7 @@ import os
 import platform
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -145,18 +146,30 @@ class Worker:
     def __init__(self, name: str, argv: list[str], env: dict[str, str], log: Path, ready: str) -> None:
         self.name = name
         self.log = log
-        self.ready = ready
+        self.ready = ready  # a log line, or "ping:NODE@HOST" to ask the worker itself
         self.proc = subprocess.Popen(argv, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
                                      start_new_session=True, cwd=str(log.parent))
+
+    def is_ready(self) -> bool:
+        if not self.ready.startswith("ping:"):
+            return self.ready in self.log.read_text(errors="replace")
+        from celery import Celery
+
+        app = Celery("bench-ping", broker=REDIS, set_as_current=False)
+        try:
+            with app.connection_for_write() as conn:
+                return bool(app.control.ping(destination=[self.ready[5:]], timeout=0.5, connection=conn))
+        finally:
+            app.close()
 
     def wait_ready(self, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise SystemExit(f"{self.name} worker exited:\n{self.log.read_text(errors='replace')[-3000:]}")
-            if self.ready in self.log.read_text(errors="replace"):
+            if self.is_ready():
                 return
-            time.sleep(0.1)
+            time.sleep(0.2)
         raise SystemExit(f"{self.name} worker not ready after {timeout}s:\n{self.log.read_text()[-3000:]}")
 
     def stop(self) -> None:
@@ -270,13 +283,15 @@ def main() -> None:
     (home / "runyard.yaml").write_text(
         f"executor:\n  celery:\n    broker: {REDIS}\n    default_queue: {queue}-runyard\n")
     env = env_with(work, RUNYARD_HOME=str(home))
+    host = socket.gethostname()
+    # Log level WARNING for both, as in production: at INFO a worker logs every task's result.
     workers = [
         Worker("runyard", [str(RUNYARD_BIN / "runyard"), "celery", "worker", "-q", f"{queue}-runyard",
-                           "-c", str(CONCURRENCY), "-I", "bench_runyard_jobs", "-l", "INFO"], env,
-               work / "runyard-worker.log", " ready."),
+                           "-c", str(CONCURRENCY), "-I", "bench_runyard_jobs", "-n", f"ry-{run_id}@{host}"], env,
+               work / "runyard-worker.log", f"ping:ry-{run_id}@{host}"),
         Worker("celery", [str(RUNYARD_BIN / "celery"), "-A", "bench_raw", "worker", "-Q", f"{queue}-raw",
-                          "-c", str(CONCURRENCY), "--without-gossip", "-l", "INFO"], env,
-               work / "celery-worker.log", " ready."),
+                          "-c", str(CONCURRENCY), "--without-gossip", "-l", "WARNING", "-n", f"raw-{run_id}@{host}"],
+               env, work / "celery-worker.log", f"ping:raw-{run_id}@{host}"),
     ]
     results: dict[str, Any] = {}
     try:
