@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs runyard's whole test suite from a fresh clone. Needs Python 3.11+ with pip, and
-# the services the backends' tests talk to (PostgreSQL today): scripts/services.sh starts
+# the services the backends' tests talk to (PostgreSQL, Redis, RabbitMQ): scripts/services.sh starts
 # a stopped one, or installs it with apt-get when run as root, and fails loudly otherwise.
 # It installs uv into .tools/, syncs the workspace into .venv/ from uv.lock, checks lint,
 # then runs pytest. Extra arguments go to pytest (e.g. -k engine -x).
