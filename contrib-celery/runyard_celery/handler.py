@@ -4,8 +4,8 @@ The engine's thread sends tasks (`launch`) and reads what a monitor thread learn
 (`poll`). The monitor reads the tasks' states from the result backend (one MGET per turn
 on a key-value backend such as Redis) and turns them into outcomes:
 
-- PENDING past ``queue_timeout``: the task is revoked and the step fails NOT_STARTED,
-  saying whether any worker consumes its queue;
+- PENDING past ``queue_timeout``: if no worker consumes its queue, the task is revoked and
+  the step fails NOT_STARTED, saying so; if some do (they are busy), it waits on;
 - STARTED: the worker (hostname) running it is pinged; silent for longer than
   ``worker_lost_timeout``, the step fails WORKER_LOST;
 - SUCCESS: the result is the attempt's events (JSON);
@@ -51,7 +51,7 @@ class _Task:
     """The handle of one attempt: its Celery task and what the monitor learnt of it."""
 
     __slots__ = ("request", "task_id", "queue", "sent", "started", "worker", "events", "failure",
-                 "over", "reported", "stop_kind", "stop_at", "silent_since", "expiring")
+                 "over", "reported", "stop_kind", "stop_at", "silent_since", "expiring", "checking")
 
     def __init__(self, request: StepRequest, task_id: str, queue: str) -> None:
         self.request = request
@@ -68,6 +68,7 @@ class _Task:
         self.stop_at = 0.0
         self.silent_since: float | None = None  # its worker stopped answering pings then
         self.expiring = False  # queue_timeout passed: revoked, the failure is being written
+        self.checking = False  # queue_timeout passed: asking the workers whether any consumes its queue
 
     @property
     def step(self) -> str:
@@ -319,12 +320,10 @@ class CeleryStepHandler(StepHandler):
             if task.stop_kind is not None:
                 return False
             limit = self.config.queue_timeout
-            if limit is not None and now - task.sent > limit:
-                with self._lock:
-                    task.stop_kind = FailureKind.NOT_STARTED
-                    task.expiring = True
+            if limit is not None and now - task.sent > limit and not task.checking:
+                task.checking = True
                 # Asking the workers which queues they consume takes a second: not on this thread.
-                threading.Thread(target=self._expire_queued, args=(task, limit), daemon=True).start()
+                threading.Thread(target=self._check_queue, args=(task, limit), daemon=True).start()
             return False
         if status == "STARTED":
             info = meta.get("result") if meta else None
@@ -349,7 +348,7 @@ class CeleryStepHandler(StepHandler):
             self._finish(task, events=[Event.from_dict(d) for d in result["events"]])
         elif status == "REVOKED":
             if task.expiring:
-                return False  # our own revoke at queue_timeout: _expire_queued says why
+                return False  # our own revoke at queue_timeout: _check_queue says why
             kind = task.stop_kind or FailureKind.NOT_STARTED
             why = "was stopped" if task.stop_kind else "was revoked in Celery (by someone else, or expired)"
             self._finish(task, failure=FailureInfo(kind=kind, message=f"step '{task.step}' {why}"))
@@ -392,29 +391,40 @@ class CeleryStepHandler(StepHandler):
             traceback=meta.get("traceback"),
         )
 
-    def _expire_queued(self, task: _Task, limit: float) -> None:
+    def _check_queue(self, task: _Task, limit: float) -> None:
+        """``queue_timeout`` passed with the task still queued: fail it if no worker consumes
+        its queue; if some do, they are busy, and the wait goes on for another period."""
+        waited = f"step '{task.step}' waited {limit:g}s (queue_timeout) in queue '{task.queue}' without a worker"
+        try:
+            with self._control_connection() as conn:
+                replies = self.app.control.inspect(timeout=1.0, connection=conn).active_queues() or {}
+        except Exception as e:
+            replies, problem = None, f"starting it (could not ask the workers which queues they consume: {e})"
+        if replies is not None:
+            consumers = sorted(w for w, qs in replies.items() if any(q.get("name") == task.queue for q in qs or ()))
+            if consumers:
+                with self._lock:
+                    task.sent = time.monotonic()
+                    task.checking = False
+                return
+            if replies:
+                problem = (f"starting it: no worker consumes queue '{task.queue}' (workers answering: "
+                           f"{', '.join(sorted(replies))}); start one with: runyard celery worker -q {task.queue}")
+            else:
+                problem = ("starting it: no Celery worker answered; start one with: "
+                           f"runyard celery worker -q {task.queue}")
+        with self._lock:
+            if task.over or task.started or task.stop_kind is not None:
+                task.checking = False
+                return
+            task.stop_kind = FailureKind.NOT_STARTED
+            task.expiring = True
         try:
             with self._control_connection() as conn:
                 self.app.control.revoke(task.task_id, connection=conn)
-                replies = self.app.control.inspect(timeout=1.0, connection=conn).active_queues() or {}
-        except Exception as e:  # the failure is still worth reporting without the diagnosis
-            self._finish(task, failure=FailureInfo(
-                kind=FailureKind.NOT_STARTED,
-                message=f"step '{task.step}' waited {limit:g}s (queue_timeout) in queue '{task.queue}' without a "
-                f"worker starting it (could not ask the workers which queues they consume: {e})"))
-            return
-        consumers = sorted(w for w, qs in replies.items() if any(q.get("name") == task.queue for q in qs or ()))
-        if consumers:
-            diagnosis = f"the workers consuming it ({', '.join(consumers)}) were busy"
-        elif replies:
-            diagnosis = (f"no worker consumes queue '{task.queue}' (workers answering: {', '.join(sorted(replies))}); "
-                         f"start one with: runyard celery worker -q {task.queue}")
-        else:
-            diagnosis = f"no Celery worker answered; start one with: runyard celery worker -q {task.queue}"
-        self._finish(task, failure=FailureInfo(
-            kind=FailureKind.NOT_STARTED,
-            message=f"step '{task.step}' waited {limit:g}s (queue_timeout) in queue '{task.queue}' without a worker "
-            f"starting it: {diagnosis}"))
+        except Exception as e:
+            problem += f"; revoking its task failed too ({e})"
+        self._finish(task, failure=FailureInfo(kind=FailureKind.NOT_STARTED, message=f"{waited} {problem}"))
 
     def _control_connection(self) -> Any:
         """A broker connection of our own for remote control, closed after use.

@@ -69,8 +69,9 @@ class CeleryConfig(ExecutorConfig):
     ``default_queue``: the queue of steps without a ``celery/queue`` tag.
     ``config_source``: any other Celery settings (``{broker_transport_options: {...}}``), except
     the pinned ones (JSON serialization, late acknowledgement, STARTED tracking).
-    ``queue_timeout``: seconds a step may wait in the broker before a worker starts it; then it
-    fails NOT_STARTED, saying whether any worker consumes its queue. null: wait for ever.
+    ``queue_timeout``: seconds a step may wait in the broker before a worker starts it; then, if
+    no worker consumes its queue, it fails NOT_STARTED saying so (workers that consume it but
+    are busy restart the wait). null: wait for ever.
     ``worker_lost_timeout``: seconds the worker running a step may fail to answer pings before
     the step fails WORKER_LOST (the whole worker died or lost the broker).
     ``connect_timeout``: seconds to reach the broker and backend when a run starts.

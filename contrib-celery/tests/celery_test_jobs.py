@@ -133,3 +133,10 @@ def bad_priority_job():  # type: ignore[no-untyped-def]
 @job
 def stubborn_job():  # type: ignore[no-untyped-def]
     stubborn()
+
+
+@job
+def two_slow_job():  # type: ignore[no-untyped-def]
+    """Two 3 s steps at once: on a worker of one process, the second waits ~3 s in the queue."""
+    slow_start()
+    slow_start.alias("slow_start_2")()

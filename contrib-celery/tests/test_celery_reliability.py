@@ -102,6 +102,17 @@ def test_queue_timeout_does_not_count_time_running(
     assert result.output_for("add_one") == int((scratch / "slow_start.done").read_text()) + 1
 
 
+def test_queue_timeout_waits_on_while_a_consuming_worker_is_busy(
+    runyard_instance: Instance, scratch: Path, start_worker: Any
+) -> None:
+    q = queue("busy")
+    start_worker("redis", [q], concurrency=1)
+    result = run(runyard_instance, J.two_slow_job, "redis", scratch, queue_name=q, queue_timeout=1.0)
+    assert result.success, result.events
+    starts = sorted(e.timestamp for e in result.events if e.type is EventType.STEP_START)
+    assert starts[1] - starts[0] > 2.0  # the second step did wait in the queue past queue_timeout
+
+
 def test_timeout_really_stops_the_step_on_the_worker(
     runyard_instance: Instance, scratch: Path, session_workers: Any
 ) -> None:
