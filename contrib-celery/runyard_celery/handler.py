@@ -349,8 +349,12 @@ class CeleryStepHandler(StepHandler):
         elif status == "REVOKED":
             if task.expiring:
                 return False  # our own revoke at queue_timeout: _check_queue says why
-            kind = task.stop_kind or FailureKind.NOT_STARTED
-            why = "was stopped" if task.stop_kind else "was revoked in Celery (by someone else, or expired)"
+            if task.stop_kind:
+                kind, why = task.stop_kind, "was stopped"
+            elif task.started:  # revoke(terminate=True) by someone else: the step was interrupted
+                kind, why = FailureKind.CANCELED, f"was revoked in Celery while running on {task.worker}"
+            else:
+                kind, why = FailureKind.NOT_STARTED, "was revoked in Celery (by someone else, or expired)"
             self._finish(task, failure=FailureInfo(kind=kind, message=f"step '{task.step}' {why}"))
         elif status == "FAILURE":
             self._finish(task, failure=self._task_failure(task, meta))

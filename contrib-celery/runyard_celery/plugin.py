@@ -103,7 +103,7 @@ def runyard_executors() -> list[ExecutorSpec]:
             handler="runyard_celery.handler:CeleryStepHandler",
             config=CeleryConfig,
             capabilities=Capabilities(
-                # revoke(terminate=True) kills the prefork child running the step.
+                # The worker running a step SIGTERMs (then SIGKILLs) its pool process: see app.stop_step.
                 enforces_timeouts=True,
                 can_terminate=True,
                 supports_resources=False,
