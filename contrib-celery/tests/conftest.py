@@ -61,3 +61,26 @@ def session_workers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[s
             w.stop()
 
 
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _remove_session_queues() -> Iterator[None]:
+    """The brokers are shared: at the end, delete this session's queues (RabbitMQ declares
+    them durable) and its Redis keys, leaving other users' alone."""
+    yield
+    import redis
+    from kombu import Connection
+
+    prefix = queue("")
+    for db_url in (BROKERS["redis"]["broker"], BROKERS["redis"]["broker"].rsplit("/", 1)[0] + "/12"):
+        client = redis.Redis.from_url(db_url)
+        keys = list(client.scan_iter(match=f"*{prefix}*"))
+        if keys:
+            client.delete(*keys)
+    with Connection(BROKERS["rabbitmq"]["broker"], connect_timeout=5) as conn:
+        channel = conn.channel()
+        for name in (queue("rabbitmq-main"), queue("redeliver"), queue("json-rabbitmq")):
+            try:
+                channel.queue_delete(name)
+            except Exception:  # never declared in this session (a subset of the tests ran)
+                channel = conn.channel()
