@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs runyard's whole test suite from a fresh clone. Needs Python 3.11+ with pip, and
-# the services the backends' tests talk to (PostgreSQL, Docker): scripts/services.sh starts
+# the services the backends' tests talk to (PostgreSQL, Redis, RabbitMQ, Docker): scripts/services.sh starts
 # a stopped one, or installs it with apt-get when run as root, and fails loudly otherwise.
 # It installs uv into .tools/, syncs the workspace into .venv/ from uv.lock, checks lint,
 # then runs pytest. Extra arguments go to pytest (e.g. -k engine -x).
@@ -18,7 +18,7 @@ echo "--- syncing the workspace into .venv/ (uv.lock)"
 .tools/bin/uv sync --locked --all-packages --compile-bytecode --python "$PY" --quiet
 echo "--- ruff"
 .venv/bin/ruff check .
-echo "--- services (PostgreSQL for the storage tests, Docker for runyard-docker)"
-bash scripts/services.sh postgres docker
+echo "--- services (PostgreSQL for the storage tests, Redis and RabbitMQ for Celery, Docker for runyard-docker)"
+bash scripts/services.sh postgres redis rabbitmq docker
 echo "--- pytest"
 exec .venv/bin/python -m pytest "$@"

@@ -230,8 +230,8 @@ def test_known_but_not_installed_backend_gives_the_install_command(
         execute_job(plain_job, instance=inst)
     assert str(e.value) == expected
     with pytest.raises(PluginError) as e:
-        execute_job(plain_job, instance=inst, executor="celery")
-    assert str(e.value) == 'executor \'celery\' is not installed: pip install "runyard[celery]"'
+        execute_job(plain_job, instance=inst, executor="k8s")
+    assert str(e.value) == 'executor \'k8s\' is not installed: pip install "runyard[k8s]"'
 
 
 def test_validate_collects_every_problem(runyard_make_instance: Callable[..., Instance]) -> None:

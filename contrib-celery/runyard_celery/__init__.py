@@ -1,5 +1,5 @@
-"""runyard-celery: steps on Celery workers.
+"""runyard-celery: each step of a run as a Celery task on Celery workers.
 
-Skeleton only: this distribution registers no plugin until its issue lands, so
-naming `celery` in runyard.yaml still fails with the install hint.
+The plugin module (`runyard_celery.plugin`) registers the ``celery`` executor and the
+``runyard celery worker`` command without importing Celery; see docs/backends/celery.md.
 """

@@ -1,0 +1,159 @@
+"""The Celery application both sides build from the same settings, and runyard's one task.
+
+The run worker (the engine's process) sends tasks with it; ``runyard celery worker`` runs
+them. Messages and results are JSON only: the task's single argument is a step request
+(`runyard.plugin.StepRequest.to_dict`), its result the attempt's events as dicts. Step
+outputs never travel through Celery: the worker writes them to the output store named in
+the request, and downstream steps read them from there.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from collections.abc import Mapping, Sequence
+from typing import Any
+from urllib.parse import urlsplit
+
+from celery import Celery
+from celery.worker import state as worker_state
+from celery.worker.control import control_command, ok
+from runyard import ConfigError
+from runyard.plugin import StepInterrupted, StepRequest, execute_step
+
+from .plugin import STOP_COMMAND, TASK_NAME
+
+JSON_ONLY = {
+    "task_serializer": "json",
+    "result_serializer": "json",
+    "accept_content": ["json"],
+    "result_accept_content": ["json"],
+}
+
+# Why each setting: see docs/backends/celery.md, "Failure behaviour".
+RELIABILITY = {
+    # Acknowledge after the step ran: a message whose worker vanished is redelivered by the
+    # broker rather than lost.
+    "task_acks_late": True,
+    # ...but when only the pool child running a step dies (SIGKILL, OOM), the parent worker
+    # records WorkerLostError instead of requeueing, and the engine's retry policy decides:
+    # a step that kills its process must not be redelivered for ever.
+    "task_reject_on_worker_lost": False,
+    # The STARTED state tells queued from running (queue_timeout vs. the step's timeout) and
+    # says which worker runs the step (worker_lost_timeout).
+    "task_track_started": True,
+    # A worker reserves one message per free process, so a queued step waits for the first
+    # free worker rather than behind a busy one.
+    "worker_prefetch_multiplier": 1,
+    "broker_connection_retry_on_startup": True,
+    "worker_hijack_root_logger": False,
+    # Priorities 0-9 on both brokers (see `broker_priority`).
+    "task_queue_max_priority": 9,
+    "broker_transport_options": {"priority_steps": list(range(10)), "queue_order_strategy": "priority"},
+}
+
+
+def broker_kind(url: str) -> str:
+    scheme = urlsplit(url).scheme.split("+")[0]
+    if scheme in ("redis", "rediss", "sentinel"):
+        return "redis"
+    if scheme in ("amqp", "amqps", "pyamqp"):
+        return "amqp"
+    return scheme
+
+
+def broker_priority(priority: int, broker: str) -> int:
+    """runyard's 0 (lowest) .. 9 (highest) as the broker understands it: RabbitMQ serves
+    higher numbers first, kombu's Redis transport lower ones."""
+    return 9 - priority if broker_kind(broker) == "redis" else priority
+
+
+def default_backend(broker: str, backend: str | None, *, key: str = "executor.celery") -> str:
+    if backend:
+        scheme = urlsplit(backend).scheme
+        if scheme in ("rpc", "disabled", ""):
+            raise ConfigError(
+                f"{key}.backend: {backend!r} cannot be used: the celery executor reads task states (queued, "
+                "started, done) by task id, from any process; rpc:// delivers them only to the process that sent "
+                "the task. Use a shared backend such as redis://host:6379/1"
+            )
+        return backend
+    if broker_kind(broker) == "redis":
+        return broker
+    raise ConfigError(
+        f"{key}.backend: required with the broker {urlsplit(broker).scheme}://...: give a result backend "
+        "URL, e.g. backend: redis://127.0.0.1:6379/1"
+    )
+
+
+def make_app(
+    *,
+    broker: str,
+    backend: str | None,
+    include: Sequence[str] = (),
+    default_queue: str = "runyard",
+    config_source: Mapping[str, Any] | None = None,
+) -> Celery:
+    """The Celery app for these settings, with runyard's task registered."""
+    app = Celery("runyard", broker=broker, backend=default_backend(broker, backend), include=list(include),
+                 set_as_current=False)
+    conf: dict[str, Any] = {**RELIABILITY, "task_default_queue": default_queue}
+    user = dict(config_source or {})
+    if "broker_transport_options" in user:
+        conf["broker_transport_options"] = {**conf["broker_transport_options"], **user.pop("broker_transport_options")}
+    conf.update(user)
+    conf.update(JSON_ONLY)  # last: config_source cannot reintroduce pickle (the config class refuses it too)
+    app.conf.update(conf)
+    app.task(name=TASK_NAME, bind=True)(_run_step)
+    return app
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise StepInterrupted(message=f"step stopped by signal {signal.Signals(signum).name} on its Celery worker")
+
+
+def _run_step(task: Any, request: Mapping[str, Any]) -> dict[str, Any]:
+    """Run one step attempt in this pool process; the events are the result (JSON).
+
+    SIGTERM (sent by `stop_step`) raises StepInterrupted in the step, so its ``finally``
+    blocks run and the attempt reports a failure; the pool process lives on.
+    """
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        events = execute_step(StepRequest.from_dict(request))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return {"events": [ev.to_dict() for ev in events]}
+
+
+@control_command(args=[("task_id", str), ("grace", float)], signature="<task_id> <grace>", name=STOP_COMMAND)
+def stop_step(state: Any, task_id: str, grace: float = 5.0, **kwargs: Any) -> dict[str, Any]:
+    """Remote control command run by the worker's main process: SIGTERM the pool process
+    running ``task_id``, and SIGKILL it ``grace`` seconds later if it still runs that task.
+
+    Celery's own ``revoke(terminate=True)`` sends one signal and forgets the task at once, so
+    a step that survives the signal (it catches it, or sits in C code) would run on.
+    """
+    for request in list(worker_state.active_requests):
+        pid = request.worker_pid
+        if request.id != task_id or not pid:
+            continue
+
+        def escalate(request: Any = request, pid: int = pid) -> None:
+            if request in worker_state.active_requests and request.worker_pid == pid:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+        try:
+            os.kill(pid, signal.SIGKILL if grace <= 0 else signal.SIGTERM)
+        except ProcessLookupError:
+            return ok("already gone")
+        if grace > 0:
+            timer = threading.Timer(grace, escalate)
+            timer.daemon = True
+            timer.start()
+        return ok(f"stopping pid {pid}")
+    return ok("not running here")

@@ -1,0 +1,155 @@
+"""Helpers of the Celery tests. Real brokers, real workers: every test here talks to Redis or RabbitMQ on this machine
+(started by scripts/services.sh, never faked) and to `runyard celery worker` processes that
+the fixtures start in their own process groups and kill at teardown.
+
+Isolation from other users of the same brokers: results live in Redis database 13, and
+every queue name carries this session's id, so parallel sessions never take each other's
+tasks. A broker that cannot be reached fails the tests (it is not a reason to skip).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+SESSION = uuid.uuid4().hex[:8]
+REDIS = os.environ.get("RUNYARD_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
+RABBITMQ = os.environ.get("RUNYARD_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
+BROKERS = {
+    "redis": {"broker": REDIS, "backend": REDIS},
+    "rabbitmq": {"broker": RABBITMQ, "backend": REDIS},
+}
+RUNYARD = str(Path(sys.executable).with_name("runyard"))
+HERE = Path(__file__).resolve().parent
+
+
+def queue(name: str) -> str:
+    """A queue name unique to this test session."""
+    return f"ryt-{SESSION}-{name}"
+
+
+def executor_config(broker: str, default_queue: str, **extra: Any) -> dict[str, Any]:
+    return {**BROKERS[broker], "default_queue": default_queue, **extra}
+
+
+def require_broker(broker: str) -> None:
+    """Fail (not skip) with the fix when the broker is not there."""
+    from kombu import Connection
+
+    url = BROKERS[broker]["broker"]
+    try:
+        with Connection(url, connect_timeout=5) as conn:
+            conn.ensure_connection(max_retries=1, timeout=10)
+    except Exception as e:
+        pytest.fail(
+            f"the {broker} broker at {url} is unreachable ({e}); start it with: bash scripts/services.sh {broker}",
+            pytrace=False,
+        )
+
+
+class Worker:
+    """One `runyard celery worker` process group, started for a test and killed after it."""
+
+    def __init__(self, home: Path, queues: list[str], *, concurrency: int = 2, name: str | None = None) -> None:
+        self.home = home
+        self.queues = queues
+        self.name = name or f"ryt-{SESSION}-{uuid.uuid4().hex[:6]}@{socket.gethostname()}"
+        self.log = home / f"worker-{self.name.split('@')[0]}.log"
+        # PYTHONPATH: the workers import the tests' job module (celery_test_jobs) like any user job.
+        env = {**os.environ, "RUNYARD_HOME": str(home),
+               "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")]))}
+        self.proc = subprocess.Popen(
+            [RUNYARD, "celery", "worker", "-q", ",".join(queues), "-c", str(concurrency), "-n", self.name,
+             "-l", "INFO"],
+            env=env,
+            stdout=self.log.open("wb"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: teardown kills the pool children too
+            cwd=str(home),
+        )
+
+    def wait_ready(self, timeout: float = 60) -> Worker:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"worker {self.name} exited with {self.proc.returncode}:\n{self.tail()}")
+            if b" ready." in self.log.read_bytes():
+                return self
+            time.sleep(0.1)
+        raise AssertionError(f"worker {self.name} not ready after {timeout}s:\n{self.tail()}")
+
+    def children(self) -> list[int]:
+        out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True).stdout
+        return [int(p) for p in out.split()]
+
+    def tail(self, n: int = 40) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc.poll() is None or _group_alive(self.proc.pid):
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def stop(self) -> None:
+        """SIGTERM the group (warm shutdown), SIGKILL what is left after 10 s."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                pass
+        self.kill(signal.SIGKILL)
+        self.proc.wait(10)
+        deadline = time.monotonic() + 10
+        while _group_alive(self.proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _group_alive(self.proc.pid), f"worker {self.name} left processes behind"
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def write_home(home: Path, config: dict[str, Any]) -> Path:
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "runyard.yaml").write_text(yaml.safe_dump({"executor": {"celery": config}}))
+    return home
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is dead for our purposes: it runs no step code.
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+def wait_until(predicate: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")

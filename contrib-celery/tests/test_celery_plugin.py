@@ -1,0 +1,97 @@
+"""The installed distribution as users meet it: the plugin module stays light, the CLI has
+`runyard celery worker`, a job runs end to end through `runyard job execute`, and bad
+settings are errors that name the key."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from celery_support import BROKERS, HERE, RUNYARD, executor_config, queue
+from runyard import ConfigError, Instance, RunStatus, execute_job
+
+
+def test_plugin_module_and_cli_hook_do_not_import_celery() -> None:
+    code = (
+        "import sys, click, runyard_celery.plugin as p\n"
+        "g = click.Group()\n"
+        "p.runyard_cli(cli=g)\n"
+        "assert 'worker' in g.commands['celery'].commands\n"
+        "backends = ('celery', 'kombu', 'billiard', 'redis', 'amqp')\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in backends)\n"
+        "print(heavy)\n"
+    )
+    out = subprocess.check_output([sys.executable, "-c", code], text=True).strip()
+    assert out == "[]"
+
+
+def test_worker_help_is_available() -> None:
+    out = subprocess.run([RUNYARD, "celery", "worker", "--help"], capture_output=True, text=True, check=True).stdout
+    assert "--concurrency" in out and "-q, --queues" in out
+
+
+def test_job_runs_end_to_end_through_the_cli(tmp_path: Path, session_workers: Any) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "runyard.yaml").write_text(yaml.safe_dump(
+        {"executor": {"celery": executor_config("redis", queue("redis-main"), max_concurrent=2)}}))
+    env = {**os.environ, "RUNYARD_HOME": str(home), "PYTHONPATH": str(HERE)}
+    proc = subprocess.run([RUNYARD, "job", "execute", "-m", "celery_test_jobs", "-j", "chain_job"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    instance = Instance(home)
+    try:
+        (run,) = instance.storage.list_runs()
+        assert run.executor == "celery" and run.status is RunStatus.SUCCESS
+    finally:
+        instance.storage.close()
+
+
+def test_validate_names_the_key_of_a_pinned_setting(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "runyard.yaml").write_text(yaml.safe_dump(
+        {"executor": {"celery": {**BROKERS["redis"], "config_source": {"task_serializer": "pickle"}}}}))
+    proc = subprocess.run([RUNYARD, "instance", "validate"], capture_output=True, text=True,
+                          env={**os.environ, "RUNYARD_HOME": str(home)})
+    assert proc.returncode != 0
+    text = proc.stdout + proc.stderr
+    assert "executor.celery" in text and "config_source" in text and "task_serializer" in text
+
+
+@pytest.mark.parametrize(
+    ("settings", "expected"),
+    [
+        ({"broker": BROKERS["redis"]["broker"], "backend": "rpc://"}, r"executor\.celery\.backend: 'rpc://'"),
+        ({"broker": BROKERS["rabbitmq"]["broker"]}, r"executor\.celery\.backend: required with the broker amqp"),
+    ],
+    ids=["rpc-backend", "amqp-without-backend"],
+)
+def test_unusable_backend_is_a_config_error(
+    runyard_instance: Instance, settings: dict[str, Any], expected: str
+) -> None:
+    import celery_test_jobs as J
+
+    with pytest.raises(ConfigError, match=expected):
+        execute_job(J.chain_job, instance=runyard_instance, executor="celery",
+                    run_config={"execution": {"celery": settings}})
+
+
+def test_plugin_list_shows_the_executor_from_its_distribution() -> None:
+    out = subprocess.run([RUNYARD, "plugin", "list", "--json"], capture_output=True, text=True, check=True).stdout
+    assert "runyard-celery" in out
+    assert any(p.get("name") == "celery" for p in _flatten(json.loads(out)))
+
+
+def _flatten(data: Any) -> list[dict[str, Any]]:
+    if isinstance(data, dict):
+        return [data, *[x for v in data.values() for x in _flatten(v)]]
+    if isinstance(data, list):
+        return [x for v in data for x in _flatten(v)]
+    return []

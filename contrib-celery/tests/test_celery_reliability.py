@@ -1,0 +1,283 @@
+"""What the celery executor does when things go wrong, against real brokers and workers:
+a broker that is down, a queue nobody consumes, a pool process or a whole worker killed
+mid-step, timeouts and cancels (the step must really stop on the worker)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import celery_test_jobs as J
+import pytest
+from celery_support import BROKERS, executor_config, pid_alive, queue, wait_until
+from runyard import Cancellation, ExecutionResult, Instance, RunStatus, execute_job
+from runyard.plugin import EventType, FailureKind
+from runyard_celery.app import make_app
+
+
+def run(instance: Instance, job: Any, broker: str, scratch: Path, *, queue_name: str | None = None,
+        cancellation: Cancellation | None = None, **cfg: Any) -> ExecutionResult:
+    config = executor_config(broker, queue_name or queue(f"{broker}-main"), **cfg)
+    return execute_job(job, instance=instance, executor="celery", cancellation=cancellation,
+                       run_config={"scratch": str(scratch), "execution": {"celery": config}})
+
+
+def in_thread(fn: Any) -> tuple[threading.Thread, dict[str, Any]]:
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["result"] = fn()
+        except BaseException as e:  # surfaced by the test
+            box["error"] = e
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    return t, box
+
+
+def task_id_of(result: ExecutionResult, step_key: str) -> str:
+    """The Celery task id of a step's (first) attempt: ``RUN_ID.ATTEMPT_ID``."""
+    attempt_id = next(e.attempt_id for e in result.events
+                      if e.step_key == step_key and e.type is EventType.STEP_FAILURE)
+    return f"{result.run_id}.{attempt_id}"
+
+
+def read_pid(path: Path, timeout: float = 60) -> int:
+    wait_until(path.exists, timeout, f"{path.name} (the step to start on a worker)")
+    wait_until(lambda: path.read_text().strip() != "", 5, f"{path.name} to be written")
+    return int(path.read_text())
+
+
+@pytest.fixture
+def scratch(tmp_path: Path) -> Path:
+    d = tmp_path / "scratch"
+    d.mkdir()
+    return d
+
+
+@pytest.mark.parametrize(
+    "broker_url",
+    ["redis://127.0.0.1:1/0", "amqp://guest:guest@127.0.0.1:1//"],
+    ids=["redis", "amqp"],
+)
+def test_broker_down_at_launch_is_a_clear_error_not_a_hang(
+    runyard_instance: Instance, scratch: Path, broker_url: str
+) -> None:
+    started = time.monotonic()
+    expected = r"cannot reach the Celery broker at .*127\.0\.0\.1:1.*executor\.celery\.broker"
+    with pytest.raises(Exception, match=expected):
+        execute_job(J.chain_job, instance=runyard_instance, executor="celery",
+                    run_config={"execution": {"celery": {"broker": broker_url, "backend": BROKERS["redis"]["backend"],
+                                                         "connect_timeout": 3.0}}})
+    assert time.monotonic() - started < 20
+
+
+def test_queue_nobody_consumes_fails_after_queue_timeout(
+    runyard_instance: Instance, scratch: Path, session_workers: Any
+) -> None:
+    started = time.monotonic()
+    result = run(runyard_instance, J.elsewhere_job, "redis", scratch, queue_timeout=2.0)
+    elapsed = time.monotonic() - started
+    assert result.status is RunStatus.FAILURE
+    failure = result.failure_for("elsewhere")
+    assert failure is not None and failure.kind is FailureKind.NOT_STARTED
+    assert f"no worker consumes queue '{J.OTHER_QUEUE}'" in failure.message
+    assert "queue_timeout" in failure.message
+    assert result.step_states["add_one"] == "skipped"
+    # Bounded by queue_timeout (2 s), not by the step's own timeout (60 s).
+    assert 2.0 <= elapsed < 20, elapsed
+    assert not (scratch / "elsewhere.pid").exists()
+
+
+def test_queue_timeout_does_not_count_time_running(
+    runyard_instance: Instance, scratch: Path, session_workers: Any
+) -> None:
+    result = run(runyard_instance, J.slow_job, "redis", scratch, queue_timeout=2.0)  # the step runs 3 s
+    assert result.success, result.events
+    assert result.output_for("add_one") == int((scratch / "slow_start.done").read_text()) + 1
+
+
+def test_queue_timeout_waits_on_while_a_consuming_worker_is_busy(
+    runyard_instance: Instance, scratch: Path, start_worker: Any
+) -> None:
+    q = queue("busy")
+    start_worker("redis", [q], concurrency=1)
+    result = run(runyard_instance, J.two_slow_job, "redis", scratch, queue_name=q, queue_timeout=1.0)
+    assert result.success, result.events
+    starts = sorted(e.timestamp for e in result.events if e.type is EventType.STEP_START)
+    assert starts[1] - starts[0] > 2.0  # the second step did wait in the queue past queue_timeout
+
+
+def test_timeout_really_stops_the_step_on_the_worker(
+    runyard_instance: Instance, scratch: Path, session_workers: Any
+) -> None:
+    started = time.monotonic()
+    result = run(runyard_instance, J.timeout_job, "redis", scratch)
+    failure = result.failure_for("overrun")
+    assert failure is not None and failure.kind is FailureKind.TIMEOUT
+    assert time.monotonic() - started < 20
+    time.sleep(2)  # the step would sleep 30 s; it was interrupted (SIGTERM) on the worker
+    assert (scratch / "overrun.pid").exists() and not (scratch / "overrun.done").exists()
+    # The pool process itself survives a SIGTERM'd step and serves the next one.
+    assert pid_alive(int((scratch / "overrun.pid").read_text()))
+
+
+def test_step_ignoring_sigterm_is_killed_after_the_grace(
+    runyard_instance: Instance, scratch: Path, session_workers: Any
+) -> None:
+    result = run(runyard_instance, J.stubborn_job, "redis", scratch, terminate_grace=1.0)
+    failure = result.failure_for("stubborn")
+    assert failure is not None and failure.kind is FailureKind.TIMEOUT
+    pid = int((scratch / "stubborn.pid").read_text())
+    wait_until(lambda: not pid_alive(pid), 15, f"pool process {pid}, which ignores SIGTERM, to be SIGKILLed")
+    assert not (scratch / "stubborn.done").exists()
+
+
+@pytest.mark.parametrize("broker", ["redis", "rabbitmq"])
+def test_pool_process_killed_mid_step_is_retried(
+    runyard_instance: Instance, scratch: Path, session_workers: Any, broker: str
+) -> None:
+    thread, box = in_thread(lambda: run(runyard_instance, J.kill_retry_job, broker, scratch))
+    pid = read_pid(scratch / "killed_once.pid")
+    os.kill(pid, signal.SIGKILL)
+    thread.join(90)
+    assert not thread.is_alive(), "the run hung after its step's process was killed"
+    result: ExecutionResult = box["result"]
+    assert result.success, result.events
+    assert result.output_for("killed_once") == 2
+    first = [e for e in result.events if e.type is EventType.STEP_FAILURE and e.attempt == 1]
+    assert len(first) == 1 and first[0].failure is not None
+    assert first[0].failure.kind is FailureKind.WORKER_LOST
+    assert first[0].failure.signal == signal.SIGKILL
+    assert [e.data["next_attempt"] for e in result.events if e.type is EventType.STEP_RETRY] == [2]
+
+
+def test_pool_process_killed_without_retries_fails_the_step(
+    runyard_instance: Instance, scratch: Path, session_workers: Any
+) -> None:
+    thread, box = in_thread(lambda: run(runyard_instance, J.kill_job, "redis", scratch))
+    os.kill(read_pid(scratch / "killed.pid"), signal.SIGKILL)
+    thread.join(90)
+    assert not thread.is_alive(), "the run hung after its step's process was killed"
+    result: ExecutionResult = box["result"]
+    assert result.status is RunStatus.FAILURE
+    failure = result.failure_for("killed")
+    assert failure is not None and failure.kind is FailureKind.WORKER_LOST
+    assert "pool process running it died" in failure.message
+    assert result.step_states["add_one"] == "skipped"
+
+
+def test_whole_worker_killed_mid_step_fails_the_step(
+    runyard_instance: Instance, scratch: Path, start_worker: Any
+) -> None:
+    q = queue("lonely")
+    worker = start_worker("redis", [q], concurrency=1)
+    thread, box = in_thread(lambda: run(runyard_instance, J.block_job, "redis", scratch, queue_name=q,
+                                        worker_lost_timeout=3.0))
+    read_pid(scratch / "blocker.pid")
+    worker.kill(signal.SIGKILL)  # the main process and its pool: nobody is left to report
+    thread.join(60)
+    assert not thread.is_alive(), "the run hung after its worker was killed"
+    result: ExecutionResult = box["result"]
+    failure = result.failure_for("blocker")
+    assert failure is not None and failure.kind is FailureKind.WORKER_LOST
+    assert worker.name in failure.message and "worker_lost_timeout" in failure.message
+
+
+def test_cancel_stops_running_steps_and_revokes_queued_ones(
+    runyard_instance: Instance, scratch: Path, session_workers: Any, start_worker: Any
+) -> None:
+    cancellation = Cancellation()
+    thread, box = in_thread(lambda: run(runyard_instance, J.cancel_mixed_job, "redis", scratch,
+                                        cancellation=cancellation, queue_timeout=None))
+    pid = read_pid(scratch / "blocker.pid")
+    cancellation.cancel()
+    thread.join(60)
+    assert not thread.is_alive()
+    result: ExecutionResult = box["result"]
+    assert result.status is RunStatus.CANCELED
+    for key in ("blocker", "elsewhere"):
+        failure = result.failure_for(key)
+        assert failure is not None and failure.kind is FailureKind.CANCELED, key
+    app = make_app(broker=BROKERS["redis"]["broker"], backend=BROKERS["redis"]["backend"])
+    try:
+        # The running step was interrupted on its worker: the task's own result says so.
+        task = app.AsyncResult(task_id_of(result, "blocker"))
+        wait_until(lambda: task.state == "SUCCESS", 15, "the canceled step's task to end")
+        last = task.result["events"][-1]
+        assert last["type"] == "STEP_FAILURE" and "SIGTERM" in last["message"], last
+        assert pid_alive(pid) and not (scratch / "blocker.done").exists()
+
+        # The queued step's message is still in its queue. A worker that starts consuming it
+        # now learns the revoked ids from the running workers and drops it instead of running it.
+        queued = app.AsyncResult(task_id_of(result, "elsewhere"))
+        start_worker("redis", [J.OTHER_QUEUE], concurrency=1)
+        wait_until(lambda: queued.state == "REVOKED", 30, "the queued task to be dropped as revoked")
+        time.sleep(1)
+        assert not (scratch / "elsewhere.pid").exists()
+    finally:
+        app.close()
+
+
+def test_bad_priority_tag_fails_the_step_before_sending(runyard_instance: Instance, scratch: Path) -> None:
+    result = run(runyard_instance, J.bad_priority_job, "redis", scratch)
+    failure = result.failure_for("bad_priority")
+    assert failure is not None and failure.kind is FailureKind.NOT_STARTED
+    assert "celery/priority='12'" in failure.message and "0 (lowest) to 9 (highest)" in failure.message
+
+
+def test_rabbitmq_redelivers_the_step_of_a_dead_worker_to_another(
+    runyard_instance: Instance, scratch: Path, start_worker: Any
+) -> None:
+    """Late acknowledgement: the message of a worker that died with the step unfinished goes
+    back to the queue (RabbitMQ: as soon as the connection drops) and another worker runs it."""
+    q = queue("redeliver")
+    workers = [start_worker("rabbitmq", [q], concurrency=1, wait=False) for _ in range(2)]
+    for w in workers:
+        w.wait_ready()
+    thread, box = in_thread(lambda: run(runyard_instance, J.slow_job, "rabbitmq", scratch, queue_name=q))
+    first_pid = read_pid(scratch / "slow_start.pid")
+    (running,) = [w for w in workers if first_pid in w.children()]
+    (scratch / "slow_start.pid").unlink()
+    running.kill(signal.SIGKILL)
+    second_pid = read_pid(scratch / "slow_start.pid", timeout=30)
+    (other,) = [w for w in workers if w is not running]
+    assert second_pid in other.children()
+    thread.join(60)
+    assert not thread.is_alive()
+    result: ExecutionResult = box["result"]
+    assert result.success, result.events
+    assert result.output_for("add_one") == second_pid + 1
+
+
+def test_run_worker_can_fork_after_celery_runs(
+    runyard_instance: Instance, scratch: Path, session_workers: Any
+) -> None:
+    """Pings and queue inspections leave no half-read Redis connection in kombu's pools,
+    which close their connections again in every forked child (a later multiprocess run,
+    for instance) and would block there for ever."""
+    import multiprocessing
+
+    assert run(runyard_instance, J.slow_job, "redis", scratch).success  # runs 3 s: its worker is pinged
+    # A queue timeout where no worker at all answers the inspection (an empty database).
+    lonely_db = BROKERS["redis"]["broker"].rsplit("/", 1)[0] + "/12"
+    nobody = queue("fork-nobody")
+    result = execute_job(J.chain_job, instance=runyard_instance, executor="celery", run_config={
+        "execution": {"celery": {"broker": lonely_db, "default_queue": nobody, "queue_timeout": 1.0}}})
+    failure = result.failure_for("emit")
+    assert failure is not None and "no Celery worker answered" in failure.message
+    import redis
+
+    client = redis.Redis.from_url(lonely_db)
+    client.delete(*client.keys(f"*{nobody}*"))
+    child = multiprocessing.get_context("fork").Process(target=os._exit, args=(0,))
+    child.start()
+    child.join(30)
+    if child.exitcode is None:
+        child.kill()
+    assert child.exitcode == 0, "a process forked after a celery run hung"
