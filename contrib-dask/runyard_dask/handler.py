@@ -1,0 +1,465 @@
+"""The engine side of the ``dask`` executor: each step attempt becomes one Dask task.
+
+Imported only when a run uses the executor (it imports dask, and distributed unless the
+config picks a local scheduler). The task is `runyard_dask.remote.run_step`, given the
+step request as plain JSON data and returning the attempt's events as plain JSON data.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import threading
+import time
+import traceback
+from collections.abc import Mapping
+from concurrent.futures import Executor, ThreadPoolExecutor
+from typing import Any
+
+from runyard.plugin import (
+    FailureInfo,
+    FailureKind,
+    HandlerContext,
+    StepHandler,
+    StepRequest,
+    StepUpdate,
+    resolve,
+)
+
+from . import remote
+from .plugin import DaskConfig
+
+RESOURCE_TAGS = ("runyard/resources", "dask/resources")  # the second wins on a shared name
+_NO_WORKER_CHECK_EVERY = 1.0  # seconds between scheduler queries while a step waits for a worker
+_RESULT_TIMEOUT = 30.0  # seconds to fetch a finished task's result or error
+
+
+def dask_key(request: StepRequest) -> str:
+    """The Dask key of one attempt: unique per run and attempt, so runs sharing a cluster
+    (even two runs of one job at once) never share a task."""
+    return f"runyard-{request.run_id}-{request.step_key}-{request.attempt_id}"
+
+
+def parse_resources(step_key: str, tags: Mapping[str, str]) -> dict[str, float]:
+    """Dask worker resources a step asks for with its ``dask/resources`` tag.
+
+    runyard keeps tag values as text, so the value is a mapping written as a dict (stored
+    as its text), as JSON text (``'{"GPU": 1}'``), or as ``"GPU=1,MEMORY=4e9"``.
+    """
+    found: dict[str, float] = {}
+    for tag in RESOURCE_TAGS:
+        raw = tags.get(tag)
+        if raw is None:
+            continue
+        found.update(_parse_resource_text(step_key, tag, raw))
+    return found
+
+
+def _parse_resource_text(step_key: str, tag: str, raw: str) -> dict[str, float]:
+    text = raw.strip()
+    value: Any = None
+    if text.startswith("{"):
+        try:
+            value = json.loads(text)
+        except ValueError:
+            try:
+                value = ast.literal_eval(text)  # str() of a dict given in @step(tags=...)
+            except (ValueError, SyntaxError):
+                value = None
+    elif text:
+        value = {}
+        for part in text.split(","):
+            name, sep, amount = part.partition("=")
+            if not sep:
+                value = None
+                break
+            try:
+                value[name.strip()] = float(amount)
+            except ValueError:
+                value = None
+                break
+    ok = isinstance(value, dict) and value and all(
+        isinstance(k, str) and k and isinstance(v, int | float) and not isinstance(v, bool) and v > 0
+        for k, v in value.items()
+    )
+    if not ok:
+        raise ValueError(
+            f"step '{step_key}': tag '{tag}' = {raw!r} is not a resource mapping; expected resource "
+            "names with positive amounts, e.g. tags={'" + tag + "': {'GPU': 1}} or '" + tag + "': 'GPU=1,MEMORY=4e9'"
+        )
+    return {k: float(v) for k, v in value.items()}
+
+
+def _load_class(path: str) -> Any:
+    import importlib
+
+    module, sep, attr = path.partition(":")
+    if not sep:
+        module, _, attr = path.rpartition(".")
+    try:
+        obj: Any = importlib.import_module(module)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise ValueError(
+            f"executor.dask.cluster_class: cannot import {path!r} ({type(e).__name__}: {e}); give an import "
+            "path such as 'distributed.LocalCluster' and install the package that provides it"
+        ) from None
+    return obj
+
+
+class _Handle:
+    __slots__ = ("request", "key", "future", "resources", "lock", "stopped", "reported", "result", "launched")
+
+    def __init__(self, request: StepRequest, key: str, resources: dict[str, float]) -> None:
+        self.request = request
+        self.key = key
+        self.resources = resources
+        self.future: Any = None
+        self.lock = threading.Lock()
+        self.stopped: FailureKind | None = None  # terminate was called with this kind
+        self.reported = False  # a poll said done
+        self.result: dict[str, Any] | None = None  # what run_step returned, once fetched
+        self.launched = time.monotonic()
+
+
+class DaskStepHandler(StepHandler):
+    """Submits each attempt as a Dask task (`runyard_dask.remote.run_step`), keyed by run
+    and attempt, with the step's Dask resources; collects results in batches; stops steps
+    by canceling the future and interrupting the step on its worker."""
+
+    config: DaskConfig
+
+    def __init__(self, config: DaskConfig, context: HandlerContext) -> None:
+        super().__init__(config, context)
+        self._client: Any = None
+        self._cluster: Any = None
+        self._launcher: ThreadPoolExecutor | None = None
+        self._pool: Executor | None = None
+        self._changed = threading.Event()
+        self._lock = threading.Lock()
+        self._finished: set[_Handle] = set()  # done on the cluster, result not fetched yet
+        self._last_worker_check = 0.0
+        self._worker_resources: list[dict[str, float]] | None = None
+
+    # -- setup / teardown -------------------------------------------------------------
+
+    def setup(self) -> None:
+        try:
+            if self.config.local_scheduler is not None:
+                self._setup_local()
+            else:
+                self._setup_distributed()
+        except BaseException:
+            self.teardown()  # leave nothing half-acquired
+            raise
+
+    def _setup_distributed(self) -> None:
+        import distributed
+
+        cfg = self.config
+        client_kwargs: dict[str, Any] = {"set_as_default": False, **cfg.client_kwargs}
+        if cfg.address is not None:
+            address = resolve(cfg.address)
+            try:
+                self._client = distributed.Client(address, timeout=cfg.connect_timeout, **client_kwargs)
+            except (OSError, TimeoutError) as e:
+                raise ConnectionError(
+                    f"executor.dask.address: cannot reach the Dask scheduler at {address} within "
+                    f"connect_timeout={cfg.connect_timeout:g}s ({type(e).__name__}: {e}); start the scheduler, "
+                    "fix the address, or raise connect_timeout"
+                ) from None
+            return
+        cluster_cls = _load_class(cfg.cluster_class)
+        kwargs = dict(cfg.cluster_kwargs)
+        if cluster_cls is distributed.LocalCluster:
+            # A fixed dashboard port collides with anything else on the machine using 8787.
+            kwargs.setdefault("dashboard_address", ":0")
+        try:
+            self._cluster = cluster_cls(**kwargs)
+        except TypeError as e:
+            raise ValueError(f"executor.dask.cluster_kwargs: {cfg.cluster_class} rejected them: {e}") from None
+        if cfg.adapt_kwargs is not None:
+            try:
+                self._cluster.adapt(**cfg.adapt_kwargs)
+            except TypeError as e:
+                raise ValueError(f"executor.dask.adapt_kwargs: {cfg.cluster_class}.adapt rejected them: {e}") from None
+        self._client = distributed.Client(self._cluster, timeout=cfg.connect_timeout, **client_kwargs)
+
+    def _setup_local(self) -> None:
+        import dask  # noqa: F401 - fail here, clearly, if dask is missing
+
+        n = self.context.max_concurrent
+        # One launcher thread per step in flight: each waits in dask.compute for its step.
+        self._launcher = ThreadPoolExecutor(max_workers=n, thread_name_prefix="runyard-dask-launch")
+        if self.config.local_scheduler == "threads":
+            self._pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="runyard-dask")
+        elif self.config.local_scheduler == "processes":
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            method = dask.config.get("multiprocessing.context", "spawn")
+            self._pool = ProcessPoolExecutor(max_workers=n, mp_context=multiprocessing.get_context(method))
+
+    def teardown(self) -> None:
+        if self._client is not None:
+            try:
+                self._client.close(timeout=10)
+            except Exception:  # a lost scheduler must not hide the run's own outcome
+                pass
+            self._client = None
+        if self._cluster is not None:
+            try:
+                self._cluster.close(timeout=30)
+            except Exception:
+                pass
+            self._cluster = None
+        if self._launcher is not None:
+            self._launcher.shutdown(wait=False, cancel_futures=True)
+            self._launcher = None
+        if self._pool is not None:
+            pool = self._pool
+            self._pool = None
+            pool.shutdown(wait=False, cancel_futures=True)
+            # A process still running a stopped step would outlive the run: end it. (The
+            # executor's own list of processes; there is no public way to stop one task.)
+            for proc in list((getattr(pool, "_processes", None) or {}).values()):
+                if proc.is_alive():
+                    proc.terminate()
+
+    # -- launch / poll / wait / terminate -----------------------------------------------
+
+    def launch(self, request: StepRequest) -> _Handle:
+        resources = parse_resources(request.step_key, request.tags)
+        key = dask_key(request)
+        handle = _Handle(request, key, resources)
+        payload = request.to_dict()
+        grace = self.config.interrupt_grace
+        if self._client is not None:
+            handle.future = self._client.submit(
+                remote.run_step, payload, key, grace, key=key, resources=resources or None, pure=False, retries=0
+            )
+        else:
+            assert self._launcher is not None
+            if resources:
+                raise ValueError(
+                    f"step '{request.step_key}' asks for Dask resources {resources}, which only distributed "
+                    "workers have; remove local_scheduler or the tag"
+                )
+            handle.future = self._launcher.submit(self._compute_local, payload, key, grace)
+        handle.future.add_done_callback(lambda _f, h=handle: self._on_done(h))
+        return handle
+
+    def _compute_local(self, payload: dict[str, Any], key: str, grace: float) -> dict[str, Any]:
+        import dask
+
+        task = dask.delayed(remote.run_step, pure=False)(payload, key, grace, dask_key_name=key)
+        kwargs: dict[str, Any] = {"scheduler": self.config.local_scheduler}
+        if self._pool is not None:
+            kwargs["pool"] = self._pool
+        (result,) = dask.compute(task, **kwargs)
+        return result
+
+    def _on_done(self, handle: _Handle) -> None:
+        with self._lock:
+            self._finished.add(handle)
+        self._changed.set()
+
+    def wait(self, timeout: float) -> None:
+        # Done callbacks set the flag; the engine polls everything after this returns, so
+        # clearing afterwards loses nothing.
+        self._changed.wait(timeout)
+        self._changed.clear()
+
+    def poll(self, handle: _Handle) -> StepUpdate:
+        with handle.lock:
+            if handle.reported:
+                return StepUpdate.finished()
+            stopped = handle.stopped
+        future = handle.future
+        if stopped is not None:
+            # The engine has recorded the timeout or cancel; the task is canceled and the
+            # step interrupted (see terminate). Its slot is free now.
+            return self._report(handle, StepUpdate.crashed(self._stopped_info(handle, stopped)))
+        if not future.done():
+            if self._client is not None:
+                missing = self._check_no_worker(handle)
+                if missing is not None:
+                    self._client.cancel([future], reason="runyard: no worker can run this step")
+                    return self._report(handle, StepUpdate.crashed(missing))
+            return StepUpdate.running()
+        if self._client is None:
+            return self._report(handle, self._local_outcome(handle))
+        return self._report(handle, self._distributed_outcome(handle))
+
+    def _report(self, handle: _Handle, update: StepUpdate) -> StepUpdate:
+        if update.done:
+            with handle.lock:
+                handle.reported = True
+            with self._lock:
+                self._finished.discard(handle)
+        return update
+
+    def _stopped_info(self, handle: _Handle, kind: FailureKind) -> FailureInfo:
+        req = handle.request
+        if kind is FailureKind.TIMEOUT:
+            msg = f"step '{req.step_key}' ran longer than its timeout of {req.timeout:g}s and was stopped"
+        else:
+            msg = f"step '{req.step_key}' was stopped: the run was canceled"
+        return FailureInfo(kind=kind, message=msg)
+
+    def _from_result(self, handle: _Handle, result: Mapping[str, Any]) -> StepUpdate:
+        events = remote.events_from(dict(result))
+        if remote.is_terminal(events):
+            return StepUpdate.finished(events)
+        interrupted = result.get("interrupted")
+        if interrupted:
+            return StepUpdate.crashed(
+                FailureInfo(kind=FailureKind(interrupted), message=f"step '{handle.request.step_key}' was stopped"),
+                events,
+            )
+        return StepUpdate.crashed(
+            FailureInfo(
+                kind=FailureKind.WORKER_LOST,
+                message=f"step '{handle.request.step_key}': the Dask task ended without the step's events",
+            ),
+            events,
+        )
+
+    def _local_outcome(self, handle: _Handle) -> StepUpdate:
+        future = handle.future
+        if future.cancelled():
+            return StepUpdate.crashed(
+                FailureInfo(kind=FailureKind.NOT_STARTED, message=f"step '{handle.request.step_key}' never started")
+            )
+        error = future.exception()
+        if error is None:
+            return self._from_result(handle, future.result())
+        return StepUpdate.crashed(self._error_info(handle, error))
+
+    def _distributed_outcome(self, handle: _Handle) -> StepUpdate:
+        future = handle.future
+        status = future.status
+        if status == "finished":
+            if handle.result is None:
+                self._fetch_finished()
+            if handle.result is not None:
+                return self._from_result(handle, handle.result)
+            status = future.status  # fetching failed: the key may have been lost meanwhile
+        if status == "error":
+            try:
+                error = future.exception(timeout=_RESULT_TIMEOUT)
+            except Exception as e:
+                error = e
+            return StepUpdate.crashed(self._error_info(handle, error))
+        # cancelled or lost without our terminate: someone else canceled the key, or the
+        # client lost its scheduler (then every task of the run is gone).
+        return StepUpdate.crashed(
+            FailureInfo(
+                kind=FailureKind.WORKER_LOST,
+                message=f"step '{handle.request.step_key}': Dask dropped its task (status {status}); the connection "
+                "to the scheduler was lost or another client canceled the key",
+            )
+        )
+
+    def _fetch_finished(self) -> None:
+        """Fetch the results of every task that finished, in one round trip."""
+        with self._lock:
+            batch = [h for h in self._finished if h.result is None and h.future.status == "finished"]
+        if not batch:
+            return
+        try:
+            results = self._client.gather([h.future for h in batch], errors="raise")
+        except Exception:
+            results = None
+        if results is not None:
+            for h, r in zip(batch, results, strict=True):
+                h.result = r
+            return
+        for h in batch:  # one of them went away between the check and the gather
+            try:
+                h.result = h.future.result(timeout=_RESULT_TIMEOUT)
+            except Exception:
+                pass
+
+    def _error_info(self, handle: _Handle, error: BaseException) -> FailureInfo:
+        step = handle.request.step_key
+        name = type(error).__name__
+        if name == "KilledWorker":
+            return FailureInfo(
+                kind=FailureKind.WORKER_LOST,
+                message=f"step '{step}': the Dask worker running it died ({name}: {error}); the scheduler gives up "
+                "on a task after distributed.scheduler.allowed-failures worker deaths",
+                error_class=f"{type(error).__module__}.{type(error).__qualname__}",
+            )
+        if name in ("CancelledError", "FutureCancelledError"):
+            return FailureInfo(
+                kind=FailureKind.WORKER_LOST,
+                message=f"step '{step}': Dask canceled its task ({name}: {error})",
+                error_class=f"{type(error).__module__}.{type(error).__qualname__}",
+            )
+        if isinstance(error, ImportError) and "runyard" in str(error):
+            return FailureInfo(
+                kind=FailureKind.NOT_STARTED,
+                message=f"step '{step}' could not start on the Dask worker ({name}: {error}); install "
+                "runyard-dask (and the job's dependencies) in the workers' environment",
+                error_class=f"{type(error).__module__}.{type(error).__qualname__}",
+            )
+        # run_step reports a failing step as events; what escapes it is a BaseException the
+        # step raised (SystemExit is caught by the worker, KeyboardInterrupt is not) or an
+        # error unpacking the task on the worker.
+        return FailureInfo(
+            kind=FailureKind.ERROR,
+            message=f"step '{step}' raised {name} out of the Dask task: {error}",
+            error_class=f"{type(error).__module__}.{type(error).__qualname__}",
+            traceback="".join(traceback.format_exception(error)),
+        )
+
+    def _check_no_worker(self, handle: _Handle) -> FailureInfo | None:
+        now = time.monotonic()
+        timeout = self.config.no_worker_timeout
+        if now - handle.launched < timeout:
+            return None
+        if self._worker_resources is None or now - self._last_worker_check >= _NO_WORKER_CHECK_EVERY:
+            self._last_worker_check = now
+            try:
+                info = self._client.scheduler_info()
+            except Exception:
+                return None  # the scheduler is unreachable: the client reports that on its futures
+            self._worker_resources = [dict(w.get("resources") or {}) for w in info.get("workers", {}).values()]
+        workers = self._worker_resources
+        if any(all(w.get(r, 0) >= amount for r, amount in handle.resources.items()) for w in workers):
+            return None
+        step = handle.request.step_key
+        if not workers:
+            why = "the cluster has no workers"
+        else:
+            why = f"no worker has the resources {handle.resources} it asks for (dask/resources tag)"
+        return FailureInfo(
+            kind=FailureKind.NOT_STARTED,
+            message=f"step '{step}' waited {now - handle.launched:.0f}s without starting: {why}; "
+            "add workers (dask worker --resources 'GPU=1') or raise executor.dask.no_worker_timeout",
+        )
+
+    def terminate(self, handle: _Handle, kind: FailureKind) -> None:
+        with handle.lock:
+            if handle.stopped is not None or handle.reported:
+                return
+            handle.stopped = kind
+        future = handle.future
+        if future is None:
+            return
+        if self._client is not None:
+            if future.done():
+                return
+            # Interrupt the step wherever it runs (each worker checks its own list), then drop
+            # the task: queued, it never starts; running, its result is discarded.
+            try:
+                self._client.run(remote.interrupt, handle.key, kind.value, wait=False)
+            finally:
+                self._client.cancel([future], reason=f"runyard: {kind.value}")
+        else:
+            future.cancel()
+            remote.interrupt(handle.key, kind.value)  # reaches threads, not the processes scheduler's children
+        self._changed.set()
+
