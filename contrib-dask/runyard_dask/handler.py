@@ -109,7 +109,9 @@ def _load_class(path: str) -> Any:
 
 
 class _Handle:
-    __slots__ = ("request", "key", "future", "resources", "lock", "stopped", "reported", "result", "launched")
+    __slots__ = (
+        "request", "key", "future", "resources", "lock", "stopped", "reported", "result", "launched", "fetch_error"
+    )
 
     def __init__(self, request: StepRequest, key: str, resources: dict[str, float]) -> None:
         self.request = request
@@ -121,6 +123,7 @@ class _Handle:
         self.reported = False  # a poll said done
         self.result: dict[str, Any] | None = None  # what run_step returned, once fetched
         self.launched = time.monotonic()
+        self.fetch_error: str | None = None
 
 
 class DaskStepHandler(StepHandler):
@@ -220,10 +223,12 @@ class DaskStepHandler(StepHandler):
         if self._pool is not None:
             pool = self._pool
             self._pool = None
-            pool.shutdown(wait=False, cancel_futures=True)
             # A process still running a stopped step would outlive the run: end it. (The
-            # executor's own list of processes; there is no public way to stop one task.)
-            for proc in list((getattr(pool, "_processes", None) or {}).values()):
+            # executor's own list of processes, taken before shutdown clears it; there is no
+            # public way to stop one task.)
+            procs = list((getattr(pool, "_processes", None) or {}).values())
+            pool.shutdown(wait=False, cancel_futures=True)
+            for proc in procs:
                 if proc.is_alive():
                     proc.terminate()
 
@@ -342,7 +347,7 @@ class DaskStepHandler(StepHandler):
         status = future.status
         if status == "finished":
             if handle.result is None:
-                self._fetch_finished()
+                self._fetch_finished(handle)
             if handle.result is not None:
                 return self._from_result(handle, handle.result)
             status = future.status  # fetching failed: the key may have been lost meanwhile
@@ -352,6 +357,14 @@ class DaskStepHandler(StepHandler):
             except Exception as e:
                 error = e
             return StepUpdate.crashed(self._error_info(handle, error))
+        if handle.fetch_error is not None:
+            return StepUpdate.crashed(
+                FailureInfo(
+                    kind=FailureKind.WORKER_LOST,
+                    message=f"step '{handle.request.step_key}': its Dask task finished but its result could not be "
+                    f"fetched ({handle.fetch_error})",
+                )
+            )
         # cancelled or lost without our terminate: someone else canceled the key, or the
         # client lost its scheduler (then every task of the run is gone).
         return StepUpdate.crashed(
@@ -362,12 +375,14 @@ class DaskStepHandler(StepHandler):
             )
         )
 
-    def _fetch_finished(self) -> None:
-        """Fetch the results of every task that finished, in one round trip."""
+    def _fetch_finished(self, handle: _Handle) -> None:
+        """Fetch the result of ``handle`` and of every other task that finished, in one round trip."""
         with self._lock:
-            batch = [h for h in self._finished if h.result is None and h.future.status == "finished"]
-        if not batch:
-            return
+            # ``handle`` may finish before its done callback has run and listed it.
+            batch = [
+                h for h in self._finished if h is not handle and h.result is None and h.future.status == "finished"
+            ]
+        batch.append(handle)
         try:
             results = self._client.gather([h.future for h in batch], errors="raise")
         except Exception:
@@ -379,8 +394,8 @@ class DaskStepHandler(StepHandler):
         for h in batch:  # one of them went away between the check and the gather
             try:
                 h.result = h.future.result(timeout=_RESULT_TIMEOUT)
-            except Exception:
-                pass
+            except Exception as e:
+                h.fetch_error = f"{type(e).__name__}: {e}"
 
     def _error_info(self, handle: _Handle, error: BaseException) -> FailureInfo:
         step = handle.request.step_key
