@@ -470,7 +470,7 @@ class DaskStepHandler(StepHandler):
             # Interrupt the step wherever it runs (each worker checks its own list), then drop
             # the task: queued, it never starts; running, its result is discarded.
             try:
-                self._client.run(remote.interrupt, handle.key, kind.value, wait=False)
+                self._client.run(remote.interrupt_on_worker, handle.key, kind.value, wait=False)
             finally:
                 self._client.cancel([future], reason=f"runyard: {kind.value}")
         else:

@@ -13,14 +13,25 @@ thread back to Dask, leaving the step's thread to end in the background.
 
 from __future__ import annotations
 
+import contextvars
 import ctypes
+import sys
 import threading
 from typing import Any
 
-from runyard.plugin import Event, EventType, StepInterrupted, StepRequest, StepTimedOut, execute_step
+from runyard.plugin import (
+    Event,
+    EventType,
+    StepInterrupted,
+    StepRequest,
+    StepTimedOut,
+    execute_step,
+    preload_job,
+)
 
 # Steps running in this process, by Dask key.
 _lock = threading.Lock()
+_load_lock = threading.Lock()
 _running: dict[str, _Running] = {}
 # Keys interrupted before their task started (a timeout racing the task's start).
 _early: dict[str, str] = {}
@@ -46,7 +57,22 @@ def run_step(request: dict[str, Any], key: str, grace: float = 1.0) -> dict[str,
             return {"events": [], "abandoned": False, "interrupted": kind}
         _running[key] = state
 
+    # distributed keeps the running task's worker in a context variable and its key in a
+    # thread-local; the step's thread gets copies of both so that get_worker(),
+    # get_client() and get_current_task() work in steps.
+    dist_worker = sys.modules.get("distributed.worker")
+    task_state = dict(vars(dist_worker.thread_state)) if dist_worker is not None else {}
+    context = contextvars.copy_context()
+
     def body() -> None:
+        if task_state:
+            vars(dist_worker.thread_state).update(task_state)
+        try:
+            # Jobs load once per process; two worker threads must not import one file at once.
+            with _load_lock:
+                preload_job(req.code_pointer, req.job_name)
+        except Exception:
+            pass  # execute_step reports the load failure as the attempt's NOT_STARTED failure
         try:
             state.events = execute_step(req)
         except StepInterrupted:
@@ -54,7 +80,7 @@ def run_step(request: dict[str, Any], key: str, grace: float = 1.0) -> dict[str,
         finally:
             state.wake.set()
 
-    thread = threading.Thread(target=body, name=f"runyard-step-{req.step_key}", daemon=True)
+    thread = threading.Thread(target=context.run, args=(body,), name=f"runyard-step-{req.step_key}", daemon=True)
     state.thread = thread
     try:
         thread.start()
@@ -102,3 +128,9 @@ def events_from(result: dict[str, Any]) -> list[Event]:
 
 def is_terminal(events: list[Event]) -> bool:
     return bool(events) and events[-1].type in (EventType.STEP_SUCCESS, EventType.STEP_FAILURE)
+
+
+async def interrupt_on_worker(key: str, kind: str) -> bool:
+    """`interrupt`, as a coroutine: ``Client.run(..., wait=False)`` (fire and forget, so a
+    slow or lost worker never blocks the engine) only accepts coroutine functions."""
+    return interrupt(key, kind)
