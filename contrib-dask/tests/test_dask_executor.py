@@ -354,3 +354,59 @@ def test_cancel_interrupts_the_step_on_its_worker(
     failure = result.failure_for("spin")
     assert failure is not None and failure.kind is FailureKind.CANCELED
     wait_for(scratch / "interrupted", 20)
+
+
+# -- temporary clusters and local schedulers --------------------------------------------------
+
+CHAIN = '''
+import os
+
+from runyard import job, step
+
+
+@step
+def emit() -> int:
+    return os.getpid()
+
+
+@step
+def pid_of(_: int) -> int:
+    return os.getpid()
+
+
+@job
+def chain():
+    pid_of(emit())
+'''
+
+
+def test_adaptive_temporary_cluster_scales_up_from_zero(runyard_instance: Instance, tmp_path: Path) -> None:
+    job = load(write_job(tmp_path, CHAIN, "chain_jobs.py"), "chain")
+    cfg = {
+        "cluster_class": "distributed:LocalCluster",
+        "cluster_kwargs": {"n_workers": 0, "threads_per_worker": 1, "processes": True},
+        "adapt_kwargs": {"minimum": 0, "maximum": 1, "interval": "100ms"},
+        "client_kwargs": {"name": "runyard-adaptive-test"},
+    }
+    result = run(runyard_instance, job, cfg)
+    assert result.success, result.events
+    assert result.output_for("pid_of") != os.getpid()  # ran in a worker process the cluster added
+
+
+@pytest.mark.parametrize(
+    ("scheduler", "same_process"), [("synchronous", True), ("threads", True), ("processes", False)]
+)
+def test_local_schedulers_run_without_distributed(
+    runyard_instance: Instance, tmp_path: Path, scheduler: str, same_process: bool
+) -> None:
+    job = load(write_job(tmp_path, CHAIN, "chain_jobs.py"), "chain")
+    result = run(runyard_instance, job, {"local_scheduler": scheduler})
+    assert result.success, result.events
+    assert (result.output_for("pid_of") == os.getpid()) is same_process
+
+
+def test_local_scheduler_refuses_resource_tags(runyard_instance: Instance, jobs_file: Path) -> None:
+    result = run(runyard_instance, load(jobs_file, "tpu_job"), {"local_scheduler": "threads"})
+    failure = result.failure_for("on_tpu")
+    assert failure is not None and failure.kind is FailureKind.NOT_STARTED
+    assert "only distributed workers have" in failure.message
