@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import json
+import queue
 import threading
 import time
 import traceback
@@ -110,7 +111,8 @@ def _load_class(path: str) -> Any:
 
 class _Handle:
     __slots__ = (
-        "request", "key", "future", "resources", "lock", "stopped", "reported", "result", "launched", "fetch_error"
+        "request", "key", "future", "resources", "lock", "stopped", "reported", "result", "launched", "fetch_error",
+        "error", "fetched",
     )
 
     def __init__(self, request: StepRequest, key: str, resources: dict[str, float]) -> None:
@@ -123,7 +125,9 @@ class _Handle:
         self.reported = False  # a poll said done
         self.result: dict[str, Any] | None = None  # what run_step returned, once fetched
         self.launched = time.monotonic()
-        self.fetch_error: str | None = None
+        self.fetch_error: str | None = None  # the task finished but its result could not be read
+        self.error: BaseException | None = None  # the task raised (status "error")
+        self.fetched = False  # the task is over and the fetcher has read what there is to read
 
 
 class DaskStepHandler(StepHandler):
@@ -140,8 +144,8 @@ class DaskStepHandler(StepHandler):
         self._launcher: ThreadPoolExecutor | None = None
         self._pool: Executor | None = None
         self._changed = threading.Event()
-        self._lock = threading.Lock()
-        self._finished: set[_Handle] = set()  # done on the cluster, result not fetched yet
+        self._done_queue: queue.SimpleQueue[_Handle | None] = queue.SimpleQueue()  # tasks over, not yet read
+        self._fetcher: threading.Thread | None = None
         self._last_worker_check = 0.0
         self._worker_resources: list[dict[str, float]] | None = None
 
@@ -172,6 +176,7 @@ class DaskStepHandler(StepHandler):
                     f"connect_timeout={cfg.connect_timeout:g}s ({type(e).__name__}: {e}); start the scheduler, "
                     "fix the address, or raise connect_timeout"
                 ) from None
+            self._start_fetcher()
             return
         cluster_cls = _load_class(cfg.cluster_class)
         kwargs = dict(cfg.cluster_kwargs)
@@ -188,6 +193,58 @@ class DaskStepHandler(StepHandler):
             except TypeError as e:
                 raise ValueError(f"executor.dask.adapt_kwargs: {cfg.cluster_class}.adapt rejected them: {e}") from None
         self._client = distributed.Client(self._cluster, timeout=cfg.connect_timeout, **client_kwargs)
+        self._start_fetcher()
+
+    def _start_fetcher(self) -> None:
+        self._fetcher = threading.Thread(target=self._fetch_loop, name="runyard-dask-results", daemon=True)
+        self._fetcher.start()
+
+    def _fetch_loop(self) -> None:
+        """Reads the results of finished tasks off the engine's thread, in batches: one
+        round trip for every task that finished while the previous batch was read."""
+        while True:
+            first = self._done_queue.get()
+            if first is None:
+                return
+            batch = [first]
+            while True:
+                try:
+                    h = self._done_queue.get_nowait()
+                except queue.Empty:
+                    break
+                if h is None:
+                    self._done_queue.put(None)  # stop after this batch
+                    break
+                batch.append(h)
+            try:
+                self._fetch(batch)
+            finally:
+                for h in batch:
+                    h.fetched = True
+                self._changed.set()
+
+    def _fetch(self, batch: list[_Handle]) -> None:
+        finished = [h for h in batch if h.future.status == "finished"]
+        if finished:
+            try:
+                results = self._client.gather([h.future for h in finished], errors="raise")
+            except Exception:
+                results = None
+            if results is not None:
+                for h, r in zip(finished, results, strict=True):
+                    h.result = r
+            else:
+                for h in finished:  # one of them went away between the check and the gather
+                    try:
+                        h.result = h.future.result(timeout=_RESULT_TIMEOUT)
+                    except Exception as e:
+                        h.fetch_error = f"{type(e).__name__}: {e}"
+        for h in batch:
+            if h.future.status == "error" and h.stopped is None:
+                try:
+                    h.error = h.future.exception(timeout=_RESULT_TIMEOUT)
+                except Exception as e:
+                    h.error = e
 
     def _setup_local(self) -> None:
         import dask  # noqa: F401 - fail here, clearly, if dask is missing
@@ -205,6 +262,10 @@ class DaskStepHandler(StepHandler):
             self._pool = ProcessPoolExecutor(max_workers=n, mp_context=multiprocessing.get_context(method))
 
     def teardown(self) -> None:
+        if self._fetcher is not None:
+            self._done_queue.put(None)
+            self._fetcher.join(_RESULT_TIMEOUT)
+            self._fetcher = None
         if self._client is not None:
             try:
                 self._client.close(timeout=10)
@@ -266,9 +327,11 @@ class DaskStepHandler(StepHandler):
         return result
 
     def _on_done(self, handle: _Handle) -> None:
-        with self._lock:
-            self._finished.add(handle)
-        self._changed.set()
+        if self._client is not None:
+            self._done_queue.put(handle)  # the fetcher reads it and wakes the engine
+        else:
+            handle.fetched = True  # a local future holds its result
+            self._changed.set()
 
     def wait(self, timeout: float) -> None:
         # Done callbacks set the flag; the engine polls everything after this returns, so
@@ -286,8 +349,8 @@ class DaskStepHandler(StepHandler):
             # The engine has recorded the timeout or cancel; the task is canceled and the
             # step interrupted (see terminate). Its slot is free now.
             return self._report(handle, StepUpdate.crashed(self._stopped_info(handle, stopped)))
-        if not future.done():
-            if self._client is not None:
+        if not handle.fetched:
+            if self._client is not None and not future.done():
                 missing = self._check_no_worker(handle)
                 if missing is not None:
                     self._client.cancel([future], reason="runyard: no worker can run this step")
@@ -301,8 +364,6 @@ class DaskStepHandler(StepHandler):
         if update.done:
             with handle.lock:
                 handle.reported = True
-            with self._lock:
-                self._finished.discard(handle)
         return update
 
     def _stopped_info(self, handle: _Handle, kind: FailureKind) -> FailureInfo:
@@ -343,20 +404,10 @@ class DaskStepHandler(StepHandler):
         return StepUpdate.crashed(self._error_info(handle, error))
 
     def _distributed_outcome(self, handle: _Handle) -> StepUpdate:
-        future = handle.future
-        status = future.status
-        if status == "finished":
-            if handle.result is None:
-                self._fetch_finished(handle)
-            if handle.result is not None:
-                return self._from_result(handle, handle.result)
-            status = future.status  # fetching failed: the key may have been lost meanwhile
-        if status == "error":
-            try:
-                error = future.exception(timeout=_RESULT_TIMEOUT)
-            except Exception as e:
-                error = e
-            return StepUpdate.crashed(self._error_info(handle, error))
+        if handle.result is not None:
+            return self._from_result(handle, handle.result)
+        if handle.error is not None:
+            return StepUpdate.crashed(self._error_info(handle, handle.error))
         if handle.fetch_error is not None:
             return StepUpdate.crashed(
                 FailureInfo(
@@ -370,32 +421,10 @@ class DaskStepHandler(StepHandler):
         return StepUpdate.crashed(
             FailureInfo(
                 kind=FailureKind.WORKER_LOST,
-                message=f"step '{handle.request.step_key}': Dask dropped its task (status {status}); the connection "
-                "to the scheduler was lost or another client canceled the key",
+                message=f"step '{handle.request.step_key}': Dask dropped its task (status {handle.future.status}); "
+                "the connection to the scheduler was lost or another client canceled the key",
             )
         )
-
-    def _fetch_finished(self, handle: _Handle) -> None:
-        """Fetch the result of ``handle`` and of every other task that finished, in one round trip."""
-        with self._lock:
-            # ``handle`` may finish before its done callback has run and listed it.
-            batch = [
-                h for h in self._finished if h is not handle and h.result is None and h.future.status == "finished"
-            ]
-        batch.append(handle)
-        try:
-            results = self._client.gather([h.future for h in batch], errors="raise")
-        except Exception:
-            results = None
-        if results is not None:
-            for h, r in zip(batch, results, strict=True):
-                h.result = r
-            return
-        for h in batch:  # one of them went away between the check and the gather
-            try:
-                h.result = h.future.result(timeout=_RESULT_TIMEOUT)
-            except Exception as e:
-                h.fetch_error = f"{type(e).__name__}: {e}"
 
     def _error_info(self, handle: _Handle, error: BaseException) -> FailureInfo:
         step = handle.request.step_key
