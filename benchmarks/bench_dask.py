@@ -43,6 +43,14 @@ RESULTS = HERE / "results" / "dask.json"
 RUNYARD_PYTHON = REPO / ".venv" / "bin" / "python"
 PEER_PYTHON = HERE / ".venv-peers-dask" / "bin" / "python"
 PEER_REPORT = HERE / ".venv-peers-dask" / "install-report.txt"
+# Instance homes, Dagster and Prefect homes: on the project's disk (benchmarks/.tmp, ignored
+# by git), the same for every system. (/tmp on this machine was up to 15x slower per file.)
+SCRATCH = HERE / ".tmp"
+
+
+def scratch_dir(prefix: str) -> Path:
+    SCRATCH.mkdir(exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=SCRATCH))
 
 RUNYARD_JOBS = '''
 from runyard import job, step
@@ -107,7 +115,7 @@ def child_raw(address: str, n: int, reps: int) -> dict[str, Any]:
 
 
 def child_runyard(address: str, n: int, reps: int, max_concurrent: int | None) -> dict[str, Any]:
-    work = Path(tempfile.mkdtemp(prefix="bench-dask-runyard-"))
+    work = scratch_dir("bench-dask-runyard-")
     jobs_file = work / "bench_jobs.py"
     jobs_file.write_text(RUNYARD_JOBS + f"\nwide = make({n})\n")
     from runyard import CodePointer, execute_job
@@ -130,16 +138,14 @@ def child_runyard(address: str, n: int, reps: int, max_concurrent: int | None) -
     return {"seconds": times}
 
 
-def child_dagster(address: str, n: int, reps: int) -> dict[str, Any]:
-    work = Path(tempfile.mkdtemp(prefix="bench-dask-dagster-"))
+def child_dagster(address: str, n: int, reps: int, jobs_dir: str) -> dict[str, Any]:
+    work = scratch_dir("bench-dask-dagster-")
     os.environ["DAGSTER_HOME"] = str(work)
     (work / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
-    jobs_file = work / "dagster_bench_jobs.py"
-    jobs_file.write_text(DAGSTER_JOBS.replace("range(N)", f"range({n})"))
-    sys.path.insert(0, str(work))
-    from dagster import DagsterInstance, execute_job, reconstructable
-
+    # The workers import the job by module name: the module is in their working directory.
+    sys.path.insert(0, jobs_dir)
     import dagster_bench_jobs  # type: ignore[import-not-found]
+    from dagster import DagsterInstance, execute_job, reconstructable
 
     run_config = {
         "execution": {"config": {"cluster": {"existing": {"address": address}}}},
@@ -188,13 +194,14 @@ def run_child(argv: list[str]) -> None:
     p.add_argument("--steps", type=int, required=True)
     p.add_argument("--reps", type=int, required=True)
     p.add_argument("--max-concurrent", type=int)
+    p.add_argument("--jobs-dir")
     a = p.parse_args(argv)
     if a.child == "raw":
         out = child_raw(a.address, a.steps, a.reps)
     elif a.child == "runyard":
         out = child_runyard(a.address, a.steps, a.reps, a.max_concurrent)
     elif a.child == "dagster":
-        out = child_dagster(a.address, a.steps, a.reps)
+        out = child_dagster(a.address, a.steps, a.reps, a.jobs_dir)
     elif a.child == "prefect":
         out = child_prefect(a.address, a.steps, a.reps)
     else:
@@ -265,7 +272,7 @@ class Cluster:
 def measure(python: Path, system: str, address: str, steps: int, reps: int, extra: list[str] | None = None,
             timeout: float = 1800) -> dict[str, Any]:
     env = {**os.environ, "PREFECT_SERVER_ALLOW_EPHEMERAL_MODE": "true", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_LOGGING_LEVEL": "WARNING", "PREFECT_HOME": tempfile.mkdtemp(prefix="bench-dask-prefect-")}
+           "PREFECT_LOGGING_LEVEL": "WARNING", "PREFECT_HOME": str(scratch_dir("bench-dask-prefect-"))}
     env.pop("PREFECT_API_URL", None)
     cmd = [str(python), str(Path(__file__).resolve()), "--child", system, "--address", address,
            "--steps", str(steps), "--reps", str(reps), *(extra or [])]
@@ -302,7 +309,8 @@ def main() -> None:
     # The workers must import what every system sends them: the peer venv has the peers and
     # runyard (setup-peers-dask.sh installs the workspace there too); without it, runyard's.
     worker_python = PEER_PYTHON if have_peers and "runyard" in peer_versions else RUNYARD_PYTHON
-    workdir = Path(tempfile.mkdtemp(prefix="bench-dask-cluster-"))
+    workdir = scratch_dir("bench-dask-cluster-")
+    (workdir / "dagster_bench_jobs.py").write_text(DAGSTER_JOBS.replace("range(N)", f"range({a.steps})"))
     cluster = Cluster(worker_python, workdir)
     rows: dict[str, Any] = {}
     try:
@@ -316,7 +324,8 @@ def main() -> None:
         ]
         if have_peers:
             if "dagster-dask" in peer_versions:
-                plan.append(("dagster dask_executor", PEER_PYTHON, "dagster", [], a.peer_reps))
+                dagster_args = ["--jobs-dir", str(workdir)]
+                plan.append(("dagster dask_executor", PEER_PYTHON, "dagster", dagster_args, a.peer_reps))
             if "prefect-dask" in peer_versions:
                 plan.append(("prefect DaskTaskRunner", PEER_PYTHON, "prefect", [], a.peer_reps))
         for label, python, system, extra, reps in plan:

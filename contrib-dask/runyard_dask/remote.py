@@ -4,7 +4,8 @@ Imports no dask: the task function gets plain JSON data and returns plain JSON d
 nothing of runyard is pickled between the engine and the workers except a reference to
 `run_step` itself.
 
-The step runs in a thread of its own while the Dask task's thread waits for it. A timeout
+The step runs in a step thread (reused from step to step) while the Dask task's thread
+waits for it. A timeout
 or cancel (`interrupt`) raises `StepInterrupted` in the step's thread; if the step is
 blocked in a C call (``time.sleep``, a socket read) the exception only lands when the
 call returns, so the task stops waiting after ``grace`` seconds and gives its worker
@@ -15,8 +16,10 @@ from __future__ import annotations
 
 import contextvars
 import ctypes
+import queue
 import sys
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from runyard.plugin import (
@@ -37,66 +40,108 @@ _running: dict[str, _Running] = {}
 _early: dict[str, str] = {}
 
 
-class _Running:
-    __slots__ = ("thread", "interrupted", "wake", "events")
+def _clear_pending_interrupt() -> None:
+    # An interrupt set just as a step ended must not land in the thread's next step.
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(threading.get_ident()), None)  # NULL: clear
+
+
+class _StepThread:
+    """A thread that runs steps one after another, so that a step costs a hand-over rather
+    than a thread start. A thread whose step was interrupted but did not end is retired:
+    it finishes that step in the background and then exits."""
 
     def __init__(self) -> None:
-        self.thread: threading.Thread | None = None
+        self.jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._loop, name="runyard-step", daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            try:
+                job = self.jobs.get()
+                if job is None:
+                    return
+                job()
+            except StepInterrupted:
+                pass  # arrived after its step ended: the handler already reported the stop
+
+
+_idle: list[_StepThread] = []
+
+
+class _Running:
+    __slots__ = ("worker", "interrupted", "ended", "done", "wake", "events")
+
+    def __init__(self, worker: _StepThread) -> None:
+        self.worker = worker
         self.interrupted: str | None = None  # the kind, once interrupted
-        self.wake = threading.Event()
+        self.ended = False  # the step is over: no interrupt may be sent to its thread any more
+        self.done = threading.Event()  # set by the step's thread when the step is over
+        self.wake = threading.Event()  # set when the step is over or interrupted
         self.events: list[Event] | None = None
 
 
 def run_step(request: dict[str, Any], key: str, grace: float = 1.0) -> dict[str, Any]:
-    """The Dask task: run one attempt and return ``{"events": [event dicts], "abandoned": bool}``."""
+    """The Dask task: run one attempt and return ``{"events": [...], "abandoned": bool,
+    "interrupted": kind or None}`` (events as dicts)."""
     req = StepRequest.from_dict(request)
-    state = _Running()
     with _lock:
         if key in _early:
             kind = _early.pop(key)
             return {"events": [], "abandoned": False, "interrupted": kind}
+        worker = _idle.pop() if _idle else None
+    if worker is None:
+        worker = _StepThread()
+    state = _Running(worker)
+    with _lock:
         _running[key] = state
 
     # distributed keeps the running task's worker in a context variable and its key in a
     # thread-local; the step's thread gets copies of both so that get_worker(),
-    # get_client() and get_current_task() work in steps.
+    # get_client() and distributed.worker.thread_state.key work in steps.
     dist_worker = sys.modules.get("distributed.worker")
     task_state = dict(vars(dist_worker.thread_state)) if dist_worker is not None else {}
     context = contextvars.copy_context()
 
     def body() -> None:
-        if task_state:
-            vars(dist_worker.thread_state).update(task_state)
         try:
-            # Jobs load once per process; two worker threads must not import one file at once.
-            with _load_lock:
-                preload_job(req.code_pointer, req.job_name)
-        except Exception:
-            pass  # execute_step reports the load failure as the attempt's NOT_STARTED failure
-        try:
-            state.events = execute_step(req)
+            if task_state:
+                vars(dist_worker.thread_state).update(task_state)
+            try:
+                # Jobs load once per process; two worker threads must not import one file at once.
+                with _load_lock:
+                    preload_job(req.code_pointer, req.job_name)
+            except Exception:
+                pass  # execute_step reports the load failure as the attempt's NOT_STARTED failure
+            state.events = context.run(execute_step, req)
         except StepInterrupted:
             pass  # delivered after execute_step returned: the handler already reported the stop
         finally:
+            with _lock:
+                state.ended = True
+            _clear_pending_interrupt()
+            state.done.set()
             state.wake.set()
 
-    thread = threading.Thread(target=context.run, args=(body,), name=f"runyard-step-{req.step_key}", daemon=True)
-    state.thread = thread
+    worker.jobs.put(body)
     try:
-        thread.start()
         # An interrupt landing in the step thread's last instructions could skip the wake-up;
         # a thread that is gone needs no waiting for.
-        while not state.wake.wait(0.5) and thread.is_alive():
+        while not state.wake.wait(0.5) and worker.thread.is_alive():
             pass
         # Interrupted: give the step `grace` seconds to take the exception and end.
-        if state.interrupted is not None and state.events is None:
-            thread.join(grace)
+        if state.interrupted is not None:
+            state.done.wait(grace)
     finally:
         with _lock:
             _running.pop(key, None)
-    events = state.events
-    if events is None:
-        return {"events": [], "abandoned": thread.is_alive(), "interrupted": state.interrupted}
+            if state.done.is_set() and worker.thread.is_alive():
+                _idle.append(worker)
+            else:
+                worker.jobs.put(None)  # retire it once its step ends
+    if not state.done.is_set():
+        return {"events": [], "abandoned": True, "interrupted": state.interrupted}
+    events = state.events or []
     return {"events": [e.to_dict() for e in events], "abandoned": False, "interrupted": state.interrupted}
 
 
@@ -114,10 +159,12 @@ def interrupt(key: str, kind: str) -> bool:
         if state.interrupted is not None:
             return True
         state.interrupted = kind
-        thread = state.thread
-    if thread is not None and thread.ident is not None and thread.is_alive():
-        exc = StepTimedOut if kind == "timeout" else StepInterrupted
-        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), ctypes.py_object(exc))
+        if not state.ended:
+            # Under the lock: the step cannot end (and its thread take another step) meanwhile.
+            exc = StepTimedOut if kind == "timeout" else StepInterrupted
+            ident = state.worker.thread.ident
+            if ident is not None:
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident), ctypes.py_object(exc))
     state.wake.set()
     return True
 
