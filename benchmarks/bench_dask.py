@@ -220,10 +220,14 @@ class Cluster:
         self.address = ""
 
     def _spawn(self, name: str, args: list[str]) -> None:
+        # Workers run this checkout's runyard and runyard-dask, whichever venv they run in.
+        src = os.pathsep.join(str(REPO / d) for d in ("core", "plugins", "contrib-dask"))
+        env = {**os.environ, "PYTHONPATH": src}
         with open(self.workdir / f"{name}.log", "wb") as log:
             self.procs.append(
                 subprocess.Popen([str(self.python), "-m", "distributed.cli.dask_" + args[0], *args[1:]],
-                                 stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir, start_new_session=True)
+                                 stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir, start_new_session=True,
+                                 env=env)
             )
 
     def start(self) -> float:
@@ -296,6 +300,7 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--peer-reps", type=int, default=2)
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--no-peers", action="store_true", help="runyard and raw Dask only")
     a = p.parse_args()
     if a.quick:
         a.reps, a.peer_reps = 2, 1
@@ -322,7 +327,7 @@ def main() -> None:
             (f"runyard dask executor (max_concurrent={a.steps})", RUNYARD_PYTHON, "runyard",
              ["--max-concurrent", str(a.steps)], a.reps),
         ]
-        if have_peers:
+        if have_peers and not a.no_peers:
             if "dagster-dask" in peer_versions:
                 dagster_args = ["--jobs-dir", str(workdir)]
                 plan.append(("dagster dask_executor", PEER_PYTHON, "dagster", dagster_args, a.peer_reps))

@@ -112,7 +112,7 @@ def _load_class(path: str) -> Any:
 class _Handle:
     __slots__ = (
         "request", "key", "future", "resources", "lock", "stopped", "reported", "result", "launched", "fetch_error",
-        "error", "fetched",
+        "error", "fetched", "payload", "submit_error",
     )
 
     def __init__(self, request: StepRequest, key: str, resources: dict[str, float]) -> None:
@@ -128,6 +128,8 @@ class _Handle:
         self.fetch_error: str | None = None  # the task finished but its result could not be read
         self.error: BaseException | None = None  # the task raised (status "error")
         self.fetched = False  # the task is over and the fetcher has read what there is to read
+        self.payload: dict[str, Any] | None = None  # the request, until it is submitted
+        self.submit_error: BaseException | None = None
 
 
 class DaskStepHandler(StepHandler):
@@ -146,6 +148,7 @@ class DaskStepHandler(StepHandler):
         self._changed = threading.Event()
         self._done_queue: queue.SimpleQueue[_Handle | None] = queue.SimpleQueue()  # tasks over, not yet read
         self._fetcher: threading.Thread | None = None
+        self._pending: list[_Handle] = []  # launched, to be submitted at the next poll or wait
         self._last_worker_check = 0.0
         self._worker_resources: list[dict[str, float]] | None = None
 
@@ -302,9 +305,11 @@ class DaskStepHandler(StepHandler):
         payload = request.to_dict()
         grace = self.config.interrupt_grace
         if self._client is not None:
-            handle.future = self._client.submit(
-                remote.run_step, payload, key, grace, key=key, resources=resources or None, pure=False, retries=0
-            )
+            # Submitted with the other steps launched in this turn of the engine's loop, in
+            # one graph (see _submit_pending): one message to the scheduler, not one per step.
+            handle.payload = payload
+            self._pending.append(handle)
+            return handle
         else:
             assert self._launcher is not None
             if resources:
@@ -315,6 +320,33 @@ class DaskStepHandler(StepHandler):
             handle.future = self._launcher.submit(self._compute_local, payload, key, grace)
         handle.future.add_done_callback(lambda _f, h=handle: self._on_done(h))
         return handle
+
+    def _submit_pending(self) -> None:
+        pending, self._pending = self._pending, []
+        groups: dict[tuple[tuple[str, float], ...], list[_Handle]] = {}
+        for h in pending:
+            if h.stopped is None:  # stopped before it was submitted: never submit it
+                groups.setdefault(tuple(sorted(h.resources.items())), []).append(h)
+        grace = self.config.interrupt_grace
+        for resources, handles in groups.items():
+            keys = [h.key for h in handles]
+            try:
+                futures = self._client.map(
+                    remote.run_step, [h.payload for h in handles], keys, [grace] * len(handles),
+                    key=keys, resources=dict(resources) or None, pure=False, retries=0,
+                )
+            except Exception as e:
+                for h in handles:
+                    h.submit_error = e
+                continue
+            for h, f in zip(handles, futures, strict=True):
+                h.payload = None
+                with h.lock:
+                    h.future = f
+                    stopped = h.stopped
+                f.add_done_callback(lambda _f, h=h: self._on_done(h))
+                if stopped is not None:  # terminated (from another thread) while being submitted
+                    self._stop_remote(h, f, stopped)
 
     def _compute_local(self, payload: dict[str, Any], key: str, grace: float) -> dict[str, Any]:
         import dask
@@ -334,17 +366,33 @@ class DaskStepHandler(StepHandler):
             self._changed.set()
 
     def wait(self, timeout: float) -> None:
+        if self._pending:
+            self._submit_pending()
         # Done callbacks set the flag; the engine polls everything after this returns, so
         # clearing afterwards loses nothing.
         self._changed.wait(timeout)
         self._changed.clear()
 
     def poll(self, handle: _Handle) -> StepUpdate:
+        if self._pending:
+            self._submit_pending()
         with handle.lock:
             if handle.reported:
                 return StepUpdate.finished()
             stopped = handle.stopped
         future = handle.future
+        if handle.submit_error is not None and stopped is None:
+            e = handle.submit_error
+            return self._report(
+                handle,
+                StepUpdate.crashed(
+                    FailureInfo(
+                        kind=FailureKind.NOT_STARTED,
+                        message=f"step '{handle.request.step_key}' could not be submitted to Dask: "
+                        f"{type(e).__name__}: {e}",
+                    )
+                ),
+            )
         if stopped is not None:
             # The engine has recorded the timeout or cancel; the task is canceled and the
             # step interrupted (see terminate). Its slot is free now.
@@ -490,9 +538,13 @@ class DaskStepHandler(StepHandler):
             if handle.stopped is not None or handle.reported:
                 return
             handle.stopped = kind
-        future = handle.future
+            future = handle.future
         if future is None:
-            return
+            return  # not submitted yet: _submit_pending skips it (or stops it, if it is racing us)
+        self._stop_remote(handle, future, kind)
+        self._changed.set()
+
+    def _stop_remote(self, handle: _Handle, future: Any, kind: FailureKind) -> None:
         if self._client is not None:
             if future.done():
                 return
@@ -505,5 +557,4 @@ class DaskStepHandler(StepHandler):
         else:
             future.cancel()
             remote.interrupt(handle.key, kind.value)  # reaches threads, not the processes scheduler's children
-        self._changed.set()
 

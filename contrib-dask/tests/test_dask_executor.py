@@ -410,3 +410,26 @@ def test_local_scheduler_refuses_resource_tags(runyard_instance: Instance, jobs_
     failure = result.failure_for("on_tpu")
     assert failure is not None and failure.kind is FailureKind.NOT_STARTED
     assert "only distributed workers have" in failure.message
+
+
+def test_scheduler_lost_mid_step_fails_the_step_without_hanging(
+    runyard_instance: Instance, jobs_file: Path, tmp_path: Path, make_cli_cluster: Any
+) -> None:
+    cluster: CliCluster = make_cli_cluster()
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    scheduler = cluster.procs[0]
+
+    def kill_the_scheduler() -> None:
+        wait_for(scratch / "pid")
+        os.killpg(scheduler.pid, signal.SIGKILL)
+
+    threading.Thread(target=kill_the_scheduler, daemon=True).start()
+    started = time.monotonic()
+    result = run(runyard_instance, load(jobs_file, "lose_worker"), {"address": cluster.address, "connect_timeout": 5},
+                 run_config={"scratch": str(scratch)})
+    elapsed = time.monotonic() - started
+    assert result.status is RunStatus.FAILURE
+    failures = [e.failure for e in result.events if e.type is EventType.STEP_FAILURE]
+    assert failures and all(f.kind in (FailureKind.WORKER_LOST, FailureKind.NOT_STARTED) for f in failures), failures
+    assert elapsed < 90, f"losing the scheduler took {elapsed:.1f}s to fail the run"
