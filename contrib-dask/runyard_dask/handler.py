@@ -33,6 +33,7 @@ from .plugin import DaskConfig
 RESOURCE_TAGS = ("runyard/resources", "dask/resources")  # the second wins on a shared name
 _NO_WORKER_CHECK_EVERY = 1.0  # seconds between scheduler queries while a step waits for a worker
 _RESULT_TIMEOUT = 30.0  # seconds to fetch a finished task's result or error
+_RUNNING = StepUpdate.running()  # immutable, so one instance serves every poll
 
 
 def dask_key(request: StepRequest) -> str:
@@ -376,6 +377,15 @@ class DaskStepHandler(StepHandler):
     def poll(self, handle: _Handle) -> StepUpdate:
         if self._pending:
             self._submit_pending()
+        # The common case, cheaply: the engine polls every running step on every turn of its
+        # loop, so with hundreds in flight this path is most of the handler's cost.
+        if (
+            not handle.fetched
+            and handle.stopped is None
+            and handle.submit_error is None
+            and time.monotonic() - handle.launched < self.config.no_worker_timeout
+        ):
+            return _RUNNING
         with handle.lock:
             if handle.reported:
                 return StepUpdate.finished()
@@ -403,7 +413,7 @@ class DaskStepHandler(StepHandler):
                 if missing is not None:
                     self._client.cancel([future], reason="runyard: no worker can run this step")
                     return self._report(handle, StepUpdate.crashed(missing))
-            return StepUpdate.running()
+            return _RUNNING
         if self._client is None:
             return self._report(handle, self._local_outcome(handle))
         return self._report(handle, self._distributed_outcome(handle))
