@@ -433,3 +433,55 @@ def test_scheduler_lost_mid_step_fails_the_step_without_hanging(
     failures = [e.failure for e in result.events if e.type is EventType.STEP_FAILURE]
     assert failures and all(f.kind in (FailureKind.WORKER_LOST, FailureKind.NOT_STARTED) for f in failures), failures
     assert elapsed < 90, f"losing the scheduler took {elapsed:.1f}s to fail the run"
+
+
+SLEEPER = '''
+import time
+
+from runyard import job, step
+
+
+@step
+def sleeper() -> int:
+    time.sleep(3)
+    return 1
+
+
+@step
+def quick() -> int:
+    return 7
+
+
+@job
+def both():
+    sleeper()
+    quick()
+'''
+
+
+def test_run_step_gives_its_thread_back_after_grace_and_later_steps_are_unharmed(tmp_path: Path) -> None:
+    from runyard_dask import remote
+
+    path = write_job(tmp_path, SLEEPER, "sleeper_jobs.py")
+
+    def request(step: str, attempt_id: str) -> dict[str, Any]:
+        return {"run_id": "r", "step_key": step, "attempt": 1, "attempt_id": attempt_id, "job_name": "both",
+                "code_pointer": {"file": str(path)}, "output_store": str(tmp_path / "out"), "inputs": {}}
+
+    out: dict[str, Any] = {}
+    t = threading.Thread(target=lambda: out.update(remote.run_step(request("sleeper", "a1"), "k-sleep", 0.2)))
+    t.start()
+    time.sleep(0.5)
+    started = time.monotonic()
+    assert remote.interrupt("k-sleep", "timeout") is True
+    t.join(10)
+    # Blocked in time.sleep, the step cannot take the exception yet: the task returns after the grace.
+    assert time.monotonic() - started < 2
+    assert out == {"events": [], "abandoned": True, "interrupted": "timeout"}
+    # The step threads left are healthy: the interrupt does not land in a later step.
+    for i in range(5):
+        result = remote.run_step(request("quick", f"q{i}"), f"k-quick-{i}")
+        assert [e["type"] for e in result["events"]][-1] == "STEP_SUCCESS", result
+    assert remote.interrupt("never-ran", "canceled") is False
+    early = remote.run_step(request("quick", "q-early"), "never-ran")
+    assert early == {"events": [], "abandoned": False, "interrupted": "canceled"}
