@@ -40,9 +40,19 @@ _running: dict[str, _Running] = {}
 _early: dict[str, str] = {}
 
 
-def _clear_pending_interrupt() -> None:
-    # An interrupt set just as a step ended must not land in the thread's next step.
-    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(threading.get_ident()), None)  # NULL: clear
+def _take_pending_interrupt() -> None:
+    """Let an interrupt sent just as the step ended land here, not in the thread's next step.
+
+    A pending asynchronous exception is raised at the thread's next check of the eval loop,
+    which a loop's backward jump makes. (Clearing it with ``PyThreadState_SetAsyncExc(id,
+    NULL)`` instead would leave the interpreter-wide "async exception pending" flag set and
+    slow every thread of the process down.)
+    """
+    try:
+        for _ in range(8):
+            pass
+    except StepInterrupted:
+        pass
 
 
 class _StepThread:
@@ -118,8 +128,9 @@ def run_step(request: dict[str, Any], key: str, grace: float = 1.0) -> dict[str,
             pass  # delivered after execute_step returned: the handler already reported the stop
         finally:
             with _lock:
-                state.ended = True
-            _clear_pending_interrupt()
+                state.ended = True  # from here on, interrupt() sends this thread nothing
+            if state.interrupted is not None:
+                _take_pending_interrupt()
             state.done.set()
             state.wake.set()
 
