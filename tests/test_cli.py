@@ -258,9 +258,9 @@ def test_malformed_instance_config_exits_2(home: Path, tmp_path: Path) -> None:
 
 def test_not_installed_executor_exits_2(home: Path, tmp_path: Path) -> None:
     f = write(tmp_path / "solo.py", ONE_JOB)
-    proc = run(home, "job", "execute", "-f", str(f), "--executor", "dask")
+    proc = run(home, "job", "execute", "-f", str(f), "--executor", "k8s")
     assert proc.returncode == 2
-    assert proc.stderr.strip() == 'error: executor \'dask\' is not installed: pip install "runyard[dask]"'
+    assert proc.stderr.strip() == 'error: executor \'k8s\' is not installed: pip install "runyard[k8s]"'
 
 
 # -- help, plugins, api -------------------------------------------------------------------------

@@ -223,8 +223,8 @@ def test_unknown_storage_name_lists_installed_storages(runyard_make_instance: Ca
 def test_known_but_not_installed_backend_gives_the_install_command(
     runyard_make_instance: Callable[..., Instance],
 ) -> None:
-    inst = runyard_make_instance({"executor": "dask"})
-    expected = 'executor \'dask\' is not installed: pip install "runyard[dask]"'
+    inst = runyard_make_instance({"executor": "k8s"})
+    expected = 'executor \'k8s\' is not installed: pip install "runyard[k8s]"'
     assert inst.validate() == [expected]
     with pytest.raises(PluginError) as e:
         execute_job(plain_job, instance=inst)

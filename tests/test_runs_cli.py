@@ -76,7 +76,7 @@ def emit() -> int:
 def configured():
     emit()
 
-@job(executor="dask")
+@job(executor="k8s")
 def elsewhere():
     emit()
 """
@@ -206,9 +206,9 @@ def test_exit_codes(home: Path, tmp_path: Path) -> None:
     assert failed.stdout.strip().splitlines()[-1].endswith("(1 failed, 1 skipped, 1 success)")
     run_id = failed.stdout.splitlines()[0]
     assert ry(home, "run", "wait", run_id).returncode == 1  # a finished run: its outcome at once
-    not_installed = ry(home, "job", "launch", "-f", str(ok), "--executor", "dask")
+    not_installed = ry(home, "job", "launch", "-f", str(ok), "--executor", "k8s")
     assert not_installed.returncode == 2
-    assert not_installed.stderr.strip() == 'error: executor \'dask\' is not installed: pip install "runyard[dask]"'
+    assert not_installed.stderr.strip() == 'error: executor \'k8s\' is not installed: pip install "runyard[k8s]"'
     assert "Traceback" not in not_installed.stderr
     usage = ry(home, "job", "launch")
     assert usage.returncode == 2 and "give exactly one of -f FILE and -m MODULE" in usage.stderr
@@ -337,11 +337,11 @@ def test_config_explain_shows_each_setting_and_its_layer(home: Path, tmp_path: P
     # Without --executor the job names one that is not installed: the same error a run gets.
     missing = ry(home, "config", "explain", "-f", str(f), "-j", "elsewhere")
     assert missing.returncode == 2
-    assert missing.stderr.strip() == 'error: executor \'dask\' is not installed: pip install "runyard[dask]"'
+    assert missing.stderr.strip() == 'error: executor \'k8s\' is not installed: pip install "runyard[k8s]"'
     # With --executor the job's choice is shown as overridden.
     over = json.loads(ry(home, "config", "explain", "-f", str(f), "-j", "elsewhere", "--executor", "in_process",
                          "--json").stdout)
-    assert over["executor"]["overridden"] == [{"name": "dask", "source": "job 'elsewhere'"}]
+    assert over["executor"]["overridden"] == [{"name": "k8s", "source": "job 'elsewhere'"}]
     assert over["executor"]["settings"][0] == {"key": "max_concurrent", "value": None, "source": "default"}
 
 

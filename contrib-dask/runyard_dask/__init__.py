@@ -1,5 +1,6 @@
-"""runyard-dask: steps on a Dask cluster.
+"""runyard-dask: each step of a run as a task on a Dask cluster, or on dask's local schedulers.
 
-Skeleton only: this distribution registers no plugin until its issue lands, so
-naming `dask` in runyard.yaml still fails with the install hint.
+`runyard_dask.plugin` (the entry point) declares the executor and imports neither dask nor
+distributed; `runyard_dask.handler` (the engine side) and `runyard_dask.remote` (what runs
+inside a Dask worker) are imported only when a run uses the executor.
 """

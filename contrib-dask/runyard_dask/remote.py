@@ -1,0 +1,194 @@
+"""What runs inside a Dask worker (or dask's local scheduler): one step attempt.
+
+Imports no dask: the task function gets plain JSON data and returns plain JSON data, so
+nothing of runyard is pickled between the engine and the workers except a reference to
+`run_step` itself.
+
+The step runs in a step thread (reused from step to step) while the Dask task's thread
+waits for it. A timeout
+or cancel (`interrupt`) raises `StepInterrupted` in the step's thread; if the step is
+blocked in a C call (``time.sleep``, a socket read) the exception only lands when the
+call returns, so the task stops waiting after ``grace`` seconds and gives its worker
+thread back to Dask, leaving the step's thread to end in the background.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import ctypes
+import queue
+import sys
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from runyard.plugin import (
+    Event,
+    EventType,
+    StepInterrupted,
+    StepRequest,
+    StepTimedOut,
+    execute_step,
+    preload_job,
+)
+
+# Steps running in this process, by Dask key.
+_lock = threading.Lock()
+_load_lock = threading.Lock()
+_running: dict[str, _Running] = {}
+# Keys interrupted before their task started (a timeout racing the task's start).
+_early: dict[str, str] = {}
+
+
+def _take_pending_interrupt() -> None:
+    """Let an interrupt sent just as the step ended land here, not in the thread's next step.
+
+    A pending asynchronous exception is raised at the thread's next check of the eval loop,
+    which a loop's backward jump makes. (Clearing it with ``PyThreadState_SetAsyncExc(id,
+    NULL)`` instead would leave the interpreter-wide "async exception pending" flag set and
+    slow every thread of the process down.)
+    """
+    try:
+        for _ in range(8):
+            pass
+    except StepInterrupted:
+        pass
+
+
+class _StepThread:
+    """A thread that runs steps one after another, so that a step costs a hand-over rather
+    than a thread start. A thread whose step was interrupted but did not end is retired:
+    it finishes that step in the background and then exits."""
+
+    def __init__(self) -> None:
+        self.jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._loop, name="runyard-step", daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            try:
+                job = self.jobs.get()
+                if job is None:
+                    return
+                job()
+            except StepInterrupted:
+                pass  # arrived after its step ended: the handler already reported the stop
+
+
+_idle: list[_StepThread] = []
+
+
+class _Running:
+    __slots__ = ("worker", "interrupted", "ended", "done", "wake", "events")
+
+    def __init__(self, worker: _StepThread) -> None:
+        self.worker = worker
+        self.interrupted: str | None = None  # the kind, once interrupted
+        self.ended = False  # the step is over: no interrupt may be sent to its thread any more
+        self.done = threading.Event()  # set by the step's thread when the step is over
+        self.wake = threading.Event()  # set when the step is over or interrupted
+        self.events: list[Event] | None = None
+
+
+def run_step(request: dict[str, Any], key: str, grace: float = 1.0) -> dict[str, Any]:
+    """The Dask task: run one attempt and return ``{"events": [...], "abandoned": bool,
+    "interrupted": kind or None}`` (events as dicts)."""
+    req = StepRequest.from_dict(request)
+    with _lock:
+        if key in _early:
+            kind = _early.pop(key)
+            return {"events": [], "abandoned": False, "interrupted": kind}
+        worker = _idle.pop() if _idle else None
+    if worker is None:
+        worker = _StepThread()
+    state = _Running(worker)
+    with _lock:
+        _running[key] = state
+
+    # distributed keeps the running task's worker in a context variable and its key in a
+    # thread-local; the step's thread gets copies of both so that get_worker(),
+    # get_client() and distributed.worker.thread_state.key work in steps.
+    dist_worker = sys.modules.get("distributed.worker")
+    task_state = dict(vars(dist_worker.thread_state)) if dist_worker is not None else {}
+    context = contextvars.copy_context()
+
+    def body() -> None:
+        try:
+            if task_state:
+                vars(dist_worker.thread_state).update(task_state)
+            try:
+                # Jobs load once per process; two worker threads must not import one file at once.
+                with _load_lock:
+                    preload_job(req.code_pointer, req.job_name)
+            except Exception:
+                pass  # execute_step reports the load failure as the attempt's NOT_STARTED failure
+            state.events = context.run(execute_step, req)
+        except StepInterrupted:
+            pass  # delivered after execute_step returned: the handler already reported the stop
+        finally:
+            with _lock:
+                state.ended = True  # from here on, interrupt() sends this thread nothing
+            if state.interrupted is not None:
+                _take_pending_interrupt()
+            state.done.set()
+            state.wake.set()
+
+    worker.jobs.put(body)
+    try:
+        # An interrupt landing in the step thread's last instructions could skip the wake-up;
+        # a thread that is gone needs no waiting for.
+        while not state.wake.wait(0.5) and worker.thread.is_alive():
+            pass
+        # Interrupted: give the step `grace` seconds to take the exception and end.
+        if state.interrupted is not None:
+            state.done.wait(grace)
+    finally:
+        with _lock:
+            _running.pop(key, None)
+            if state.done.is_set() and worker.thread.is_alive():
+                _idle.append(worker)
+            else:
+                worker.jobs.put(None)  # retire it once its step ends
+    if not state.done.is_set():
+        return {"events": [], "abandoned": True, "interrupted": state.interrupted}
+    events = state.events or []
+    return {"events": [e.to_dict() for e in events], "abandoned": False, "interrupted": state.interrupted}
+
+
+def interrupt(key: str, kind: str) -> bool:
+    """Stop the step running under ``key`` in this process (run on every worker by the
+    handler). ``kind`` is ``timeout`` or ``canceled``. Returns whether it was running here."""
+    with _lock:
+        state = _running.get(key)
+        if state is None:
+            _early[key] = kind
+            if len(_early) > 10_000:  # keys of tasks that never came here: forget the oldest
+                for old in list(_early)[:5_000]:
+                    _early.pop(old, None)
+            return False
+        if state.interrupted is not None:
+            return True
+        state.interrupted = kind
+        if not state.ended:
+            # Under the lock: the step cannot end (and its thread take another step) meanwhile.
+            exc = StepTimedOut if kind == "timeout" else StepInterrupted
+            ident = state.worker.thread.ident
+            if ident is not None:
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident), ctypes.py_object(exc))
+    state.wake.set()
+    return True
+
+
+def events_from(result: dict[str, Any]) -> list[Event]:
+    return [Event.from_dict(d) for d in result.get("events", ())]
+
+
+def is_terminal(events: list[Event]) -> bool:
+    return bool(events) and events[-1].type in (EventType.STEP_SUCCESS, EventType.STEP_FAILURE)
+
+
+async def interrupt_on_worker(key: str, kind: str) -> bool:
+    """`interrupt`, as a coroutine: ``Client.run(..., wait=False)`` (fire and forget, so a
+    slow or lost worker never blocks the engine) only accepts coroutine functions."""
+    return interrupt(key, kind)
