@@ -60,6 +60,7 @@ _MAX_ARG = 100_000  # bytes of request passed on the command line; larger ones g
 _TAIL = 1500  # characters of stderr quoted in the failure of a container that died
 _MAX_STDERR = 8 << 20  # characters of stderr kept per attempt
 _MAX_STDOUT = 8 << 20  # characters of stdout kept per attempt
+_HEARTBEAT = "/tmp/runyard-heartbeat"  # rewritten by the run worker; see step_worker
 _HINT_WORKER = (
     "the image must hold runyard and runyard-docker (python3 -m runyard_docker.step_worker); "
     "`runyard docker build-image` builds such an image"
@@ -113,6 +114,7 @@ class DockerStepHandler(StepHandler):
         self.steps: dict[str, _StepSettings] | None = None
         self.job_error: ConfigError | None = None
         self.reaper: subprocess.Popen[bytes] | None = None
+        self.stopping = threading.Event()
 
     def setup(self) -> None:
         cfg = self.config
@@ -138,6 +140,23 @@ class DockerStepHandler(StepHandler):
             os.makedirs(path, exist_ok=True)
             d.add_bind(self.binds, path, "rw")
         self._start_reaper(resolve(cfg.docker_host))
+        if cfg.heartbeat_timeout > 0:
+            threading.Thread(target=self._heartbeat, name="runyard-docker-heartbeat", daemon=True).start()
+
+    def _heartbeat(self) -> None:
+        """Rewrite the heartbeat file in every live step container (see `step_worker`): if
+        this process dies, they stop themselves within ``heartbeat_timeout``."""
+        interval = max(0.5, min(5.0, float(self.config.heartbeat_timeout) / 4))
+        beat = 0
+        while not self.stopping.wait(interval):
+            beat += 1
+            with self.lock:
+                live = [a.container for a in self.attempts if not a.done and a.container is not None]
+            for container in live:
+                try:
+                    container.put_archive("/tmp", _tar({"runyard-heartbeat": str(beat).encode()}))
+                except Exception:  # exited meanwhile, or the engine is slow: the next beat tries again
+                    pass
 
     def _start_reaper(self, docker_host: str | None) -> None:
         """A process that removes this run's step containers if this one dies (see `reaper`)."""
@@ -258,6 +277,7 @@ class DockerStepHandler(StepHandler):
                 # Whatever an attempt's thread could not remove (a stop that timed out).
                 d.remove_containers(self.client, {LABEL_RUN_ID: self.context.run_id, LABEL_KIND: "step"})
         finally:
+            self.stopping.set()
             self._stop_reaper()
 
     # -- one attempt, on its own thread -------------------------------------------------
@@ -273,7 +293,7 @@ class DockerStepHandler(StepHandler):
             "image": att.settings.image,
             "command": ["python3", "-m", "runyard_docker.step_worker", arg],
             "labels": labels,
-            "environment": {**self.env, "PYTHONUNBUFFERED": "1"},
+            "environment": {**self.env, "PYTHONUNBUFFERED": "1", **self._heartbeat_env()},
             "volumes": self.binds,
             "name": d.safe_name("runyard-step", req.run_id[:8], req.step_key, str(req.attempt), req.attempt_id[:6]),
             "init": True,  # docker-init as PID 1 passes SIGTERM on to the worker
@@ -291,12 +311,21 @@ class DockerStepHandler(StepHandler):
         try:
             for extra in self.networks[1:]:
                 self.client.networks.get(extra).connect(container)
-            if in_file:
-                container.put_archive("/tmp", _tar("runyard-step-request.json", payload.encode()))
+            files = {"runyard-step-request.json": payload.encode()} if in_file else {}
+            if self.config.heartbeat_timeout > 0:
+                files["runyard-heartbeat"] = b"0"
+            if files:
+                container.put_archive("/tmp", _tar(files))
         except BaseException:
             _remove(container)
             raise
         return container
+
+    def _heartbeat_env(self) -> dict[str, str]:
+        timeout = float(self.config.heartbeat_timeout)
+        if timeout <= 0:
+            return {}
+        return {"RUNYARD_DOCKER_HEARTBEAT": _HEARTBEAT, "RUNYARD_DOCKER_HEARTBEAT_TIMEOUT": f"{timeout:g}"}
 
     def _run(self, att: _Attempt) -> None:
         container = None
@@ -486,13 +515,15 @@ class _Utf8:
         return self._d.decode(data)
 
 
-def _tar(name: str, data: bytes) -> bytes:
+def _tar(files: dict[str, bytes]) -> bytes:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
-        info = tarfile.TarInfo(name)
-        info.size = len(data)
-        info.mode = 0o600
-        tar.addfile(info, io.BytesIO(data))
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            # The request may hold secrets; the heartbeat must be readable by any user the image runs as.
+            info.mode = 0o600 if name.endswith(".json") else 0o644
+            tar.addfile(info, io.BytesIO(data))
     return buf.getvalue()
 
 

@@ -17,6 +17,9 @@ lines, and removes what is left of the run.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -67,7 +70,7 @@ class DockerRunLauncher(RunLauncher):
         code = d.code_dir(run.code_pointer or {})
         if code is not None and cfg.mount_code:
             d.add_bind(binds, code, "ro")
-        if cfg.mount_docker_socket and d.is_local_engine(client):
+        if self._needs_socket(run) and d.is_local_engine(client):
             sock = _socket_path(docker_host)
             if sock:
                 binds[sock] = {"bind": "/var/run/docker.sock", "mode": "rw"}
@@ -105,7 +108,33 @@ class DockerRunLauncher(RunLauncher):
         except BaseException:
             container.remove(force=True, v=True)
             raise
+        self._start_watcher(run.run_id, container.id, docker_host)
         return {"container_id": container.id, "container_name": name, "docker_host": docker_host, "image": image}
+
+    def _start_watcher(self, run_id: str, container_id: str, docker_host: str | None) -> None:
+        """A process on this machine that removes the run's containers once the run
+        container exits (see `reaper`): the run container cannot always remove itself
+        (no socket mounted, a remote engine) and dies with whatever runs inside it."""
+        env = {**os.environ, "RUNYARD_HOME": str(self.instance_home), "RUNYARD_DOCKER_CLEANUP": self.config.cleanup}
+        env.pop("RUNYARD_DOCKER_REAPER_HOST", None)
+        if docker_host:
+            env["RUNYARD_DOCKER_REAPER_HOST"] = docker_host
+        logs = Path(str(self.instance_home)) / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        with open(logs / f"docker-watch-{run_id}.log", "ab") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "runyard_docker.reaper", "--run-container", run_id, container_id],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, start_new_session=True, close_fds=True,
+            )
+        # Nobody waits for it here (this process usually exits first): reap it if we outlive it.
+        threading.Thread(target=proc.wait, daemon=True).start()
+
+    def _needs_socket(self, run: RunRecord) -> bool:
+        """The socket gives root on the engine's machine to any code in the container: mount
+        it only where the run worker must start step containers, unless told otherwise."""
+        if self.config.mount_docker_socket is not None:
+            return bool(self.config.mount_docker_socket)
+        return run.executor == "docker"
 
     @staticmethod
     def _covered(binds: Mapping[str, Mapping[str, str]], path: str) -> bool:

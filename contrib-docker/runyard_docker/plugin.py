@@ -178,7 +178,13 @@ class DockerSettings:
 
 @attrs.frozen(kw_only=True, slots=False)
 class DockerExecutorConfig(ExecutorConfig, DockerSettings):
-    """``executor: {docker: {...}}``: each step attempt in a fresh container."""
+    """``executor: {docker: {...}}``: each step attempt in a fresh container.
+
+    ``heartbeat_timeout``: a step container stops itself when the run worker has not
+    refreshed its heartbeat for this many seconds (the worker died); 0 turns that off.
+    """
+
+    heartbeat_timeout: float = attrs.field(default=30.0, validator=attrs.validators.ge(0))
 
 
 @attrs.frozen(kw_only=True)
@@ -186,12 +192,14 @@ class DockerLauncherConfig(DockerSettings):
     """``run_launcher: {docker: {...}}``: each run's worker in a container.
 
     ``mount_home``: bind-mount ``RUNYARD_HOME`` at the same path (SQLite storage, outputs,
-    runyard.yaml). ``mount_docker_socket``: bind-mount the engine's socket so that the run
-    worker can start step containers (the ``docker`` executor) and remove its own container.
+    runyard.yaml). ``mount_docker_socket``: bind-mount the engine's socket into the run
+    container. Whoever holds that socket is root on the engine's machine, so by default
+    (None) it is mounted only for runs whose executor is ``docker`` (they need it to start
+    step containers); true mounts it for every run, false never.
     """
 
     mount_home: bool = True
-    mount_docker_socket: bool = True
+    mount_docker_socket: bool | None = None
 
 
 @hookimpl

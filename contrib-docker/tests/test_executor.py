@@ -262,3 +262,55 @@ def test_settings_reach_the_container(
         for c in docker_client.containers.list(all=True, filters={"label": ["team=data", "runyard.test=1"]}):
             c.remove(force=True)
         net.remove()
+
+
+def test_step_containers_stop_themselves_when_the_run_worker_and_its_reaper_die(
+    runyard_home: Path, docker_settings: dict[str, Any], run_containers: Any
+) -> None:
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import yaml
+
+    (runyard_home / "runyard.yaml").write_text(
+        yaml.safe_dump({"executor": {"docker": {**docker_settings, "heartbeat_timeout": 4}}}))
+    env = {**os.environ, "RUNYARD_HOME": str(runyard_home)}
+    jobs = str(Path(__file__).resolve().parent / "docker_jobs.py")
+    out = subprocess.check_output([sys.executable, "-m", "runyard", "job", "launch", "--json", "-f", jobs,
+                                   "-j", "slow_job"], env=env, text=True)
+    run_id = json.loads(out)["run_id"]
+    deadline = time.monotonic() + 60
+    while not any(c.status == "running" for c in run_containers(run_id)):
+        assert time.monotonic() < deadline, "the step container did not start"
+        time.sleep(0.1)
+    # As when the whole machine or container of the run worker goes: nothing on this side
+    # is left to remove the step container, which must stop by itself.
+    for pid in os.listdir("/proc"):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        if b"runyard_docker.reaper" in cmd and run_id.encode() in cmd:
+            os.kill(int(pid), signal.SIGKILL)
+    from runyard import Instance
+
+    instance = Instance(runyard_home)
+    (launched,) = [s.event for s in instance.storage.get_events(run_id) if s.event.type is EventType.RUN_LAUNCHED]
+    os.killpg(launched.data["worker"]["pgid"], signal.SIGKILL)
+    deadline = time.monotonic() + 40
+    while any(c.status == "running" for c in run_containers(run_id)):
+        assert time.monotonic() < deadline, "the orphaned step container kept running"
+        time.sleep(0.2)
+    (left,) = run_containers(run_id)
+    assert left.attrs["State"]["ExitCode"] == 3
+    assert b"no heartbeat from the run worker" in left.logs(stdout=False, stderr=True)
+    waited = subprocess.run([sys.executable, "-m", "runyard", "run", "wait", run_id, "--timeout", "30"], env=env,
+                            capture_output=True, text=True)
+    assert waited.returncode == 1
+    done = subprocess.run([sys.executable, "-m", "runyard", "docker", "cleanup", "--run", run_id], env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert run_containers(run_id) == []
