@@ -312,6 +312,54 @@ def remove_containers(client: docker.DockerClient, labels: Mapping[str, str]) ->
     return removed
 
 
+def _try_create(client: docker.DockerClient, args: Mapping[str, Any]) -> str | None:
+    """Create (never start) and remove a container with ``args``; the engine's or the SDK's
+    objection, if any."""
+    args = {k: v for k, v in args.items() if k != "name"}
+    args["labels"] = {**args.get("labels", {}), LABEL_KIND: "probe"}
+    try:
+        container = client.containers.create(**args)
+    except docker.errors.APIError as e:
+        return str(e.explanation or e)
+    except (docker.errors.DockerException, TypeError, ValueError) as e:
+        return _short(e, 600)
+    try:
+        container.remove(force=True, v=True)
+    except docker.errors.APIError:
+        pass
+    return None
+
+
+def probe(client: docker.DockerClient, args: Mapping[str, Any], kwargs_keys: Iterable[str]) -> tuple[str, str] | None:
+    """Check that the engine accepts a container with ``args`` (mount modes, CPUs beyond the
+    host's, values of container_kwargs), before any starts: None, or (key, objection)
+    where key is the setting to blame (``cpus``, ``container_kwargs.shm_size``, ...; ""
+    when it cannot tell)."""
+    error = _try_create(client, args)
+    if error is None:
+        return None
+    kwargs_keys = [k for k in kwargs_keys if k in args]
+    if kwargs_keys:
+        without = {k: v for k, v in args.items() if k not in kwargs_keys}
+        if _try_create(client, without) is None:
+            bad = [k for k in kwargs_keys if _try_create(client, {**without, k: args[k]}) is not None]
+            return (f"container_kwargs.{bad[0]}" if len(bad) == 1 else "container_kwargs"), error
+    low = error.lower()
+    for key, words in (("cpus", ("cpu",)), ("memory", ("memory", "swap")),
+                       ("volumes", ("mode", "mount", "volume", "bind")), ("network", ("network",))):
+        if any(w in low for w in words):
+            return key, error
+    return "", error
+
+
+def probe_error(where: str, found: tuple[str, str], sep: str = ".") -> ConfigError:
+    key, error = found
+    return ConfigError(
+        f"{where}{sep + key if key else ''}: the Docker engine does not accept a container with these settings: "
+        f"{error}; fix the value"
+    )
+
+
 def safe_name(*parts: str) -> str:
     """A container name from parts (Docker allows [a-zA-Z0-9][a-zA-Z0-9_.-]*)."""
     name = "-".join(re.sub(r"[^a-zA-Z0-9_.-]+", "_", p) for p in parts if p)

@@ -139,6 +139,7 @@ class DockerStepHandler(StepHandler):
         if path is not None and cfg.mount_outputs:
             os.makedirs(path, exist_ok=True)
             d.add_bind(self.binds, path, "rw")
+        self._probe(_StepSettings(self.image, dict(self.base_limits)), WHERE)
         self._start_reaper(resolve(cfg.docker_host))
         if cfg.heartbeat_timeout > 0:
             threading.Thread(target=self._heartbeat, name="runyard-docker-heartbeat", daemon=True).start()
@@ -201,8 +202,11 @@ class DockerStepHandler(StepHandler):
                     )
                 lim = dict(self.base_limits)
                 if RESOURCES_TAG in tags:
-                    res = d.parse_resources(tags[RESOURCES_TAG], f"step '{key}': tag '{RESOURCES_TAG}'")
+                    where = f"step '{key}': tag '{RESOURCES_TAG}'"
+                    res = d.parse_resources(tags[RESOURCES_TAG], where)
                     lim.update(d.limits(res.get("memory"), res.get("cpus")))
+                    if lim != self.base_limits:
+                        self._probe(_StepSettings(image, lim), where)
                 steps[key] = _StepSettings(image, lim)
         except ConfigError as e:
             self.job_error = e
@@ -289,24 +293,9 @@ class DockerStepHandler(StepHandler):
         arg = "@/tmp/runyard-step-request.json" if in_file else payload
         labels = d.base_labels(self.config, "step", req.run_id, self.context.instance_home)
         labels.update({LABEL_STEP_KEY: req.step_key, LABEL_ATTEMPT_ID: req.attempt_id})
-        kwargs: dict[str, Any] = {
-            "image": att.settings.image,
-            "command": ["python3", "-m", "runyard_docker.step_worker", arg],
-            "labels": labels,
-            "environment": {**self.env, "PYTHONUNBUFFERED": "1", **self._heartbeat_env()},
-            "volumes": self.binds,
-            "name": d.safe_name("runyard-step", req.run_id[:8], req.step_key, str(req.attempt), req.attempt_id[:6]),
-            "init": True,  # docker-init as PID 1 passes SIGTERM on to the worker
-            "detach": True,
-            **att.settings.limits,
-            **self.container_kwargs,
-        }
-        if self.networks:
-            first = self.networks[0]
-            if first in ("host", "none") or first.startswith("container:"):
-                kwargs["network_mode"] = first
-            else:
-                kwargs["network"] = first
+        kwargs = self._args(att.settings, labels, ["python3", "-m", "runyard_docker.step_worker", arg])
+        kwargs["name"] = d.safe_name("runyard-step", req.run_id[:8], req.step_key, str(req.attempt),
+                                     req.attempt_id[:6])
         container = self.client.containers.create(**kwargs)
         try:
             for extra in self.networks[1:]:
@@ -320,6 +309,35 @@ class DockerStepHandler(StepHandler):
             _remove(container)
             raise
         return container
+
+    def _args(self, settings: _StepSettings, labels: dict[str, str], command: list[str]) -> dict[str, Any]:
+        """The arguments of containers.create for a step container, but its name."""
+        kwargs: dict[str, Any] = {
+            "image": settings.image,
+            "command": command,
+            "labels": labels,
+            "environment": {**self.env, "PYTHONUNBUFFERED": "1", **self._heartbeat_env()},
+            "volumes": self.binds,
+            "init": True,  # docker-init as PID 1 passes SIGTERM on to the worker
+            "detach": True,
+            **settings.limits,
+            **self.container_kwargs,
+        }
+        if self.networks:
+            first = self.networks[0]
+            if first in ("host", "none") or first.startswith("container:"):
+                kwargs["network_mode"] = first
+            else:
+                kwargs["network"] = first
+        return kwargs
+
+    def _probe(self, settings: _StepSettings, where: str) -> None:
+        """Let the engine check the settings on a container it creates but never starts, so
+        that values only it can judge fail before any step starts, naming the key."""
+        labels = d.base_labels(self.config, "step", self.context.run_id, self.context.instance_home)
+        found = d.probe(self.client, self._args(settings, labels, ["true"]), self.container_kwargs)
+        if found is not None:
+            raise d.probe_error(where, found, "." if where == WHERE else ": ")
 
     def _heartbeat_env(self) -> dict[str, str]:
         timeout = float(self.config.heartbeat_timeout)

@@ -100,7 +100,15 @@ class DockerRunLauncher(RunLauncher):
                 args["network_mode"] = first
             else:
                 args["network"] = first
-        container = client.containers.create(**args)
+        try:
+            container = client.containers.create(**args)
+        except (docker.errors.DockerException, TypeError, ValueError) as e:
+            # Settings only the engine can judge (mount modes, CPUs beyond the host's, values
+            # of container_kwargs): say which key, not just the engine's words.
+            found = d.probe(client, args, kwargs)
+            if found is None:
+                raise ConfigError(f"{WHERE}: could not create the run container: {d._short(e, 600)}") from None
+            raise d.probe_error(WHERE, found) from None
         try:
             for extra in networks[1:]:
                 client.networks.get(extra).connect(container)

@@ -61,6 +61,15 @@ _MEMORY = re.compile(r"^\d+(\.\d+)?[bkmgBKMG]?$")
 _MOUNT_MODES = {"ro", "rw", "z", "Z", "shared", "slave", "private", "rshared", "rslave", "rprivate", "nocopy",
                 "consistent", "cached", "delegated"}
 
+# Options of which a mount takes one at most.
+_EXCLUSIVE_MODES = (
+    {"ro", "rw"},
+    {"z", "Z"},
+    {"shared", "slave", "private", "rshared", "rslave", "rprivate"},
+    {"consistent", "cached", "delegated"},
+    {"nocopy"},
+)
+
 
 def _one_of(choices: tuple[str, ...]) -> Any:
     def check(_: Any, attribute: attrs.Attribute, value: Any) -> None:
@@ -111,9 +120,14 @@ def parse_volume(spec: str) -> tuple[str, str, str]:
         raise ValueError(f"{spec!r}: the source {source!r} is neither an absolute host path nor a volume name")
     if not target.startswith("/"):
         raise ValueError(f"{spec!r}: the target {target!r} must be an absolute path in the container")
-    bad = [m for m in mode.split(",") if m not in _MOUNT_MODES]
+    modes = mode.split(",")
+    bad = [m for m in modes if m not in _MOUNT_MODES]
     if bad:
         raise ValueError(f"{spec!r}: unknown mount mode {bad[0]!r} (use ro or rw)")
+    for group in _EXCLUSIVE_MODES:
+        given = [m for m in modes if m in group]
+        if len(given) > 1:
+            raise ValueError(f"{spec!r}: mount modes {' and '.join(given)} conflict (give one of them)")
     return source, target, mode
 
 

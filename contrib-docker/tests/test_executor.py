@@ -105,9 +105,17 @@ def test_missing_step_image_fails_before_any_step_starts(
          r"executor\.docker\.network\[0\]: network 'runyard-test-no-such-net' does not exist"),
         ({"container_kwargs": {"not_an_arg": 1}},
          r"executor\.docker\.container_kwargs\.not_an_arg: not an argument of the docker SDK"),
+        ({"cpus": 1024},
+         r"executor\.docker\.cpus: the Docker engine does not accept a container with these settings: "
+         r"Range of CPUs is from"),
+        ({"memory": "1k"}, r"executor\.docker\.memory: the Docker engine does not accept .*[Mm]inimum memory"),
+        ({"container_kwargs": {"cpuset_cpus": "1023"}},
+         r"executor\.docker\.container_kwargs\.cpuset_cpus: the Docker engine does not accept .*CPUs"),
+        ({"container_kwargs": {"shm_size": "lots", "working_dir": "/tmp"}},
+         r"executor\.docker\.container_kwargs\.shm_size: the Docker engine does not accept .*lots"),
     ],
     ids=["daemon-unreachable", "image-missing", "host-path-missing", "volume-missing", "unknown-network",
-         "unknown-kwarg"],
+         "unknown-kwarg", "too-many-cpus", "too-little-memory", "bad-kwarg-value", "bad-kwarg-type"],
 )
 def test_bad_settings_fail_before_any_container_starts(
     runyard_make_instance: Any, docker_settings: dict[str, Any], docker_job: Any, run_containers: Any,
@@ -130,6 +138,7 @@ def test_bad_settings_fail_before_any_container_starts(
         ({"pull_policy": "sometimes"}, "executor.docker: pull_policy: expected one of never, if_not_present, always"),
         ({"volumes": ["/data"]}, "executor.docker: volumes[0]: '/data' is not SOURCE:TARGET"),
         ({"volumes": ["/srv:data"]}, "the target 'data' must be an absolute path"),
+        ({"volumes": ["/x:/a:rw,ro"]}, "volumes[0]: '/x:/a:rw,ro': mount modes rw and ro conflict"),
         ({"env_vars": ["1BAD"]}, "env_vars[0]: '1BAD' is not NAME or NAME=VALUE"),
         ({"network": "a", "networks": ["b"]}, "network and networks: give one of them"),
         ({"container_kwargs": {"command": "sh"}}, "container_kwargs.command: set by the plugin"),
@@ -163,6 +172,30 @@ def test_resource_tags_are_checked_before_any_step_starts(
     failure = result.failure_for("a")
     assert failure is not None and failure.kind is FailureKind.NOT_STARTED
     assert "step 'a': tag 'runyard/resources': unknown resource 'gpus'" in failure.message
+
+
+def test_resource_tags_the_engine_refuses_fail_before_any_step_starts(
+    runyard_make_instance: Any, docker_settings: dict[str, Any], tmp_path: Path, run_containers: Any
+) -> None:
+    job_file = tmp_path / "big_tags.py"
+    job_file.write_text(
+        "from runyard import job, step\n"
+        "@step\ndef a():\n    return 1\n"
+        "@step(tags={'runyard/resources': 'cpus=1024'})\n"
+        "def b(x):\n    return x\n"
+        "@job\ndef big_tags():\n    b(a())\n"
+    )
+    from runyard.definitions import CodePointer
+    from runyard.loader import load_job
+
+    instance = runyard_make_instance({"executor": {"docker": docker_settings}})
+    result = execute_job(load_job(CodePointer(file=str(job_file)), "big_tags")[0], instance=instance)
+    assert result.status is RunStatus.FAILURE
+    failure = result.failure_for("a")
+    assert failure is not None and failure.kind is FailureKind.NOT_STARTED
+    assert "step 'b': tag 'runyard/resources': cpus: the Docker engine does not accept" in failure.message
+    assert not [s for s in instance.storage.get_events(result.run_id) if s.event.type is EventType.STEP_START]
+    assert run_containers(result.run_id) == []
 
 
 def test_step_containers_of_a_crashed_run_worker_are_removed(

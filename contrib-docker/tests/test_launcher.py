@@ -283,3 +283,22 @@ def test_a_finished_run_container_without_the_socket_is_removed(
     (run,) = Instance(runyard_home).storage.list_runs()
     assert run.status is RunStatus.SUCCESS and run.executor == "in_process"
     wait_for(lambda: run_containers(run.run_id) == [], "the run container to be removed", 60)
+
+
+@pytest.mark.parametrize(
+    ("settings", "expected"),
+    [
+        ({"cpus": 1024}, r"run_launcher\.docker\.cpus: the Docker engine does not accept .*Range of CPUs"),
+        ({"container_kwargs": {"shm_size": "lots"}},
+         r"run_launcher\.docker\.container_kwargs\.shm_size: the Docker engine does not accept"),
+    ],
+)
+def test_settings_the_engine_refuses_are_a_config_error_before_launch(
+    runyard_home: Path, docker_settings: dict[str, Any], run_containers: Any, settings: dict[str, Any],
+    expected: str,
+) -> None:
+    launcher = _launcher(runyard_home, {**docker_settings, **settings}, None)
+    run = _run()
+    with pytest.raises(ConfigError, match=expected):
+        launcher.launch(run)
+    assert run_containers(run.run_id) == []
