@@ -184,6 +184,62 @@ def add_bind(binds: dict[str, dict[str, str]], path: str, mode: str = "rw") -> N
     binds[path] = {"bind": path, "mode": mode}
 
 
+def covered(binds: Mapping[str, Mapping[str, str]], path: str) -> bool:
+    """Whether a mount's target holds ``path``."""
+    return any((path.rstrip("/") + "/").startswith(b["bind"].rstrip("/") + "/") for b in binds.values())
+
+
+def bind_outputs(
+    client: docker.DockerClient, settings: DockerSettings, binds: dict[str, dict[str, str]], store: str, where: str
+) -> None:
+    """Make the run's output store reachable from the containers, or say why it cannot be.
+
+    A file store is bind-mounted at the same path (``mount_outputs``) unless a volume
+    covers it; bind mounts name paths on the engine's machine, so with a remote engine
+    only a volume the user set up (a shared filesystem there) or an fsspec store will do."""
+    if store.startswith("memory://"):
+        raise ConfigError(
+            f"{where}: steps run in containers and cannot reach the in-memory output store {store}; "
+            "use an instance with a RUNYARD_HOME (outputs under it) or set outputs to a path or fsspec URL"
+        )
+    path = outputs_path(store)
+    if path is None:
+        return  # an fsspec URL: the containers reach it themselves
+    path = os.path.abspath(path)
+    if covered(binds, path):
+        return
+    if not is_local_engine(client):
+        raise ConfigError(
+            f"{where}.docker_host: the output store is the directory {path} on this machine, which containers "
+            f"on the Docker engine at {client.api.base_url} cannot reach (bind mounts name paths on the engine's "
+            "machine); use an fsspec output store they can reach (outputs: s3://..., gcs://...), mount a shared "
+            "filesystem at that path with volumes, or use a Docker engine on this machine"
+        )
+    if not settings.mount_outputs:
+        raise ConfigError(
+            f"{where}.mount_outputs: false, but the outputs directory {path} is not mounted by volumes; "
+            "the steps' containers could not write their outputs (read-only or missing). Set mount_outputs: true "
+            "or add a volume mounting it at the same path"
+        )
+    os.makedirs(path, exist_ok=True)
+    add_bind(binds, path, "rw")
+
+
+def bind_code(client: docker.DockerClient, binds: dict[str, dict[str, str]], path: str, where: str) -> None:
+    """Mount the job's directory read-only at the same path (``mount_code``), which only
+    means the same files on an engine of this machine, unless a volume covers it."""
+    path = os.path.abspath(path)
+    if covered(binds, path):
+        return
+    if not is_local_engine(client):
+        raise ConfigError(
+            f"{where}.mount_code: the job's code is in {path} on this machine, which containers on the Docker "
+            f"engine at {client.api.base_url} cannot see (bind mounts name paths on the engine's machine); bake "
+            "the code into the image (`runyard docker build-image --code DIR`) and set mount_code: false"
+        )
+    add_bind(binds, path, "ro")
+
+
 def environment(settings: DockerSettings, where: str) -> dict[str, str]:
     """``env_vars`` as a mapping; ``NAME`` takes this process's value (skipped when unset)."""
     env: dict[str, str] = {}

@@ -129,16 +129,7 @@ class DockerStepHandler(StepHandler):
         self.binds = d.volume_binds(self.client, cfg, WHERE)
         self.env = d.environment(cfg, WHERE)
         self.base_limits = d.limits(resolve(cfg.memory), cfg.cpus)
-        store = self.context.output_store
-        if store.startswith("memory://"):
-            raise ConfigError(
-                f"{WHERE}: steps run in containers and cannot reach the in-memory output store {store}; "
-                "use an instance with a RUNYARD_HOME (outputs under it) or set outputs to a path or fsspec URL"
-            )
-        path = d.outputs_path(store)
-        if path is not None and cfg.mount_outputs:
-            os.makedirs(path, exist_ok=True)
-            d.add_bind(self.binds, path, "rw")
+        d.bind_outputs(self.client, cfg, self.binds, self.context.output_store, WHERE)
         self._probe(_StepSettings(self.image, dict(self.base_limits)), WHERE)
         self._start_reaper(resolve(cfg.docker_host))
         if cfg.heartbeat_timeout > 0:
@@ -211,8 +202,11 @@ class DockerStepHandler(StepHandler):
         except ConfigError as e:
             self.job_error = e
         self.steps = steps
-        if request.code_pointer.file and self.config.mount_code:
-            d.add_bind(self.binds, d.code_dir(request.code_pointer.to_dict()) or "/", "ro")
+        if request.code_pointer.file and self.config.mount_code and self.job_error is None:
+            try:
+                d.bind_code(self.client, self.binds, d.code_dir(request.code_pointer.to_dict()) or "/", WHERE)
+            except ConfigError as e:
+                self.job_error = e
 
     # -- the handler contract ---------------------------------------------------------
 

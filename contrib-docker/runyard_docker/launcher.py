@@ -58,18 +58,11 @@ class DockerRunLauncher(RunLauncher):
             raise ConfigError(f"{WHERE}: an instance without a RUNYARD_HOME cannot launch runs in containers")
         instance = Instance(self.instance_home)
         self._check_storage(client, instance, networks, binds)
-        outputs = d.outputs_path(instance.outputs_url or "")
-        if outputs is not None:
-            if not (cfg.mount_outputs or self._covered(binds, outputs)):
-                raise ConfigError(
-                    f"{WHERE}.mount_outputs: false, but the outputs directory {outputs} is not mounted by volumes; "
-                    "the run's steps could not share outputs. Set mount_outputs: true or add a volume for it"
-                )
-            os.makedirs(outputs, exist_ok=True)
-            d.add_bind(binds, outputs, "rw")
+        if instance.outputs_url:
+            d.bind_outputs(client, cfg, binds, instance.outputs_url, WHERE)
         code = d.code_dir(run.code_pointer or {})
         if code is not None and cfg.mount_code:
-            d.add_bind(binds, code, "ro")
+            d.bind_code(client, binds, code, WHERE)
         if self._needs_socket(run) and d.is_local_engine(client):
             sock = _socket_path(docker_host)
             if sock:
@@ -144,10 +137,6 @@ class DockerRunLauncher(RunLauncher):
             return bool(self.config.mount_docker_socket)
         return run.executor == "docker"
 
-    @staticmethod
-    def _covered(binds: Mapping[str, Mapping[str, str]], path: str) -> bool:
-        return any((path.rstrip("/") + "/").startswith(b["bind"].rstrip("/") + "/") for b in binds.values())
-
     def _check_storage(
         self, client: Any, instance: Instance, networks: list[str], binds: dict[str, dict[str, str]]
     ) -> None:
@@ -166,7 +155,7 @@ class DockerRunLauncher(RunLauncher):
             home = str(Path(self.instance_home or "/").resolve())
             if self.config.mount_home:
                 d.add_bind(binds, home, "rw")
-            if not self._covered(binds, str(path.parent)):
+            if not d.covered(binds, str(path.parent)):
                 if self.config.mount_home:
                     d.add_bind(binds, str(path.parent), "rw")
                 else:
@@ -179,7 +168,7 @@ class DockerRunLauncher(RunLauncher):
         home = str(Path(self.instance_home or "/").resolve())
         if self.config.mount_home:
             d.add_bind(binds, home, "rw")
-        elif not self._covered(binds, home):
+        elif not d.covered(binds, home):
             raise ConfigError(
                 f"{WHERE}.mount_home: false, but RUNYARD_HOME {home} is not mounted by volumes, so the run worker "
                 "in the container would not find runyard.yaml (and would use other storage); set mount_home: true "

@@ -347,3 +347,70 @@ def test_step_containers_stop_themselves_when_the_run_worker_and_its_reaper_die(
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert run_containers(run_id) == []
+
+
+@pytest.fixture
+def tcp_engine() -> Any:
+    """The local engine reached over TCP (a small forwarder to its socket), as a remote
+    engine is: its bind mounts would name paths on another machine."""
+    import os
+    import socket
+    import socketserver
+
+    sock_path = (os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock").removeprefix("unix://")
+
+    def pump(a: socket.socket, b: socket.socket) -> None:
+        try:
+            while data := a.recv(65536):
+                b.sendall(data)
+        except OSError:
+            pass
+        finally:
+            try:
+                b.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+
+    class Forward(socketserver.BaseRequestHandler):
+        def handle(self) -> None:
+            up = socket.socket(socket.AF_UNIX)
+            up.connect(sock_path)
+            back = threading.Thread(target=pump, args=(up, self.request), daemon=True)
+            back.start()
+            pump(self.request, up)
+            back.join(30)
+            up.close()
+
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Forward)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"tcp://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_outputs_the_containers_cannot_write_are_rejected_before_any_step(
+    runyard_make_instance: Any, docker_settings: dict[str, Any], docker_job: Any, run_containers: Any
+) -> None:
+    instance = runyard_make_instance(
+        {"executor": {"docker": {**docker_settings, "volumes": [], "mount_outputs": False}}})
+    with pytest.raises(ConfigError, match=r"executor\.docker\.mount_outputs: false, but the outputs directory "
+                                          r"\S+ is not mounted by volumes"):
+        execute_job(docker_job("hello_job"), instance=instance)
+    (run,) = instance.storage.list_runs()
+    assert not [s for s in instance.storage.get_events(run.run_id) if s.event.type is EventType.STEP_START]
+    assert run_containers(run.run_id) == []
+
+
+def test_local_outputs_with_a_remote_engine_are_rejected_before_any_step(
+    runyard_make_instance: Any, docker_settings: dict[str, Any], docker_job: Any, run_containers: Any,
+    tcp_engine: str,
+) -> None:
+    instance = runyard_make_instance(
+        {"executor": {"docker": {**docker_settings, "volumes": [], "docker_host": tcp_engine}}})
+    with pytest.raises(ConfigError, match=r"executor\.docker\.docker_host: the output store is the directory \S+ "
+                                          r"on this machine, which containers on the Docker engine at "
+                                          r"\S+ cannot reach"):
+        execute_job(docker_job("hello_job"), instance=instance)
+    (run,) = instance.storage.list_runs()
+    assert run_containers(run.run_id) == []
