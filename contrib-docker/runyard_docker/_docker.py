@@ -38,7 +38,7 @@ BUILD_HINT = "build it with `runyard docker build-image --tag IMAGE` (see docs/b
 ALLOWED_KWARGS = (
     set(docker.models.containers.RUN_CREATE_KWARGS)
     | set(docker.models.containers.RUN_HOST_CONFIG_KWARGS)
-    | {"ports", "name"}
+    | {"ports"}
 ) - set(RESERVED_KWARGS)
 
 _clients: dict[str | None, docker.DockerClient] = {}

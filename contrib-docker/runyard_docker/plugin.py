@@ -45,6 +45,9 @@ RESERVED_KWARGS = {
     "labels": "labels",
     "network": "network",
     "network_mode": "network",
+    "name": "(each container gets a name of its own: runyard-step-RUN-STEP-ATTEMPT or runyard-run-RUN; "
+            "find them by label)",
+    "init": "(always true: docker-init as PID 1 passes SIGTERM on and reaps the step's children)",
     "mem_limit": "memory",
     "nano_cpus": "cpus",
     "detach": "(always detached)",

@@ -127,4 +127,16 @@ def docker_job() -> Callable[[str], Any]:
 @pytest.fixture
 def run_containers(docker_client: Any) -> Callable[[str], list[Any]]:
     """The containers (any state) labelled with a run id."""
-    return lambda run_id: docker_client.containers.list(all=True, filters={"label": [f"runyard.run_id={run_id}"]})
+    import docker.errors
+
+    def containers(run_id: str) -> list[Any]:
+        # Listing inspects each container: one removed meanwhile (the executor's short-lived
+        # probe, a step just finished) is a 404, not an error of the code under test.
+        for _ in range(20):
+            try:
+                return docker_client.containers.list(all=True, filters={"label": [f"runyard.run_id={run_id}"]})
+            except docker.errors.NotFound:
+                time.sleep(0.05)
+        return docker_client.containers.list(all=True, filters={"label": [f"runyard.run_id={run_id}"]})
+
+    return containers

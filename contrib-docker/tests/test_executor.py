@@ -142,6 +142,8 @@ def test_bad_settings_fail_before_any_container_starts(
         ({"env_vars": ["1BAD"]}, "env_vars[0]: '1BAD' is not NAME or NAME=VALUE"),
         ({"network": "a", "networks": ["b"]}, "network and networks: give one of them"),
         ({"container_kwargs": {"command": "sh"}}, "container_kwargs.command: set by the plugin"),
+        ({"container_kwargs": {"name": "mine"}}, "container_kwargs.name: set by the plugin; use (each container gets"),
+        ({"container_kwargs": {"init": False}}, "container_kwargs.init: set by the plugin"),
         ({"memory": "lots"}, "memory: expected a size like 512m or 2g"),
         ({"cleanup": "sometimes"}, "cleanup: expected one of always, on_success, never"),
     ],
