@@ -145,9 +145,21 @@ def network_names(settings: DockerSettings) -> list[str]:
     return [str(resolve(n)) for n in settings.networks]
 
 
-def volume_binds(client: docker.DockerClient, settings: DockerSettings, where: str) -> dict[str, dict[str, str]]:
-    """The SDK's ``volumes`` argument for the configured ``volumes``; bad specs raise."""
-    binds: dict[str, dict[str, str]] = {}
+# (source, target, mode) of each mount. A list, not a mapping keyed by source: one source
+# may be mounted at several targets (and the outputs directory both at a volume's target
+# and at its own path).
+Binds = list[tuple[str, str, str]]
+
+
+def sdk_volumes(binds: Binds) -> list[str]:
+    """The SDK's ``volumes`` argument: ``SOURCE:TARGET:MODE`` strings."""
+    return [f"{source}:{target}:{mode}" for source, target, mode in binds]
+
+
+def volume_binds(client: docker.DockerClient, settings: DockerSettings, where: str) -> Binds:
+    """The configured ``volumes``, checked; bad specs raise."""
+    binds: Binds = []
+    targets: dict[str, int] = {}
     for i, raw in enumerate(settings.volumes):
         spec = str(resolve(raw))
         try:
@@ -170,28 +182,30 @@ def volume_binds(client: docker.DockerClient, settings: DockerSettings, where: s
                     f"{where}.volumes[{i}]: Docker volume {source!r} does not exist; create it with "
                     f"`docker volume create {source}` (runyard does not create volumes, so none is left behind)"
                 ) from None
-        binds[source] = {"bind": target, "mode": mode}
+        normalized = target.rstrip("/") or "/"
+        if normalized in targets:
+            raise ConfigError(
+                f"{where}.volumes[{i}]: the target {target} is already mounted by volumes[{targets[normalized]}]; "
+                "a container path takes one mount"
+            )
+        targets[normalized] = i
+        binds.append((source, target, mode))
     return binds
 
 
-def add_bind(binds: dict[str, dict[str, str]], path: str, mode: str = "rw") -> None:
-    """Bind ``path`` at the same path in the container, unless a volume already covers it."""
+def add_bind(binds: Binds, path: str, mode: str = "rw") -> None:
+    """Bind ``path`` at the same path in the container, unless a mount already covers it."""
     path = os.path.abspath(path)
-    for bind in binds.values():
-        target = bind["bind"].rstrip("/") + "/"
-        if (path + "/").startswith(target):
-            return
-    binds[path] = {"bind": path, "mode": mode}
+    if not covered(binds, path):
+        binds.append((path, path, mode))
 
 
-def covered(binds: Mapping[str, Mapping[str, str]], path: str) -> bool:
+def covered(binds: Binds, path: str) -> bool:
     """Whether a mount's target holds ``path``."""
-    return any((path.rstrip("/") + "/").startswith(b["bind"].rstrip("/") + "/") for b in binds.values())
+    return any((path.rstrip("/") + "/").startswith(target.rstrip("/") + "/") for _, target, _ in binds)
 
 
-def bind_outputs(
-    client: docker.DockerClient, settings: DockerSettings, binds: dict[str, dict[str, str]], store: str, where: str
-) -> None:
+def bind_outputs(client: docker.DockerClient, settings: DockerSettings, binds: Binds, store: str, where: str) -> None:
     """Make the run's output store reachable from the containers, or say why it cannot be.
 
     A file store is bind-mounted at the same path (``mount_outputs``) unless a volume
@@ -225,7 +239,7 @@ def bind_outputs(
     add_bind(binds, path, "rw")
 
 
-def bind_code(client: docker.DockerClient, binds: dict[str, dict[str, str]], path: str, where: str) -> None:
+def bind_code(client: docker.DockerClient, binds: Binds, path: str, where: str) -> None:
     """Mount the job's directory read-only at the same path (``mount_code``), which only
     means the same files on an engine of this machine, unless a volume covers it."""
     path = os.path.abspath(path)

@@ -311,7 +311,7 @@ class DockerStepHandler(StepHandler):
             "command": command,
             "labels": labels,
             "environment": {**self.env, "PYTHONUNBUFFERED": "1", **self._heartbeat_env()},
-            "volumes": self.binds,
+            "volumes": d.sdk_volumes(self.binds),
             "init": True,  # docker-init as PID 1 passes SIGTERM on to the worker
             "detach": True,
             **settings.limits,

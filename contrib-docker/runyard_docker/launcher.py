@@ -66,7 +66,7 @@ class DockerRunLauncher(RunLauncher):
         if self._needs_socket(run) and d.is_local_engine(client):
             sock = _socket_path(docker_host)
             if sock:
-                binds[sock] = {"bind": "/var/run/docker.sock", "mode": "rw"}
+                binds.append((sock, "/var/run/docker.sock", "rw"))
         name = d.safe_name("runyard-run", run.run_id[:12], os.urandom(3).hex())
         labels = d.base_labels(cfg, "run", run.run_id, self.instance_home)
         args: dict[str, Any] = {
@@ -80,7 +80,7 @@ class DockerRunLauncher(RunLauncher):
                 "RUNYARD_DOCKER_CLEANUP": cfg.cleanup,
                 "PYTHONUNBUFFERED": "1",
             },
-            "volumes": binds,
+            "volumes": d.sdk_volumes(binds),
             "name": name,
             "init": True,  # docker-init passes SIGTERM on: the worker cancels the run cleanly
             "detach": True,
@@ -138,7 +138,7 @@ class DockerRunLauncher(RunLauncher):
         return run.executor == "docker"
 
     def _check_storage(
-        self, client: Any, instance: Instance, networks: list[str], binds: dict[str, dict[str, str]]
+        self, client: Any, instance: Instance, networks: list[str], binds: d.Binds
     ) -> None:
         """Reject storage the run container could not reach, saying why and what to do."""
         sel = instance.sections["storage"]

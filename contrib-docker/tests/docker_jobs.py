@@ -103,6 +103,7 @@ def look() -> dict:  # type: ignore[type-arg]
     return {
         "env": {k: os.environ.get(k) for k in ("PASSED", "SET", "FROM_OTHER")},
         "data": read("/runyard-data/hello.txt"),
+        "data_again": read("/runyard-data-again/hello.txt"),
         "memory_limit": read("/sys/fs/cgroup/memory/memory.limit_in_bytes"),
         "cpu_quota": read("/sys/fs/cgroup/cpu/cpu.cfs_quota_us"),
     }

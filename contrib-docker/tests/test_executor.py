@@ -105,6 +105,8 @@ def test_missing_step_image_fails_before_any_step_starts(
          r"executor\.docker\.network\[0\]: network 'runyard-test-no-such-net' does not exist"),
         ({"container_kwargs": {"not_an_arg": 1}},
          r"executor\.docker\.container_kwargs\.not_an_arg: not an argument of the docker SDK"),
+        ({"volumes": ["TMP:/a", "TMP:/a/:ro"]},
+         r"executor\.docker\.volumes\[1\]: the target /a/ is already mounted by volumes\[0\]"),
         ({"cpus": 1024},
          r"executor\.docker\.cpus: the Docker engine does not accept a container with these settings: "
          r"Range of CPUs is from"),
@@ -115,7 +117,7 @@ def test_missing_step_image_fails_before_any_step_starts(
          r"executor\.docker\.container_kwargs\.shm_size: the Docker engine does not accept .*lots"),
     ],
     ids=["daemon-unreachable", "image-missing", "host-path-missing", "volume-missing", "unknown-network",
-         "unknown-kwarg", "too-many-cpus", "too-little-memory", "bad-kwarg-value", "bad-kwarg-type"],
+         "unknown-kwarg", "same-target", "too-many-cpus", "too-little-memory", "bad-kwarg-value", "bad-kwarg-type"],
 )
 def test_bad_settings_fail_before_any_container_starts(
     runyard_make_instance: Any, docker_settings: dict[str, Any], docker_job: Any, run_containers: Any,
@@ -269,7 +271,8 @@ def test_settings_reach_the_container(
     try:
         instance = runyard_make_instance({"executor": {"docker": {
             **docker_settings,
-            "volumes": [*docker_settings["volumes"], f"{data}:/runyard-data:ro"],
+            # One source at two targets: both mounts must be there.
+            "volumes": [*docker_settings["volumes"], f"{data}:/runyard-data:ro", f"{data}:/runyard-data-again"],
             "networks": ["bridge", net.name],
             "env_vars": ["PASSED", "SET=a value", {"FROM_OTHER": {"env": "OTHER"}}, "NOT_SET_ANYWHERE"],
             "labels": {**docker_settings["labels"], "team": "data"},
@@ -283,7 +286,7 @@ def test_settings_reach_the_container(
         seen = result.output_for("look")
         assert seen["env"] == {"PASSED": "from the run worker", "SET": "a value",
                                "FROM_OTHER": "read through {env: OTHER}"}
-        assert seen["data"] == "mounted"
+        assert seen["data"] == "mounted" and seen["data_again"] == "mounted"
         assert seen["memory_limit"] == str(96 * 1024 * 1024)
         assert seen["cpu_quota"] == "50000"  # half of the 100 ms period
         (container,) = run_containers(result.run_id)  # kept: cleanup never
@@ -416,3 +419,12 @@ def test_local_outputs_with_a_remote_engine_are_rejected_before_any_step(
         execute_job(docker_job("hello_job"), instance=instance)
     (run,) = instance.storage.list_runs()
     assert run_containers(run.run_id) == []
+
+
+def test_a_volume_of_the_outputs_directory_elsewhere_keeps_its_mount() -> None:
+    from runyard_docker import _docker as d
+
+    binds: d.Binds = [("/srv/outputs", "/elsewhere", "ro"), ("/srv/data", "/data", "rw")]
+    d.add_bind(binds, "/srv/outputs", "rw")  # not covered by a target: mounted at its own path too
+    d.add_bind(binds, "/data/sub", "rw")  # covered by the /data mount: nothing to add
+    assert d.sdk_volumes(binds) == ["/srv/outputs:/elsewhere:ro", "/srv/data:/data:rw", "/srv/outputs:/srv/outputs:rw"]
