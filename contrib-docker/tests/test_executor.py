@@ -288,11 +288,12 @@ def test_settings_reach_the_container(
                                "FROM_OTHER": "read through {env: OTHER}"}
         assert seen["data"] == "mounted" and seen["data_again"] == "mounted"
         assert seen["memory_limit"] == str(96 * 1024 * 1024)
-        assert seen["cpu_quota"] == "50000"  # half of the 100 ms period
+        assert seen["cpu_quota"] == "50000"  # half of the 100 ms period (cgroup v1 or v2)
         (container,) = run_containers(result.run_id)  # kept: cleanup never
         attrs = container.attrs
         assert set(attrs["NetworkSettings"]["Networks"]) == {"bridge", net.name}
         assert attrs["HostConfig"]["PidsLimit"] == 64
+        assert attrs["HostConfig"]["Memory"] == 96 * 1024 * 1024 and attrs["HostConfig"]["NanoCpus"] == 5 * 10**8
         assert "NOT_SET_ANYWHERE" not in " ".join(attrs["Config"]["Env"])
         assert container.labels["team"] == "data" and container.labels["runyard.step_key"] == "look"
         assert container.labels["runyard.instance"] == str(instance.home)
