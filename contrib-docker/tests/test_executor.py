@@ -429,3 +429,37 @@ def test_a_volume_of_the_outputs_directory_elsewhere_keeps_its_mount() -> None:
     d.add_bind(binds, "/srv/outputs", "rw")  # not covered by a target: mounted at its own path too
     d.add_bind(binds, "/data/sub", "rw")  # covered by the /data mount: nothing to add
     assert d.sdk_volumes(binds) == ["/srv/outputs:/elsewhere:ro", "/srv/data:/data:rw", "/srv/outputs:/srv/outputs:rw"]
+
+
+def test_cleanup_keeps_every_container_of_an_unfinished_run(
+    runyard_home: Path, docker_settings: dict[str, Any], docker_client: Any, run_containers: Any
+) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from runyard import Instance, RunRecord
+
+    instance = Instance(runyard_home)
+    run = RunRecord(job_name="hello_job", code_pointer={}, run_config={}, executor="docker", tags={},
+                    parent_run_id=None, step_selection=None)
+    instance.storage.add_run(run)
+    assert instance.storage.set_run_status(run.run_id, RunStatus.STARTED)
+    labels = {"runyard.run_id": run.run_id, "runyard.kind": "step", "runyard.instance": str(instance.home),
+              "runyard.test": "1"}
+    # A step container the run worker has created and is about to start.
+    created = docker_client.containers.create(docker_settings["image"], ["true"], labels=labels)
+    try:
+        env = {**os.environ, "RUNYARD_HOME": str(runyard_home)}
+        cmd = [sys.executable, "-m", "runyard", "docker", "cleanup"]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert [c.id for c in run_containers(run.run_id)] == [created.id]
+        assert "1 container(s) of unfinished runs kept" in done.stderr
+        assert instance.storage.set_run_status(run.run_id, RunStatus.FAILURE)
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert run_containers(run.run_id) == []
+    finally:
+        if run_containers(run.run_id):
+            created.remove(force=True)
