@@ -50,7 +50,14 @@ def connect(docker_host: str | None, where: str) -> docker.DockerClient:
     with _clients_lock:
         client = _clients.get(docker_host)
     if client is not None:
-        return client
+        # A long-lived process (a monitor, a run worker) may outlive the engine it first
+        # reached: check again, so that a dead engine gets the message below, not a raw error.
+        try:
+            client.ping()
+            return client
+        except Exception:
+            with _clients_lock:
+                _clients.pop(docker_host, None)
     shown = docker_host or os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
     try:
         if docker_host:
@@ -338,9 +345,33 @@ def check_container_kwargs(settings: DockerSettings, where: str) -> dict[str, An
                 f"{where}.container_kwargs.{key}: not an argument of the docker SDK's containers.run/create "
                 f"(allowed: {', '.join(sorted(ALLOWED_KWARGS))})"
             )
-    if settings.cleanup not in CLEANUP_POLICIES:
-        raise ConfigError(f"{where}.cleanup: expected one of {', '.join(CLEANUP_POLICIES)}, got {settings.cleanup!r}")
-    return dict(settings.container_kwargs)
+    cleanup_policy(settings, where)
+    # Top-level {env: NAME} values are read now, as every other setting's are.
+    return {k: resolve(EnvVar(v["env"])) if _is_env_ref(v) else v for k, v in settings.container_kwargs.items()}
+
+
+def _is_env_ref(value: Any) -> bool:
+    return isinstance(value, Mapping) and set(value) == {"env"} and isinstance(value["env"], str)
+
+
+def cleanup_policy(settings: DockerSettings, where: str) -> str:
+    """``cleanup``, read now (it may be ``{env: NAME}``) and checked."""
+    try:
+        policy = str(resolve(settings.cleanup))
+    except ConfigError as e:
+        raise ConfigError(f"{where}.cleanup: {e}") from None
+    if policy not in CLEANUP_POLICIES:
+        raise ConfigError(f"{where}.cleanup: expected one of {', '.join(CLEANUP_POLICIES)}, got {policy!r}")
+    return policy
+
+
+def engine_gone(e: BaseException) -> bool:
+    """Whether ``e`` says the engine could not be reached (rather than refused something)."""
+    import requests.exceptions
+
+    return isinstance(e, requests.exceptions.ConnectionError | requests.exceptions.Timeout) or (
+        isinstance(e, docker.errors.DockerException) and not isinstance(e, docker.errors.APIError)
+    )
 
 
 def base_labels(settings: DockerSettings, kind: str, run_id: str, instance_home: str | None) -> dict[str, str]:

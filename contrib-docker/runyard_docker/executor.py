@@ -120,6 +120,7 @@ class DockerStepHandler(StepHandler):
         cfg = self.config
         client = d.connect(resolve(cfg.docker_host), WHERE)
         self.container_kwargs = d.check_container_kwargs(cfg, WHERE)
+        self.cleanup = d.cleanup_policy(cfg, WHERE)
         self.client = client
         self.image = str(resolve(cfg.image))
         self.pull_policy = str(resolve(cfg.pull_policy))
@@ -152,7 +153,7 @@ class DockerStepHandler(StepHandler):
 
     def _start_reaper(self, docker_host: str | None) -> None:
         """A process that removes this run's step containers if this one dies (see `reaper`)."""
-        env = {**os.environ, "RUNYARD_DOCKER_CLEANUP": self.config.cleanup}
+        env = {**os.environ, "RUNYARD_DOCKER_CLEANUP": self.cleanup}
         if docker_host:
             env["RUNYARD_DOCKER_REAPER_HOST"] = docker_host
         # Its own session: killing the run worker's process group must not take it along.
@@ -271,7 +272,7 @@ class DockerStepHandler(StepHandler):
             for att in attempts:
                 if att.thread is not None:
                     att.thread.join(max(0.0, deadline - time.monotonic()))
-            if self.config.cleanup == "always":
+            if self.cleanup == "always":
                 # Whatever an attempt's thread could not remove (a stop that timed out).
                 d.remove_containers(self.client, {LABEL_RUN_ID: self.context.run_id, LABEL_KIND: "step"})
         finally:
@@ -390,8 +391,8 @@ class DockerStepHandler(StepHandler):
             ))
         finally:
             if container is not None:
-                keep = self.config.cleanup == "never" or (
-                    self.config.cleanup == "on_success"
+                keep = self.cleanup == "never" or (
+                    self.cleanup == "on_success"
                     and not (att.ending is not None and att.ending.type is EventType.STEP_SUCCESS)
                 )
                 if not keep:

@@ -77,7 +77,7 @@ class DockerRunLauncher(RunLauncher):
                 **env,
                 "RUNYARD_HOME": self.instance_home,
                 "RUNYARD_DOCKER_CONTAINER": name,
-                "RUNYARD_DOCKER_CLEANUP": cfg.cleanup,
+                "RUNYARD_DOCKER_CLEANUP": d.cleanup_policy(cfg, WHERE),
                 "PYTHONUNBUFFERED": "1",
             },
             "volumes": d.sdk_volumes(binds),
@@ -116,7 +116,8 @@ class DockerRunLauncher(RunLauncher):
         """A process on this machine that removes the run's containers once the run
         container exits (see `reaper`): the run container cannot always remove itself
         (no socket mounted, a remote engine) and dies with whatever runs inside it."""
-        env = {**os.environ, "RUNYARD_HOME": str(self.instance_home), "RUNYARD_DOCKER_CLEANUP": self.config.cleanup}
+        env = {**os.environ, "RUNYARD_HOME": str(self.instance_home),
+               "RUNYARD_DOCKER_CLEANUP": d.cleanup_policy(self.config, WHERE)}
         env.pop("RUNYARD_DOCKER_REAPER_HOST", None)
         if docker_host:
             env["RUNYARD_DOCKER_REAPER_HOST"] = docker_host
@@ -197,12 +198,18 @@ class DockerRunLauncher(RunLauncher):
     def _client(self, worker: Mapping[str, Any]) -> Any:
         return d.connect(worker.get("docker_host"), WHERE)
 
+    @staticmethod
+    def _gone(worker: Mapping[str, Any], e: BaseException) -> str:
+        shown = worker.get("docker_host") or os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
+        return (f"{WHERE}.docker_host: the Docker engine at {shown} is not reachable "
+                f"({type(e).__name__}: {d._short(e)}); {d.START_HINT}")
+
     def terminate(self, run: RunRecord, worker: Mapping[str, Any], *, force: bool = False) -> None:
         client = self._client(worker)
-        if force:
-            d.remove_containers(client, {LABEL_RUN_ID: run.run_id})
-            return
         try:
+            if force:
+                d.remove_containers(client, {LABEL_RUN_ID: run.run_id})
+                return
             container = client.containers.get(worker["container_id"])
             if container.status == "running":
                 container.kill(signal="SIGTERM")
@@ -211,6 +218,10 @@ class DockerRunLauncher(RunLauncher):
         except docker.errors.APIError as e:
             if "is not running" not in str(e):
                 raise
+        except Exception as e:
+            if not d.engine_gone(e):
+                raise
+            raise ConfigError(self._gone(worker, e)) from None
 
     def check_health(self, run: RunRecord, worker: Mapping[str, Any]) -> WorkerHealth:
         try:
@@ -228,6 +239,10 @@ class DockerRunLauncher(RunLauncher):
             )
         except docker.errors.APIError as e:
             return WorkerHealth(status="unknown", message=f"cannot inspect run container {name}: {e}")
+        except Exception as e:
+            if not d.engine_gone(e):
+                raise
+            return WorkerHealth(status="unknown", message=self._gone(worker, e))
         state = container.attrs.get("State", {})
         if container.status in ("created", "running", "restarting", "paused"):
             return WorkerHealth(status="running")
@@ -240,9 +255,13 @@ class DockerRunLauncher(RunLauncher):
         message = f"run container {name} {d.describe_exit(code, oom)}"
         if logs:
             message += f"; last log lines:\n{logs}"
-        if self.config.cleanup != "never":
+        try:
+            policy = d.cleanup_policy(self.config, WHERE)
+        except ConfigError:
+            policy = "always"  # the variable is gone since launch: leave nothing behind
+        if policy != "never":
             self._remove_steps(client, run)
-            if self.config.cleanup == "always":
+            if policy == "always":
                 try:
                     container.remove(force=True, v=True)
                 except docker.errors.APIError:

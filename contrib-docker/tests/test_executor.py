@@ -355,46 +355,6 @@ def test_step_containers_stop_themselves_when_the_run_worker_and_its_reaper_die(
     assert run_containers(run_id) == []
 
 
-@pytest.fixture
-def tcp_engine() -> Any:
-    """The local engine reached over TCP (a small forwarder to its socket), as a remote
-    engine is: its bind mounts would name paths on another machine."""
-    import os
-    import socket
-    import socketserver
-
-    sock_path = (os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock").removeprefix("unix://")
-
-    def pump(a: socket.socket, b: socket.socket) -> None:
-        try:
-            while data := a.recv(65536):
-                b.sendall(data)
-        except OSError:
-            pass
-        finally:
-            try:
-                b.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass
-
-    class Forward(socketserver.BaseRequestHandler):
-        def handle(self) -> None:
-            up = socket.socket(socket.AF_UNIX)
-            up.connect(sock_path)
-            back = threading.Thread(target=pump, args=(up, self.request), daemon=True)
-            back.start()
-            pump(self.request, up)
-            back.join(30)
-            up.close()
-
-    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Forward)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"tcp://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
-
-
 def test_outputs_the_containers_cannot_write_are_rejected_before_any_step(
     runyard_make_instance: Any, docker_settings: dict[str, Any], docker_job: Any, run_containers: Any
 ) -> None:
@@ -413,7 +373,7 @@ def test_local_outputs_with_a_remote_engine_are_rejected_before_any_step(
     tcp_engine: str,
 ) -> None:
     instance = runyard_make_instance(
-        {"executor": {"docker": {**docker_settings, "volumes": [], "docker_host": tcp_engine}}})
+        {"executor": {"docker": {**docker_settings, "volumes": [], "docker_host": tcp_engine.url}}})
     with pytest.raises(ConfigError, match=r"executor\.docker\.docker_host: the output store is the directory \S+ "
                                           r"on this machine, which containers on the Docker engine at "
                                           r"\S+ cannot reach"):
@@ -463,3 +423,44 @@ def test_cleanup_keeps_every_container_of_an_unfinished_run(
     finally:
         if run_containers(run.run_id):
             created.remove(force=True)
+
+
+def test_cleanup_may_come_from_the_environment(
+    runyard_make_instance: Any, docker_settings: dict[str, Any], docker_job: Any, run_containers: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("RUNYARD_TEST_CLEANUP", "never")
+    instance = runyard_make_instance(
+        {"executor": {"docker": {**docker_settings, "cleanup": {"env": "RUNYARD_TEST_CLEANUP"}}}})
+    assert instance.validate() == []
+    result = execute_job(docker_job("hello_job"), instance=instance)
+    try:
+        assert result.success, result.events
+        kept = run_containers(result.run_id)
+        assert sorted(c.labels["runyard.step_key"] for c in kept) == ["one", "plus_one"]  # never: both kept
+    finally:
+        for c in run_containers(result.run_id):
+            c.remove(force=True)
+
+
+def test_the_reaper_catches_a_create_that_lands_after_its_first_sweep(
+    docker_settings: dict[str, Any], docker_client: Any, run_containers: Any
+) -> None:
+    import uuid
+
+    from runyard_docker.reaper import remove_steps
+
+    run_id = uuid.uuid4().hex
+    labels = {"runyard.run_id": run_id, "runyard.kind": "step", "runyard.test": "1"}
+    sweeping = threading.Thread(target=remove_steps, args=(docker_client, run_id),
+                                kwargs={"keep_exited": False, "settle": 8.0})
+    sweeping.start()
+    try:
+        time.sleep(2.0)  # a create sent by a worker that just died, landing late
+        docker_client.containers.create(docker_settings["image"], ["true"], labels=labels)
+        sweeping.join(60)
+        assert not sweeping.is_alive()
+        assert run_containers(run_id) == []
+    finally:
+        for c in run_containers(run_id):
+            c.remove(force=True)

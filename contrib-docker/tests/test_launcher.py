@@ -302,3 +302,19 @@ def test_settings_the_engine_refuses_are_a_config_error_before_launch(
     with pytest.raises(ConfigError, match=expected):
         launcher.launch(run)
     assert run_containers(run.run_id) == []
+
+
+def test_an_engine_gone_since_the_first_connection_gets_the_docker_host_message(
+    runyard_home: Path, docker_settings: dict[str, Any], tcp_engine: Any
+) -> None:
+    from runyard_docker import _docker as d
+
+    d.connect(tcp_engine.url, "run_launcher.docker")  # cached, as in a long-lived monitor
+    tcp_engine.stop()
+    launcher = _launcher(runyard_home, {**docker_settings, "docker_host": tcp_engine.url}, None)
+    health = launcher.check_health(_run(), {"container_id": "0" * 64, "docker_host": tcp_engine.url})
+    assert health.status == "unknown"
+    assert f"run_launcher.docker.docker_host: the Docker engine at {tcp_engine.url} is not reachable" in health.message
+    with pytest.raises(ConfigError, match=r"run_launcher\.docker\.docker_host: the Docker engine at tcp://\S+ is "
+                                          r"not reachable"):
+        launcher.terminate(_run(), {"container_id": "0" * 64, "docker_host": tcp_engine.url})
