@@ -295,11 +295,13 @@ class DockerStepHandler(StepHandler):
         try:
             for extra in self.networks[1:]:
                 self.client.networks.get(extra).connect(container)
-            files = {"runyard-step-request.json": payload.encode()} if in_file else {}
+            if in_file:
+                container.put_archive("/tmp", _tar({"runyard-step-request.json": payload.encode()}))
             if self.config.heartbeat_timeout > 0:
-                files["runyard-heartbeat"] = b"0"
-            if files:
-                container.put_archive("/tmp", _tar(files))
+                try:
+                    container.put_archive("/tmp", _tar({"runyard-heartbeat": b"0"}))
+                except docker.errors.APIError:
+                    pass  # a read-only root filesystem: the step runs without the watchdog
         except BaseException:
             _remove(container)
             raise

@@ -464,3 +464,14 @@ def test_the_reaper_catches_a_create_that_lands_after_its_first_sweep(
     finally:
         for c in run_containers(run_id):
             c.remove(force=True)
+
+
+def test_a_read_only_root_filesystem_runs_without_the_heartbeat(
+    runyard_make_instance: Any, docker_settings: dict[str, Any], docker_job: Any
+) -> None:
+    # The heartbeat file cannot be written there: the steps still run, without the watchdog.
+    instance = runyard_make_instance(
+        {"executor": {"docker": {**docker_settings, "container_kwargs": {"read_only": True}}}})
+    result = execute_job(docker_job("hello_job"), instance=instance)
+    assert result.success, [e.message for e in result.events if e.type is EventType.STEP_FAILURE]
+    assert result.output_for("plus_one") == 2
