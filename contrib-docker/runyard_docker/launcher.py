@@ -7,6 +7,11 @@ and out. Storage the container could not reach is rejected before anything start
 on an engine of another machine, or with ``mount_home: false``; PostgreSQL at a loopback
 address from a container that does not share the host's network.
 
+The engine's socket is mounted in the run container only for runs whose executor is
+``docker`` (``mount_docker_socket``): it gives root on the engine's machine. A watcher
+process started on this machine (`reaper` ``--run-container``) removes the run's
+containers once the run container exits, whether or not it could remove itself.
+
 ``terminate`` sends SIGTERM (the worker cancels the run and stops its step containers);
 with ``force`` it removes every container labelled with the run id, step containers
 included. ``check_health`` turns an exited or vanished run container into a dead worker
