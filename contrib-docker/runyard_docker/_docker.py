@@ -38,7 +38,7 @@ BUILD_HINT = "build it with `runyard docker build-image --tag IMAGE` (see docs/b
 ALLOWED_KWARGS = (
     set(docker.models.containers.RUN_CREATE_KWARGS)
     | set(docker.models.containers.RUN_HOST_CONFIG_KWARGS)
-    | {"ports", "name"}
+    | {"ports"}
 ) - set(RESERVED_KWARGS)
 
 _clients: dict[str | None, docker.DockerClient] = {}
@@ -50,7 +50,14 @@ def connect(docker_host: str | None, where: str) -> docker.DockerClient:
     with _clients_lock:
         client = _clients.get(docker_host)
     if client is not None:
-        return client
+        # A long-lived process (a monitor, a run worker) may outlive the engine it first
+        # reached: check again, so that a dead engine gets the message below, not a raw error.
+        try:
+            client.ping()
+            return client
+        except Exception:
+            with _clients_lock:
+                _clients.pop(docker_host, None)
     shown = docker_host or os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
     try:
         if docker_host:
@@ -145,9 +152,21 @@ def network_names(settings: DockerSettings) -> list[str]:
     return [str(resolve(n)) for n in settings.networks]
 
 
-def volume_binds(client: docker.DockerClient, settings: DockerSettings, where: str) -> dict[str, dict[str, str]]:
-    """The SDK's ``volumes`` argument for the configured ``volumes``; bad specs raise."""
-    binds: dict[str, dict[str, str]] = {}
+# (source, target, mode) of each mount. A list, not a mapping keyed by source: one source
+# may be mounted at several targets (and the outputs directory both at a volume's target
+# and at its own path).
+Binds = list[tuple[str, str, str]]
+
+
+def sdk_volumes(binds: Binds) -> list[str]:
+    """The SDK's ``volumes`` argument: ``SOURCE:TARGET:MODE`` strings."""
+    return [f"{source}:{target}:{mode}" for source, target, mode in binds]
+
+
+def volume_binds(client: docker.DockerClient, settings: DockerSettings, where: str) -> Binds:
+    """The configured ``volumes``, checked; bad specs raise."""
+    binds: Binds = []
+    targets: dict[str, int] = {}
     for i, raw in enumerate(settings.volumes):
         spec = str(resolve(raw))
         try:
@@ -170,18 +189,76 @@ def volume_binds(client: docker.DockerClient, settings: DockerSettings, where: s
                     f"{where}.volumes[{i}]: Docker volume {source!r} does not exist; create it with "
                     f"`docker volume create {source}` (runyard does not create volumes, so none is left behind)"
                 ) from None
-        binds[source] = {"bind": target, "mode": mode}
+        normalized = target.rstrip("/") or "/"
+        if normalized in targets:
+            raise ConfigError(
+                f"{where}.volumes[{i}]: the target {target} is already mounted by volumes[{targets[normalized]}]; "
+                "a container path takes one mount"
+            )
+        targets[normalized] = i
+        binds.append((source, target, mode))
     return binds
 
 
-def add_bind(binds: dict[str, dict[str, str]], path: str, mode: str = "rw") -> None:
-    """Bind ``path`` at the same path in the container, unless a volume already covers it."""
+def add_bind(binds: Binds, path: str, mode: str = "rw") -> None:
+    """Bind ``path`` at the same path in the container, unless a mount already covers it."""
     path = os.path.abspath(path)
-    for bind in binds.values():
-        target = bind["bind"].rstrip("/") + "/"
-        if (path + "/").startswith(target):
-            return
-    binds[path] = {"bind": path, "mode": mode}
+    if not covered(binds, path):
+        binds.append((path, path, mode))
+
+
+def covered(binds: Binds, path: str) -> bool:
+    """Whether a mount's target holds ``path``."""
+    return any((path.rstrip("/") + "/").startswith(target.rstrip("/") + "/") for _, target, _ in binds)
+
+
+def bind_outputs(client: docker.DockerClient, settings: DockerSettings, binds: Binds, store: str, where: str) -> None:
+    """Make the run's output store reachable from the containers, or say why it cannot be.
+
+    A file store is bind-mounted at the same path (``mount_outputs``) unless a volume
+    covers it; bind mounts name paths on the engine's machine, so with a remote engine
+    only a volume the user set up (a shared filesystem there) or an fsspec store will do."""
+    if store.startswith("memory://"):
+        raise ConfigError(
+            f"{where}: steps run in containers and cannot reach the in-memory output store {store}; "
+            "use an instance with a RUNYARD_HOME (outputs under it) or set outputs to a path or fsspec URL"
+        )
+    path = outputs_path(store)
+    if path is None:
+        return  # an fsspec URL: the containers reach it themselves
+    path = os.path.abspath(path)
+    if covered(binds, path):
+        return
+    if not is_local_engine(client):
+        raise ConfigError(
+            f"{where}.docker_host: the output store is the directory {path} on this machine, which containers "
+            f"on the Docker engine at {client.api.base_url} cannot reach (bind mounts name paths on the engine's "
+            "machine); use an fsspec output store they can reach (outputs: s3://..., gcs://...), mount a shared "
+            "filesystem at that path with volumes, or use a Docker engine on this machine"
+        )
+    if not settings.mount_outputs:
+        raise ConfigError(
+            f"{where}.mount_outputs: false, but the outputs directory {path} is not mounted by volumes; "
+            "the steps' containers could not write their outputs (read-only or missing). Set mount_outputs: true "
+            "or add a volume mounting it at the same path"
+        )
+    os.makedirs(path, exist_ok=True)
+    add_bind(binds, path, "rw")
+
+
+def bind_code(client: docker.DockerClient, binds: Binds, path: str, where: str) -> None:
+    """Mount the job's directory read-only at the same path (``mount_code``), which only
+    means the same files on an engine of this machine, unless a volume covers it."""
+    path = os.path.abspath(path)
+    if covered(binds, path):
+        return
+    if not is_local_engine(client):
+        raise ConfigError(
+            f"{where}.mount_code: the job's code is in {path} on this machine, which containers on the Docker "
+            f"engine at {client.api.base_url} cannot see (bind mounts name paths on the engine's machine); bake "
+            "the code into the image (`runyard docker build-image --code DIR`) and set mount_code: false"
+        )
+    add_bind(binds, path, "ro")
 
 
 def environment(settings: DockerSettings, where: str) -> dict[str, str]:
@@ -268,9 +345,33 @@ def check_container_kwargs(settings: DockerSettings, where: str) -> dict[str, An
                 f"{where}.container_kwargs.{key}: not an argument of the docker SDK's containers.run/create "
                 f"(allowed: {', '.join(sorted(ALLOWED_KWARGS))})"
             )
-    if settings.cleanup not in CLEANUP_POLICIES:
-        raise ConfigError(f"{where}.cleanup: expected one of {', '.join(CLEANUP_POLICIES)}, got {settings.cleanup!r}")
-    return dict(settings.container_kwargs)
+    cleanup_policy(settings, where)
+    # Top-level {env: NAME} values are read now, as every other setting's are.
+    return {k: resolve(EnvVar(v["env"])) if _is_env_ref(v) else v for k, v in settings.container_kwargs.items()}
+
+
+def _is_env_ref(value: Any) -> bool:
+    return isinstance(value, Mapping) and set(value) == {"env"} and isinstance(value["env"], str)
+
+
+def cleanup_policy(settings: DockerSettings, where: str) -> str:
+    """``cleanup``, read now (it may be ``{env: NAME}``) and checked."""
+    try:
+        policy = str(resolve(settings.cleanup))
+    except ConfigError as e:
+        raise ConfigError(f"{where}.cleanup: {e}") from None
+    if policy not in CLEANUP_POLICIES:
+        raise ConfigError(f"{where}.cleanup: expected one of {', '.join(CLEANUP_POLICIES)}, got {policy!r}")
+    return policy
+
+
+def engine_gone(e: BaseException) -> bool:
+    """Whether ``e`` says the engine could not be reached (rather than refused something)."""
+    import requests.exceptions
+
+    return isinstance(e, requests.exceptions.ConnectionError | requests.exceptions.Timeout) or (
+        isinstance(e, docker.errors.DockerException) and not isinstance(e, docker.errors.APIError)
+    )
 
 
 def base_labels(settings: DockerSettings, kind: str, run_id: str, instance_home: str | None) -> dict[str, str]:
@@ -310,6 +411,54 @@ def remove_containers(client: docker.DockerClient, labels: Mapping[str, str]) ->
             if "already in progress" not in str(e):
                 raise
     return removed
+
+
+def _try_create(client: docker.DockerClient, args: Mapping[str, Any]) -> str | None:
+    """Create (never start) and remove a container with ``args``; the engine's or the SDK's
+    objection, if any."""
+    args = {k: v for k, v in args.items() if k != "name"}
+    args["labels"] = {**args.get("labels", {}), LABEL_KIND: "probe"}
+    try:
+        container = client.containers.create(**args)
+    except docker.errors.APIError as e:
+        return str(e.explanation or e)
+    except (docker.errors.DockerException, TypeError, ValueError) as e:
+        return _short(e, 600)
+    try:
+        container.remove(force=True, v=True)
+    except docker.errors.APIError:
+        pass
+    return None
+
+
+def probe(client: docker.DockerClient, args: Mapping[str, Any], kwargs_keys: Iterable[str]) -> tuple[str, str] | None:
+    """Check that the engine accepts a container with ``args`` (mount modes, CPUs beyond the
+    host's, values of container_kwargs), before any starts: None, or (key, objection)
+    where key is the setting to blame (``cpus``, ``container_kwargs.shm_size``, ...; ""
+    when it cannot tell)."""
+    error = _try_create(client, args)
+    if error is None:
+        return None
+    kwargs_keys = [k for k in kwargs_keys if k in args]
+    if kwargs_keys:
+        without = {k: v for k, v in args.items() if k not in kwargs_keys}
+        if _try_create(client, without) is None:
+            bad = [k for k in kwargs_keys if _try_create(client, {**without, k: args[k]}) is not None]
+            return (f"container_kwargs.{bad[0]}" if len(bad) == 1 else "container_kwargs"), error
+    low = error.lower()
+    for key, words in (("cpus", ("cpu",)), ("memory", ("memory", "swap")),
+                       ("volumes", ("mode", "mount", "volume", "bind")), ("network", ("network",))):
+        if any(w in low for w in words):
+            return key, error
+    return "", error
+
+
+def probe_error(where: str, found: tuple[str, str], sep: str = ".") -> ConfigError:
+    key, error = found
+    return ConfigError(
+        f"{where}{sep + key if key else ''}: the Docker engine does not accept a container with these settings: "
+        f"{error}; fix the value"
+    )
 
 
 def safe_name(*parts: str) -> str:

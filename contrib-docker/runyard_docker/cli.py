@@ -61,7 +61,7 @@ def add_commands(cli: Any) -> None:
 
         Containers are found by their labels (runyard.run_id, runyard.kind). Without
         --all, only those of runs that have finished (or that this instance does not
-        know) are removed.
+        know) are removed: every container of an unfinished run is kept, whatever its state.
 
         \b
         Example:
@@ -75,16 +75,21 @@ def add_commands(cli: Any) -> None:
         client = d.connect(docker_host, "docker")
         filters: dict[str, Any] = {"label": [f"{LABEL_RUN_ID}={run_id}"] if run_id else [LABEL_RUN_ID]}
         instance = Instance.from_env()
-        removed = 0
+        removed = skipped = 0
         for c in client.containers.list(all=True, filters=filters):
             labels = c.labels or {}
             if not all_:
                 if labels.get(LABEL_INSTANCE) not in (None, str(instance.home)):
                     continue
                 run = instance.storage.get_run(labels.get(LABEL_RUN_ID, ""))
-                if run is not None and not run.status.is_finished and c.status == "running":
+                if run is not None and not run.status.is_finished:
+                    # Whatever its state: a step container just created is about to start.
+                    skipped += 1
                     continue
             c.remove(force=True, v=True)
             removed += 1
             click.echo(f"removed {c.name}")
         click.echo(f"{removed} container(s) removed", err=True)
+        if skipped:
+            click.echo(f"{skipped} container(s) of unfinished runs kept (`runyard run list` marks runs whose worker "
+                       "died as failed; --all removes them anyway)", err=True)

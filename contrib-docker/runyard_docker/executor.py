@@ -60,6 +60,7 @@ _MAX_ARG = 100_000  # bytes of request passed on the command line; larger ones g
 _TAIL = 1500  # characters of stderr quoted in the failure of a container that died
 _MAX_STDERR = 8 << 20  # characters of stderr kept per attempt
 _MAX_STDOUT = 8 << 20  # characters of stdout kept per attempt
+_HEARTBEAT = "/tmp/runyard-heartbeat"  # rewritten by the run worker; see step_worker
 _HINT_WORKER = (
     "the image must hold runyard and runyard-docker (python3 -m runyard_docker.step_worker); "
     "`runyard docker build-image` builds such an image"
@@ -113,11 +114,13 @@ class DockerStepHandler(StepHandler):
         self.steps: dict[str, _StepSettings] | None = None
         self.job_error: ConfigError | None = None
         self.reaper: subprocess.Popen[bytes] | None = None
+        self.stopping = threading.Event()
 
     def setup(self) -> None:
         cfg = self.config
         client = d.connect(resolve(cfg.docker_host), WHERE)
         self.container_kwargs = d.check_container_kwargs(cfg, WHERE)
+        self.cleanup = d.cleanup_policy(cfg, WHERE)
         self.client = client
         self.image = str(resolve(cfg.image))
         self.pull_policy = str(resolve(cfg.pull_policy))
@@ -127,21 +130,30 @@ class DockerStepHandler(StepHandler):
         self.binds = d.volume_binds(self.client, cfg, WHERE)
         self.env = d.environment(cfg, WHERE)
         self.base_limits = d.limits(resolve(cfg.memory), cfg.cpus)
-        store = self.context.output_store
-        if store.startswith("memory://"):
-            raise ConfigError(
-                f"{WHERE}: steps run in containers and cannot reach the in-memory output store {store}; "
-                "use an instance with a RUNYARD_HOME (outputs under it) or set outputs to a path or fsspec URL"
-            )
-        path = d.outputs_path(store)
-        if path is not None and cfg.mount_outputs:
-            os.makedirs(path, exist_ok=True)
-            d.add_bind(self.binds, path, "rw")
+        d.bind_outputs(self.client, cfg, self.binds, self.context.output_store, WHERE)
+        self._probe(_StepSettings(self.image, dict(self.base_limits)), WHERE)
         self._start_reaper(resolve(cfg.docker_host))
+        if cfg.heartbeat_timeout > 0:
+            threading.Thread(target=self._heartbeat, name="runyard-docker-heartbeat", daemon=True).start()
+
+    def _heartbeat(self) -> None:
+        """Rewrite the heartbeat file in every live step container (see `step_worker`): if
+        this process dies, they stop themselves within ``heartbeat_timeout``."""
+        interval = max(0.5, min(5.0, float(self.config.heartbeat_timeout) / 4))
+        beat = 0
+        while not self.stopping.wait(interval):
+            beat += 1
+            with self.lock:
+                live = [a.container for a in self.attempts if not a.done and a.container is not None]
+            for container in live:
+                try:
+                    container.put_archive("/tmp", _tar({"runyard-heartbeat": str(beat).encode()}))
+                except Exception:  # exited meanwhile, or the engine is slow: the next beat tries again
+                    pass
 
     def _start_reaper(self, docker_host: str | None) -> None:
         """A process that removes this run's step containers if this one dies (see `reaper`)."""
-        env = {**os.environ, "RUNYARD_DOCKER_CLEANUP": self.config.cleanup}
+        env = {**os.environ, "RUNYARD_DOCKER_CLEANUP": self.cleanup}
         if docker_host:
             env["RUNYARD_DOCKER_REAPER_HOST"] = docker_host
         # Its own session: killing the run worker's process group must not take it along.
@@ -182,14 +194,20 @@ class DockerStepHandler(StepHandler):
                     )
                 lim = dict(self.base_limits)
                 if RESOURCES_TAG in tags:
-                    res = d.parse_resources(tags[RESOURCES_TAG], f"step '{key}': tag '{RESOURCES_TAG}'")
+                    where = f"step '{key}': tag '{RESOURCES_TAG}'"
+                    res = d.parse_resources(tags[RESOURCES_TAG], where)
                     lim.update(d.limits(res.get("memory"), res.get("cpus")))
+                    if lim != self.base_limits:
+                        self._probe(_StepSettings(image, lim), where)
                 steps[key] = _StepSettings(image, lim)
         except ConfigError as e:
             self.job_error = e
         self.steps = steps
-        if request.code_pointer.file and self.config.mount_code:
-            d.add_bind(self.binds, d.code_dir(request.code_pointer.to_dict()) or "/", "ro")
+        if request.code_pointer.file and self.config.mount_code and self.job_error is None:
+            try:
+                d.bind_code(self.client, self.binds, d.code_dir(request.code_pointer.to_dict()) or "/", WHERE)
+            except ConfigError as e:
+                self.job_error = e
 
     # -- the handler contract ---------------------------------------------------------
 
@@ -254,10 +272,11 @@ class DockerStepHandler(StepHandler):
             for att in attempts:
                 if att.thread is not None:
                     att.thread.join(max(0.0, deadline - time.monotonic()))
-            if self.config.cleanup == "always":
+            if self.cleanup == "always":
                 # Whatever an attempt's thread could not remove (a stop that timed out).
                 d.remove_containers(self.client, {LABEL_RUN_ID: self.context.run_id, LABEL_KIND: "step"})
         finally:
+            self.stopping.set()
             self._stop_reaper()
 
     # -- one attempt, on its own thread -------------------------------------------------
@@ -269,16 +288,36 @@ class DockerStepHandler(StepHandler):
         arg = "@/tmp/runyard-step-request.json" if in_file else payload
         labels = d.base_labels(self.config, "step", req.run_id, self.context.instance_home)
         labels.update({LABEL_STEP_KEY: req.step_key, LABEL_ATTEMPT_ID: req.attempt_id})
+        kwargs = self._args(att.settings, labels, ["python3", "-m", "runyard_docker.step_worker", arg])
+        kwargs["name"] = d.safe_name("runyard-step", req.run_id[:8], req.step_key, str(req.attempt),
+                                     req.attempt_id[:6])
+        container = self.client.containers.create(**kwargs)
+        try:
+            for extra in self.networks[1:]:
+                self.client.networks.get(extra).connect(container)
+            if in_file:
+                container.put_archive("/tmp", _tar({"runyard-step-request.json": payload.encode()}))
+            if self.config.heartbeat_timeout > 0:
+                try:
+                    container.put_archive("/tmp", _tar({"runyard-heartbeat": b"0"}))
+                except docker.errors.APIError:
+                    pass  # a read-only root filesystem: the step runs without the watchdog
+        except BaseException:
+            _remove(container)
+            raise
+        return container
+
+    def _args(self, settings: _StepSettings, labels: dict[str, str], command: list[str]) -> dict[str, Any]:
+        """The arguments of containers.create for a step container, but its name."""
         kwargs: dict[str, Any] = {
-            "image": att.settings.image,
-            "command": ["python3", "-m", "runyard_docker.step_worker", arg],
+            "image": settings.image,
+            "command": command,
             "labels": labels,
-            "environment": {**self.env, "PYTHONUNBUFFERED": "1"},
-            "volumes": self.binds,
-            "name": d.safe_name("runyard-step", req.run_id[:8], req.step_key, str(req.attempt), req.attempt_id[:6]),
+            "environment": {**self.env, "PYTHONUNBUFFERED": "1", **self._heartbeat_env()},
+            "volumes": d.sdk_volumes(self.binds),
             "init": True,  # docker-init as PID 1 passes SIGTERM on to the worker
             "detach": True,
-            **att.settings.limits,
+            **settings.limits,
             **self.container_kwargs,
         }
         if self.networks:
@@ -287,16 +326,21 @@ class DockerStepHandler(StepHandler):
                 kwargs["network_mode"] = first
             else:
                 kwargs["network"] = first
-        container = self.client.containers.create(**kwargs)
-        try:
-            for extra in self.networks[1:]:
-                self.client.networks.get(extra).connect(container)
-            if in_file:
-                container.put_archive("/tmp", _tar("runyard-step-request.json", payload.encode()))
-        except BaseException:
-            _remove(container)
-            raise
-        return container
+        return kwargs
+
+    def _probe(self, settings: _StepSettings, where: str) -> None:
+        """Let the engine check the settings on a container it creates but never starts, so
+        that values only it can judge fail before any step starts, naming the key."""
+        labels = d.base_labels(self.config, "step", self.context.run_id, self.context.instance_home)
+        found = d.probe(self.client, self._args(settings, labels, ["true"]), self.container_kwargs)
+        if found is not None:
+            raise d.probe_error(where, found, "." if where == WHERE else ": ")
+
+    def _heartbeat_env(self) -> dict[str, str]:
+        timeout = float(self.config.heartbeat_timeout)
+        if timeout <= 0:
+            return {}
+        return {"RUNYARD_DOCKER_HEARTBEAT": _HEARTBEAT, "RUNYARD_DOCKER_HEARTBEAT_TIMEOUT": f"{timeout:g}"}
 
     def _run(self, att: _Attempt) -> None:
         container = None
@@ -349,8 +393,8 @@ class DockerStepHandler(StepHandler):
             ))
         finally:
             if container is not None:
-                keep = self.config.cleanup == "never" or (
-                    self.config.cleanup == "on_success"
+                keep = self.cleanup == "never" or (
+                    self.cleanup == "on_success"
                     and not (att.ending is not None and att.ending.type is EventType.STEP_SUCCESS)
                 )
                 if not keep:
@@ -486,13 +530,15 @@ class _Utf8:
         return self._d.decode(data)
 
 
-def _tar(name: str, data: bytes) -> bytes:
+def _tar(files: dict[str, bytes]) -> bytes:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
-        info = tarfile.TarInfo(name)
-        info.size = len(data)
-        info.mode = 0o600
-        tar.addfile(info, io.BytesIO(data))
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            # The request may hold secrets; the heartbeat must be readable by any user the image runs as.
+            info.mode = 0o600 if name.endswith(".json") else 0o644
+            tar.addfile(info, io.BytesIO(data))
     return buf.getvalue()
 
 

@@ -7,6 +7,11 @@ and out. Storage the container could not reach is rejected before anything start
 on an engine of another machine, or with ``mount_home: false``; PostgreSQL at a loopback
 address from a container that does not share the host's network.
 
+The engine's socket is mounted in the run container only for runs whose executor is
+``docker`` (``mount_docker_socket``): it gives root on the engine's machine. A watcher
+process started on this machine (`reaper` ``--run-container``) removes the run's
+containers once the run container exits, whether or not it could remove itself.
+
 ``terminate`` sends SIGTERM (the worker cancels the run and stops its step containers);
 with ``force`` it removes every container labelled with the run id, step containers
 included. ``check_health`` turns an exited or vanished run container into a dead worker
@@ -17,6 +22,9 @@ lines, and removes what is left of the run.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -55,22 +63,15 @@ class DockerRunLauncher(RunLauncher):
             raise ConfigError(f"{WHERE}: an instance without a RUNYARD_HOME cannot launch runs in containers")
         instance = Instance(self.instance_home)
         self._check_storage(client, instance, networks, binds)
-        outputs = d.outputs_path(instance.outputs_url or "")
-        if outputs is not None:
-            if not (cfg.mount_outputs or self._covered(binds, outputs)):
-                raise ConfigError(
-                    f"{WHERE}.mount_outputs: false, but the outputs directory {outputs} is not mounted by volumes; "
-                    "the run's steps could not share outputs. Set mount_outputs: true or add a volume for it"
-                )
-            os.makedirs(outputs, exist_ok=True)
-            d.add_bind(binds, outputs, "rw")
+        if instance.outputs_url:
+            d.bind_outputs(client, cfg, binds, instance.outputs_url, WHERE)
         code = d.code_dir(run.code_pointer or {})
         if code is not None and cfg.mount_code:
-            d.add_bind(binds, code, "ro")
-        if cfg.mount_docker_socket and d.is_local_engine(client):
+            d.bind_code(client, binds, code, WHERE)
+        if self._needs_socket(run) and d.is_local_engine(client):
             sock = _socket_path(docker_host)
             if sock:
-                binds[sock] = {"bind": "/var/run/docker.sock", "mode": "rw"}
+                binds.append((sock, "/var/run/docker.sock", "rw"))
         name = d.safe_name("runyard-run", run.run_id[:12], os.urandom(3).hex())
         labels = d.base_labels(cfg, "run", run.run_id, self.instance_home)
         args: dict[str, Any] = {
@@ -81,10 +82,10 @@ class DockerRunLauncher(RunLauncher):
                 **env,
                 "RUNYARD_HOME": self.instance_home,
                 "RUNYARD_DOCKER_CONTAINER": name,
-                "RUNYARD_DOCKER_CLEANUP": cfg.cleanup,
+                "RUNYARD_DOCKER_CLEANUP": d.cleanup_policy(cfg, WHERE),
                 "PYTHONUNBUFFERED": "1",
             },
-            "volumes": binds,
+            "volumes": d.sdk_volumes(binds),
             "name": name,
             "init": True,  # docker-init passes SIGTERM on: the worker cancels the run cleanly
             "detach": True,
@@ -97,7 +98,15 @@ class DockerRunLauncher(RunLauncher):
                 args["network_mode"] = first
             else:
                 args["network"] = first
-        container = client.containers.create(**args)
+        try:
+            container = client.containers.create(**args)
+        except (docker.errors.DockerException, TypeError, ValueError) as e:
+            # Settings only the engine can judge (mount modes, CPUs beyond the host's, values
+            # of container_kwargs): say which key, not just the engine's words.
+            found = d.probe(client, args, kwargs)
+            if found is None:
+                raise ConfigError(f"{WHERE}: could not create the run container: {d._short(e, 600)}") from None
+            raise d.probe_error(WHERE, found) from None
         try:
             for extra in networks[1:]:
                 client.networks.get(extra).connect(container)
@@ -105,14 +114,37 @@ class DockerRunLauncher(RunLauncher):
         except BaseException:
             container.remove(force=True, v=True)
             raise
+        self._start_watcher(run.run_id, container.id, docker_host)
         return {"container_id": container.id, "container_name": name, "docker_host": docker_host, "image": image}
 
-    @staticmethod
-    def _covered(binds: Mapping[str, Mapping[str, str]], path: str) -> bool:
-        return any((path.rstrip("/") + "/").startswith(b["bind"].rstrip("/") + "/") for b in binds.values())
+    def _start_watcher(self, run_id: str, container_id: str, docker_host: str | None) -> None:
+        """A process on this machine that removes the run's containers once the run
+        container exits (see `reaper`): the run container cannot always remove itself
+        (no socket mounted, a remote engine) and dies with whatever runs inside it."""
+        env = {**os.environ, "RUNYARD_HOME": str(self.instance_home),
+               "RUNYARD_DOCKER_CLEANUP": d.cleanup_policy(self.config, WHERE)}
+        env.pop("RUNYARD_DOCKER_REAPER_HOST", None)
+        if docker_host:
+            env["RUNYARD_DOCKER_REAPER_HOST"] = docker_host
+        logs = Path(str(self.instance_home)) / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        with open(logs / f"docker-watch-{run_id}.log", "ab") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "runyard_docker.reaper", "--run-container", run_id, container_id],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, start_new_session=True, close_fds=True,
+            )
+        # Nobody waits for it here (this process usually exits first): reap it if we outlive it.
+        threading.Thread(target=proc.wait, daemon=True).start()
+
+    def _needs_socket(self, run: RunRecord) -> bool:
+        """The socket gives root on the engine's machine to any code in the container: mount
+        it only where the run worker must start step containers, unless told otherwise."""
+        if self.config.mount_docker_socket is not None:
+            return bool(self.config.mount_docker_socket)
+        return run.executor == "docker"
 
     def _check_storage(
-        self, client: Any, instance: Instance, networks: list[str], binds: dict[str, dict[str, str]]
+        self, client: Any, instance: Instance, networks: list[str], binds: d.Binds
     ) -> None:
         """Reject storage the run container could not reach, saying why and what to do."""
         sel = instance.sections["storage"]
@@ -129,7 +161,7 @@ class DockerRunLauncher(RunLauncher):
             home = str(Path(self.instance_home or "/").resolve())
             if self.config.mount_home:
                 d.add_bind(binds, home, "rw")
-            if not self._covered(binds, str(path.parent)):
+            if not d.covered(binds, str(path.parent)):
                 if self.config.mount_home:
                     d.add_bind(binds, str(path.parent), "rw")
                 else:
@@ -142,7 +174,7 @@ class DockerRunLauncher(RunLauncher):
         home = str(Path(self.instance_home or "/").resolve())
         if self.config.mount_home:
             d.add_bind(binds, home, "rw")
-        elif not self._covered(binds, home):
+        elif not d.covered(binds, home):
             raise ConfigError(
                 f"{WHERE}.mount_home: false, but RUNYARD_HOME {home} is not mounted by volumes, so the run worker "
                 "in the container would not find runyard.yaml (and would use other storage); set mount_home: true "
@@ -171,12 +203,18 @@ class DockerRunLauncher(RunLauncher):
     def _client(self, worker: Mapping[str, Any]) -> Any:
         return d.connect(worker.get("docker_host"), WHERE)
 
+    @staticmethod
+    def _gone(worker: Mapping[str, Any], e: BaseException) -> str:
+        shown = worker.get("docker_host") or os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
+        return (f"{WHERE}.docker_host: the Docker engine at {shown} is not reachable "
+                f"({type(e).__name__}: {d._short(e)}); {d.START_HINT}")
+
     def terminate(self, run: RunRecord, worker: Mapping[str, Any], *, force: bool = False) -> None:
         client = self._client(worker)
-        if force:
-            d.remove_containers(client, {LABEL_RUN_ID: run.run_id})
-            return
         try:
+            if force:
+                d.remove_containers(client, {LABEL_RUN_ID: run.run_id})
+                return
             container = client.containers.get(worker["container_id"])
             if container.status == "running":
                 container.kill(signal="SIGTERM")
@@ -185,6 +223,10 @@ class DockerRunLauncher(RunLauncher):
         except docker.errors.APIError as e:
             if "is not running" not in str(e):
                 raise
+        except Exception as e:
+            if not d.engine_gone(e):
+                raise
+            raise ConfigError(self._gone(worker, e)) from None
 
     def check_health(self, run: RunRecord, worker: Mapping[str, Any]) -> WorkerHealth:
         try:
@@ -202,6 +244,10 @@ class DockerRunLauncher(RunLauncher):
             )
         except docker.errors.APIError as e:
             return WorkerHealth(status="unknown", message=f"cannot inspect run container {name}: {e}")
+        except Exception as e:
+            if not d.engine_gone(e):
+                raise
+            return WorkerHealth(status="unknown", message=self._gone(worker, e))
         state = container.attrs.get("State", {})
         if container.status in ("created", "running", "restarting", "paused"):
             return WorkerHealth(status="running")
@@ -214,9 +260,13 @@ class DockerRunLauncher(RunLauncher):
         message = f"run container {name} {d.describe_exit(code, oom)}"
         if logs:
             message += f"; last log lines:\n{logs}"
-        if self.config.cleanup != "never":
+        try:
+            policy = d.cleanup_policy(self.config, WHERE)
+        except ConfigError:
+            policy = "always"  # the variable is gone since launch: leave nothing behind
+        if policy != "never":
             self._remove_steps(client, run)
-            if self.config.cleanup == "always":
+            if policy == "always":
                 try:
                     container.remove(force=True, v=True)
                 except docker.errors.APIError:

@@ -45,6 +45,9 @@ RESERVED_KWARGS = {
     "labels": "labels",
     "network": "network",
     "network_mode": "network",
+    "name": "(each container gets a name of its own: runyard-step-RUN-STEP-ATTEMPT or runyard-run-RUN; "
+            "find them by label)",
+    "init": "(always true: docker-init as PID 1 passes SIGTERM on and reaps the step's children)",
     "mem_limit": "memory",
     "nano_cpus": "cpus",
     "detach": "(always detached)",
@@ -60,6 +63,15 @@ _VOLUME_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]+$")
 _MEMORY = re.compile(r"^\d+(\.\d+)?[bkmgBKMG]?$")
 _MOUNT_MODES = {"ro", "rw", "z", "Z", "shared", "slave", "private", "rshared", "rslave", "rprivate", "nocopy",
                 "consistent", "cached", "delegated"}
+
+# Options of which a mount takes one at most.
+_EXCLUSIVE_MODES = (
+    {"ro", "rw"},
+    {"z", "Z"},
+    {"shared", "slave", "private", "rshared", "rslave", "rprivate"},
+    {"consistent", "cached", "delegated"},
+    {"nocopy"},
+)
 
 
 def _one_of(choices: tuple[str, ...]) -> Any:
@@ -111,9 +123,14 @@ def parse_volume(spec: str) -> tuple[str, str, str]:
         raise ValueError(f"{spec!r}: the source {source!r} is neither an absolute host path nor a volume name")
     if not target.startswith("/"):
         raise ValueError(f"{spec!r}: the target {target!r} must be an absolute path in the container")
-    bad = [m for m in mode.split(",") if m not in _MOUNT_MODES]
+    modes = mode.split(",")
+    bad = [m for m in modes if m not in _MOUNT_MODES]
     if bad:
         raise ValueError(f"{spec!r}: unknown mount mode {bad[0]!r} (use ro or rw)")
+    for group in _EXCLUSIVE_MODES:
+        given = [m for m in modes if m in group]
+        if len(given) > 1:
+            raise ValueError(f"{spec!r}: mount modes {' and '.join(given)} conflict (give one of them)")
     return source, target, mode
 
 
@@ -178,7 +195,13 @@ class DockerSettings:
 
 @attrs.frozen(kw_only=True, slots=False)
 class DockerExecutorConfig(ExecutorConfig, DockerSettings):
-    """``executor: {docker: {...}}``: each step attempt in a fresh container."""
+    """``executor: {docker: {...}}``: each step attempt in a fresh container.
+
+    ``heartbeat_timeout``: a step container stops itself when the run worker has not
+    refreshed its heartbeat for this many seconds (the worker died); 0 turns that off.
+    """
+
+    heartbeat_timeout: float = attrs.field(default=30.0, validator=attrs.validators.ge(0))
 
 
 @attrs.frozen(kw_only=True)
@@ -186,12 +209,14 @@ class DockerLauncherConfig(DockerSettings):
     """``run_launcher: {docker: {...}}``: each run's worker in a container.
 
     ``mount_home``: bind-mount ``RUNYARD_HOME`` at the same path (SQLite storage, outputs,
-    runyard.yaml). ``mount_docker_socket``: bind-mount the engine's socket so that the run
-    worker can start step containers (the ``docker`` executor) and remove its own container.
+    runyard.yaml). ``mount_docker_socket``: bind-mount the engine's socket into the run
+    container. Whoever holds that socket is root on the engine's machine, so by default
+    (None) it is mounted only for runs whose executor is ``docker`` (they need it to start
+    step containers); true mounts it for every run, false never.
     """
 
     mount_home: bool = True
-    mount_docker_socket: bool = True
+    mount_docker_socket: bool | None = None
 
 
 @hookimpl

@@ -2,10 +2,11 @@
 
 It runs ``runyard api execute-run RUN_ID`` in this process (SIGTERM, passed on by the
 container's init, cancels the run cleanly) and then, once the run has ended, removes its
-own container through the mounted Docker socket according to the cleanup policy, so a
-finished run leaves no container behind. A container whose worker died (killed, out of
-memory) stays until the launcher's health check has read its exit status and last log
-lines into the run's failure, and is removed then.
+own container through the mounted Docker socket, when there is one, according to the
+cleanup policy. Otherwise (and if that fails) the watcher the launcher started on its own
+machine removes it once it exits (see `reaper`). A container whose worker died (killed,
+out of memory) stays until the launcher's health check has read its exit status and last
+log lines into the run's failure, and is removed then.
 """
 
 from __future__ import annotations
@@ -54,6 +55,8 @@ def _remove_own_container(run_id: str, name: str) -> None:
             return  # the health check reports what happened, then removes the container
         if policy == "on_success" and run.status is not RunStatus.SUCCESS:
             return
+        if not (os.environ.get("DOCKER_HOST") or os.path.exists("/var/run/docker.sock")):
+            return  # no socket mounted: the launcher's watcher removes the container once it exits
         import docker
 
         client = docker.from_env(timeout=30)

@@ -10,7 +10,15 @@ stdout *as they are emitted*. The difference is where the step's own output goes
 * leaves fd 2 alone: the step's stderr is the container's stderr, which the executor
   reads separately (the engine demultiplexes the two streams) and reports as STEP_STDERR.
 
-Exit status: 0 when the step ran (the events say how it went), 2 for a malformed request.
+A step container must not outlive the run worker that started it (its events would go
+nowhere). When ``RUNYARD_DOCKER_HEARTBEAT`` names a file and
+``RUNYARD_DOCKER_HEARTBEAT_TIMEOUT`` a number of seconds, the executor rewrites that file
+in the container regularly; once it has been seen, a watchdog thread ends the worker (and
+so the container, whose init then stops every process in it) when its content has not
+changed for that long: the run worker died, or lost the engine.
+
+Exit status: 0 when the step ran (the events say how it went), 2 for a malformed request,
+3 when the heartbeat stopped.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ import os
 import select
 import sys
 import threading
+import time
 from typing import Any
 
 from runyard.plugin import Event, EventType, StepRequest, execute_step
@@ -92,6 +101,41 @@ class _Channel:
             self._drain(final=False)
 
 
+HEARTBEAT_LOST = 3
+
+
+def _watch_heartbeat(path: str, timeout: float) -> None:
+    """Exit when ``path`` has not changed for ``timeout`` seconds (see the module docstring).
+    Content, not mtime, and this container's monotonic clock: no clock skew matters."""
+    seen: bytes | None = None
+    changed = time.monotonic()
+    while True:
+        time.sleep(min(0.5, timeout / 4))
+        try:
+            with open(path, "rb") as f:
+                content = f.read()
+        except OSError:
+            content = None
+        now = time.monotonic()
+        if content is not None and content != seen:
+            seen, changed = content, now
+        elif seen is not None and now - changed > timeout:
+            os.write(2, (f"runyard: no heartbeat from the run worker for {timeout:g}s (it died or lost the Docker "
+                         "engine); stopping this step so that its container does not outlive the run\n").encode())
+            os._exit(HEARTBEAT_LOST)
+
+
+def _start_watchdog() -> None:
+    path = os.environ.get("RUNYARD_DOCKER_HEARTBEAT")
+    try:
+        timeout = float(os.environ.get("RUNYARD_DOCKER_HEARTBEAT_TIMEOUT", "0"))
+    except ValueError:
+        timeout = 0.0
+    if path and timeout > 0:
+        threading.Thread(target=_watch_heartbeat, args=(path, timeout), name="runyard-heartbeat",
+                         daemon=True).start()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
@@ -112,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         "attempt": request.attempt,
         "attempt_id": request.attempt_id,
     }
+    _start_watchdog()
     channel = _Channel(base)
     execute_step(request, capture_output=False, on_event=channel.emit)
     return 0

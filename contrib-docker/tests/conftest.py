@@ -127,4 +127,83 @@ def docker_job() -> Callable[[str], Any]:
 @pytest.fixture
 def run_containers(docker_client: Any) -> Callable[[str], list[Any]]:
     """The containers (any state) labelled with a run id."""
-    return lambda run_id: docker_client.containers.list(all=True, filters={"label": [f"runyard.run_id={run_id}"]})
+    import docker.errors
+
+    def containers(run_id: str) -> list[Any]:
+        # Listing inspects each container: one removed meanwhile (the executor's short-lived
+        # probe, a step just finished) is a 404, not an error of the code under test.
+        for _ in range(20):
+            try:
+                return docker_client.containers.list(all=True, filters={"label": [f"runyard.run_id={run_id}"]})
+            except docker.errors.NotFound:
+                time.sleep(0.05)
+        return docker_client.containers.list(all=True, filters={"label": [f"runyard.run_id={run_id}"]})
+
+    return containers
+
+
+class TcpEngine:
+    """The local engine reached over TCP through a small forwarder to its socket, as a
+    remote engine is (its bind mounts would name paths on another machine). `stop` cuts
+    every connection, as an engine going down does."""
+
+    def __init__(self) -> None:
+        import os
+        import socket
+        import socketserver
+        import threading
+
+        sock_path = (os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock").removeprefix("unix://")
+        self.sockets: set[socket.socket] = set()
+        sockets = self.sockets
+
+        def pump(a: socket.socket, b: socket.socket) -> None:
+            try:
+                while data := a.recv(65536):
+                    b.sendall(data)
+            except OSError:
+                pass
+            finally:
+                try:
+                    b.shutdown(socket.SHUT_WR)
+                except OSError:
+                    pass
+
+        class Forward(socketserver.BaseRequestHandler):
+            def handle(self) -> None:
+                up = socket.socket(socket.AF_UNIX)
+                up.connect(sock_path)
+                sockets.update((up, self.request))
+                back = threading.Thread(target=pump, args=(up, self.request), daemon=True)
+                back.start()
+                pump(self.request, up)
+                back.join(30)
+                up.close()
+
+        self.server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Forward)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"tcp://127.0.0.1:{self.server.server_address[1]}"
+        self.stopped = False
+
+    def stop(self) -> None:
+        import socket
+
+        if self.stopped:
+            return
+        self.stopped = True
+        self.server.shutdown()
+        self.server.server_close()
+        for s in list(self.sockets):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+                s.close()
+            except OSError:
+                pass
+
+
+@pytest.fixture
+def tcp_engine() -> Iterator[TcpEngine]:
+    engine = TcpEngine()
+    yield engine
+    engine.stop()

@@ -103,8 +103,12 @@ def look() -> dict:  # type: ignore[type-arg]
     return {
         "env": {k: os.environ.get(k) for k in ("PASSED", "SET", "FROM_OTHER")},
         "data": read("/runyard-data/hello.txt"),
-        "memory_limit": read("/sys/fs/cgroup/memory/memory.limit_in_bytes"),
-        "cpu_quota": read("/sys/fs/cgroup/cpu/cpu.cfs_quota_us"),
+        "data_again": read("/runyard-data-again/hello.txt"),
+        # cgroup v1 has a file per controller; v2 one hierarchy (cpu.max: "QUOTA PERIOD").
+        "memory_limit": read("/sys/fs/cgroup/memory/memory.limit_in_bytes")
+        if Path("/sys/fs/cgroup/memory").is_dir() else read("/sys/fs/cgroup/memory.max"),
+        "cpu_quota": read("/sys/fs/cgroup/cpu/cpu.cfs_quota_us")
+        if Path("/sys/fs/cgroup/cpu").is_dir() else read("/sys/fs/cgroup/cpu.max").split()[0],
     }
 
 

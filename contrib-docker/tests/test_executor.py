@@ -105,9 +105,19 @@ def test_missing_step_image_fails_before_any_step_starts(
          r"executor\.docker\.network\[0\]: network 'runyard-test-no-such-net' does not exist"),
         ({"container_kwargs": {"not_an_arg": 1}},
          r"executor\.docker\.container_kwargs\.not_an_arg: not an argument of the docker SDK"),
+        ({"volumes": ["TMP:/a", "TMP:/a/:ro"]},
+         r"executor\.docker\.volumes\[1\]: the target /a/ is already mounted by volumes\[0\]"),
+        ({"cpus": 1024},
+         r"executor\.docker\.cpus: the Docker engine does not accept a container with these settings: "
+         r"Range of CPUs is from"),
+        ({"memory": "1k"}, r"executor\.docker\.memory: the Docker engine does not accept .*[Mm]inimum memory"),
+        ({"container_kwargs": {"cpuset_cpus": "1023"}},
+         r"executor\.docker\.container_kwargs\.cpuset_cpus: the Docker engine does not accept .*CPUs"),
+        ({"container_kwargs": {"shm_size": "lots", "working_dir": "/tmp"}},
+         r"executor\.docker\.container_kwargs\.shm_size: the Docker engine does not accept .*lots"),
     ],
     ids=["daemon-unreachable", "image-missing", "host-path-missing", "volume-missing", "unknown-network",
-         "unknown-kwarg"],
+         "unknown-kwarg", "same-target", "too-many-cpus", "too-little-memory", "bad-kwarg-value", "bad-kwarg-type"],
 )
 def test_bad_settings_fail_before_any_container_starts(
     runyard_make_instance: Any, docker_settings: dict[str, Any], docker_job: Any, run_containers: Any,
@@ -130,9 +140,12 @@ def test_bad_settings_fail_before_any_container_starts(
         ({"pull_policy": "sometimes"}, "executor.docker: pull_policy: expected one of never, if_not_present, always"),
         ({"volumes": ["/data"]}, "executor.docker: volumes[0]: '/data' is not SOURCE:TARGET"),
         ({"volumes": ["/srv:data"]}, "the target 'data' must be an absolute path"),
+        ({"volumes": ["/x:/a:rw,ro"]}, "volumes[0]: '/x:/a:rw,ro': mount modes rw and ro conflict"),
         ({"env_vars": ["1BAD"]}, "env_vars[0]: '1BAD' is not NAME or NAME=VALUE"),
         ({"network": "a", "networks": ["b"]}, "network and networks: give one of them"),
         ({"container_kwargs": {"command": "sh"}}, "container_kwargs.command: set by the plugin"),
+        ({"container_kwargs": {"name": "mine"}}, "container_kwargs.name: set by the plugin; use (each container gets"),
+        ({"container_kwargs": {"init": False}}, "container_kwargs.init: set by the plugin"),
         ({"memory": "lots"}, "memory: expected a size like 512m or 2g"),
         ({"cleanup": "sometimes"}, "cleanup: expected one of always, on_success, never"),
     ],
@@ -163,6 +176,30 @@ def test_resource_tags_are_checked_before_any_step_starts(
     failure = result.failure_for("a")
     assert failure is not None and failure.kind is FailureKind.NOT_STARTED
     assert "step 'a': tag 'runyard/resources': unknown resource 'gpus'" in failure.message
+
+
+def test_resource_tags_the_engine_refuses_fail_before_any_step_starts(
+    runyard_make_instance: Any, docker_settings: dict[str, Any], tmp_path: Path, run_containers: Any
+) -> None:
+    job_file = tmp_path / "big_tags.py"
+    job_file.write_text(
+        "from runyard import job, step\n"
+        "@step\ndef a():\n    return 1\n"
+        "@step(tags={'runyard/resources': 'cpus=1024'})\n"
+        "def b(x):\n    return x\n"
+        "@job\ndef big_tags():\n    b(a())\n"
+    )
+    from runyard.definitions import CodePointer
+    from runyard.loader import load_job
+
+    instance = runyard_make_instance({"executor": {"docker": docker_settings}})
+    result = execute_job(load_job(CodePointer(file=str(job_file)), "big_tags")[0], instance=instance)
+    assert result.status is RunStatus.FAILURE
+    failure = result.failure_for("a")
+    assert failure is not None and failure.kind is FailureKind.NOT_STARTED
+    assert "step 'b': tag 'runyard/resources': cpus: the Docker engine does not accept" in failure.message
+    assert not [s for s in instance.storage.get_events(result.run_id) if s.event.type is EventType.STEP_START]
+    assert run_containers(result.run_id) == []
 
 
 def test_step_containers_of_a_crashed_run_worker_are_removed(
@@ -234,7 +271,8 @@ def test_settings_reach_the_container(
     try:
         instance = runyard_make_instance({"executor": {"docker": {
             **docker_settings,
-            "volumes": [*docker_settings["volumes"], f"{data}:/runyard-data:ro"],
+            # One source at two targets: both mounts must be there.
+            "volumes": [*docker_settings["volumes"], f"{data}:/runyard-data:ro", f"{data}:/runyard-data-again"],
             "networks": ["bridge", net.name],
             "env_vars": ["PASSED", "SET=a value", {"FROM_OTHER": {"env": "OTHER"}}, "NOT_SET_ANYWHERE"],
             "labels": {**docker_settings["labels"], "team": "data"},
@@ -248,13 +286,14 @@ def test_settings_reach_the_container(
         seen = result.output_for("look")
         assert seen["env"] == {"PASSED": "from the run worker", "SET": "a value",
                                "FROM_OTHER": "read through {env: OTHER}"}
-        assert seen["data"] == "mounted"
+        assert seen["data"] == "mounted" and seen["data_again"] == "mounted"
         assert seen["memory_limit"] == str(96 * 1024 * 1024)
-        assert seen["cpu_quota"] == "50000"  # half of the 100 ms period
+        assert seen["cpu_quota"] == "50000"  # half of the 100 ms period (cgroup v1 or v2)
         (container,) = run_containers(result.run_id)  # kept: cleanup never
         attrs = container.attrs
         assert set(attrs["NetworkSettings"]["Networks"]) == {"bridge", net.name}
         assert attrs["HostConfig"]["PidsLimit"] == 64
+        assert attrs["HostConfig"]["Memory"] == 96 * 1024 * 1024 and attrs["HostConfig"]["NanoCpus"] == 5 * 10**8
         assert "NOT_SET_ANYWHERE" not in " ".join(attrs["Config"]["Env"])
         assert container.labels["team"] == "data" and container.labels["runyard.step_key"] == "look"
         assert container.labels["runyard.instance"] == str(instance.home)
@@ -262,3 +301,177 @@ def test_settings_reach_the_container(
         for c in docker_client.containers.list(all=True, filters={"label": ["team=data", "runyard.test=1"]}):
             c.remove(force=True)
         net.remove()
+
+
+def test_step_containers_stop_themselves_when_the_run_worker_and_its_reaper_die(
+    runyard_home: Path, docker_settings: dict[str, Any], run_containers: Any
+) -> None:
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import yaml
+
+    (runyard_home / "runyard.yaml").write_text(
+        yaml.safe_dump({"executor": {"docker": {**docker_settings, "heartbeat_timeout": 4}}}))
+    env = {**os.environ, "RUNYARD_HOME": str(runyard_home)}
+    jobs = str(Path(__file__).resolve().parent / "docker_jobs.py")
+    out = subprocess.check_output([sys.executable, "-m", "runyard", "job", "launch", "--json", "-f", jobs,
+                                   "-j", "slow_job"], env=env, text=True)
+    run_id = json.loads(out)["run_id"]
+    deadline = time.monotonic() + 60
+    while not any(c.status == "running" for c in run_containers(run_id)):
+        assert time.monotonic() < deadline, "the step container did not start"
+        time.sleep(0.1)
+    # As when the whole machine or container of the run worker goes: nothing on this side
+    # is left to remove the step container, which must stop by itself.
+    for pid in os.listdir("/proc"):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        if b"runyard_docker.reaper" in cmd and run_id.encode() in cmd:
+            os.kill(int(pid), signal.SIGKILL)
+    from runyard import Instance
+
+    instance = Instance(runyard_home)
+    (launched,) = [s.event for s in instance.storage.get_events(run_id) if s.event.type is EventType.RUN_LAUNCHED]
+    os.killpg(launched.data["worker"]["pgid"], signal.SIGKILL)
+    deadline = time.monotonic() + 40
+    while any(c.status == "running" for c in run_containers(run_id)):
+        assert time.monotonic() < deadline, "the orphaned step container kept running"
+        time.sleep(0.2)
+    (left,) = run_containers(run_id)
+    assert left.attrs["State"]["ExitCode"] == 3
+    assert b"no heartbeat from the run worker" in left.logs(stdout=False, stderr=True)
+    waited = subprocess.run([sys.executable, "-m", "runyard", "run", "wait", run_id, "--timeout", "30"], env=env,
+                            capture_output=True, text=True)
+    assert waited.returncode == 1
+    done = subprocess.run([sys.executable, "-m", "runyard", "docker", "cleanup", "--run", run_id], env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert run_containers(run_id) == []
+
+
+def test_outputs_the_containers_cannot_write_are_rejected_before_any_step(
+    runyard_make_instance: Any, docker_settings: dict[str, Any], docker_job: Any, run_containers: Any
+) -> None:
+    instance = runyard_make_instance(
+        {"executor": {"docker": {**docker_settings, "volumes": [], "mount_outputs": False}}})
+    with pytest.raises(ConfigError, match=r"executor\.docker\.mount_outputs: false, but the outputs directory "
+                                          r"\S+ is not mounted by volumes"):
+        execute_job(docker_job("hello_job"), instance=instance)
+    (run,) = instance.storage.list_runs()
+    assert not [s for s in instance.storage.get_events(run.run_id) if s.event.type is EventType.STEP_START]
+    assert run_containers(run.run_id) == []
+
+
+def test_local_outputs_with_a_remote_engine_are_rejected_before_any_step(
+    runyard_make_instance: Any, docker_settings: dict[str, Any], docker_job: Any, run_containers: Any,
+    tcp_engine: str,
+) -> None:
+    instance = runyard_make_instance(
+        {"executor": {"docker": {**docker_settings, "volumes": [], "docker_host": tcp_engine.url}}})
+    with pytest.raises(ConfigError, match=r"executor\.docker\.docker_host: the output store is the directory \S+ "
+                                          r"on this machine, which containers on the Docker engine at "
+                                          r"\S+ cannot reach"):
+        execute_job(docker_job("hello_job"), instance=instance)
+    (run,) = instance.storage.list_runs()
+    assert run_containers(run.run_id) == []
+
+
+def test_a_volume_of_the_outputs_directory_elsewhere_keeps_its_mount() -> None:
+    from runyard_docker import _docker as d
+
+    binds: d.Binds = [("/srv/outputs", "/elsewhere", "ro"), ("/srv/data", "/data", "rw")]
+    d.add_bind(binds, "/srv/outputs", "rw")  # not covered by a target: mounted at its own path too
+    d.add_bind(binds, "/data/sub", "rw")  # covered by the /data mount: nothing to add
+    assert d.sdk_volumes(binds) == ["/srv/outputs:/elsewhere:ro", "/srv/data:/data:rw", "/srv/outputs:/srv/outputs:rw"]
+
+
+def test_cleanup_keeps_every_container_of_an_unfinished_run(
+    runyard_home: Path, docker_settings: dict[str, Any], docker_client: Any, run_containers: Any
+) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from runyard import Instance, RunRecord
+
+    instance = Instance(runyard_home)
+    run = RunRecord(job_name="hello_job", code_pointer={}, run_config={}, executor="docker", tags={},
+                    parent_run_id=None, step_selection=None)
+    instance.storage.add_run(run)
+    assert instance.storage.set_run_status(run.run_id, RunStatus.STARTED)
+    labels = {"runyard.run_id": run.run_id, "runyard.kind": "step", "runyard.instance": str(instance.home),
+              "runyard.test": "1"}
+    # A step container the run worker has created and is about to start.
+    created = docker_client.containers.create(docker_settings["image"], ["true"], labels=labels)
+    try:
+        env = {**os.environ, "RUNYARD_HOME": str(runyard_home)}
+        cmd = [sys.executable, "-m", "runyard", "docker", "cleanup"]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert [c.id for c in run_containers(run.run_id)] == [created.id]
+        assert "1 container(s) of unfinished runs kept" in done.stderr
+        assert instance.storage.set_run_status(run.run_id, RunStatus.FAILURE)
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert run_containers(run.run_id) == []
+    finally:
+        if run_containers(run.run_id):
+            created.remove(force=True)
+
+
+def test_cleanup_may_come_from_the_environment(
+    runyard_make_instance: Any, docker_settings: dict[str, Any], docker_job: Any, run_containers: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("RUNYARD_TEST_CLEANUP", "never")
+    instance = runyard_make_instance(
+        {"executor": {"docker": {**docker_settings, "cleanup": {"env": "RUNYARD_TEST_CLEANUP"}}}})
+    assert instance.validate() == []
+    result = execute_job(docker_job("hello_job"), instance=instance)
+    try:
+        assert result.success, result.events
+        kept = run_containers(result.run_id)
+        assert sorted(c.labels["runyard.step_key"] for c in kept) == ["one", "plus_one"]  # never: both kept
+    finally:
+        for c in run_containers(result.run_id):
+            c.remove(force=True)
+
+
+def test_the_reaper_catches_a_create_that_lands_after_its_first_sweep(
+    docker_settings: dict[str, Any], docker_client: Any, run_containers: Any
+) -> None:
+    import uuid
+
+    from runyard_docker.reaper import remove_steps
+
+    run_id = uuid.uuid4().hex
+    labels = {"runyard.run_id": run_id, "runyard.kind": "step", "runyard.test": "1"}
+    sweeping = threading.Thread(target=remove_steps, args=(docker_client, run_id),
+                                kwargs={"keep_exited": False, "settle": 8.0})
+    sweeping.start()
+    try:
+        time.sleep(2.0)  # a create sent by a worker that just died, landing late
+        docker_client.containers.create(docker_settings["image"], ["true"], labels=labels)
+        sweeping.join(60)
+        assert not sweeping.is_alive()
+        assert run_containers(run_id) == []
+    finally:
+        for c in run_containers(run_id):
+            c.remove(force=True)
+
+
+def test_a_read_only_root_filesystem_runs_without_the_heartbeat(
+    runyard_make_instance: Any, docker_settings: dict[str, Any], docker_job: Any
+) -> None:
+    # The heartbeat file cannot be written there: the steps still run, without the watchdog.
+    instance = runyard_make_instance(
+        {"executor": {"docker": {**docker_settings, "container_kwargs": {"read_only": True}}}})
+    result = execute_job(docker_job("hello_job"), instance=instance)
+    assert result.success, [e.message for e in result.events if e.type is EventType.STEP_FAILURE]
+    assert result.output_for("plus_one") == 2

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 import yaml
 from runyard import ConfigError, Instance, RunRecord, RunStatus
@@ -200,3 +201,120 @@ def test_postgres_storage_works_from_a_run_container_on_the_host_network(
     finally:
         with psycopg.connect(url, autocommit=True) as conn:
             conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
+
+
+def _binds(container: Any) -> list[str]:
+    container.reload()
+    return list(container.attrs["HostConfig"].get("Binds") or [])
+
+
+@pytest.mark.parametrize(
+    ("executor", "setting", "mounted"),
+    [("in_process", None, False), ("docker", None, True), ("in_process", True, True), ("docker", False, False)],
+)
+def test_the_docker_socket_is_mounted_only_for_runs_that_need_it(
+    runyard_home: Path, docker_settings: dict[str, Any], docker_client: Any, executor: str, setting: bool | None,
+    mounted: bool,
+) -> None:
+    settings = dict(docker_settings)
+    if setting is not None:
+        settings["mount_docker_socket"] = setting
+    launcher = _launcher(runyard_home, settings, None)
+    run = attrs.evolve(_run(), executor=executor)
+    worker = launcher.launch(run)
+    try:
+        binds = _binds(docker_client.containers.get(worker["container_id"]))
+        assert any(b.endswith(":/var/run/docker.sock:rw") for b in binds) is mounted, binds
+    finally:
+        launcher.terminate(run, worker, force=True)
+
+
+_KILL_RUN_WORKER = """
+import os, signal
+for pid in os.listdir('/proc'):
+    if pid.isdigit() and int(pid) != os.getpid():
+        try:
+            cmd = open(f'/proc/{pid}/cmdline', 'rb').read()
+        except OSError:
+            continue
+        if b'runyard_docker.run_worker' in cmd:
+            os.kill(int(pid), signal.SIGKILL)
+            print('killed', pid)
+"""
+
+
+def test_no_container_outlives_a_run_worker_killed_inside_its_container(
+    home: Path, run_containers: Any, docker_client: Any
+) -> None:
+    config = yaml.safe_load((home / "runyard.yaml").read_text())
+    config["executor"]["docker"]["heartbeat_timeout"] = 5
+    (home / "runyard.yaml").write_text(yaml.safe_dump(config))
+    done = runyard(home, "job", "launch", "--json", "-f", str(TESTS / "docker_jobs.py"), "-j", "slow_job")
+    assert done.returncode == 0, done.stdout + done.stderr
+    run_id = json.loads(done.stdout)["run_id"]
+    wait_for(
+        lambda: any(c.labels.get("runyard.kind") == "step" and c.status == "running" for c in run_containers(run_id)),
+        "the step container to run",
+    )
+    (worker,) = [c for c in run_containers(run_id) if c.labels.get("runyard.kind") == "run"]
+    code, out = worker.exec_run(["python3", "-c", _KILL_RUN_WORKER])
+    assert code == 0 and b"killed" in out, out
+    # Nobody lists or waits for the run: the containers stop on their own.
+    wait_for(lambda: not any(c.status == "running" for c in run_containers(run_id)),
+             "no container of the run to be running", 45)
+    # And the launcher's watcher has the run failed and every container removed.
+    wait_for(lambda: run_containers(run_id) == [], "the run's containers to be removed", 90)
+    run = Instance(home).storage.get_run(run_id)
+    assert run is not None and run.status is RunStatus.FAILURE
+    waited = runyard(home, "run", "wait", run_id, "--timeout", "60")
+    assert waited.returncode == 1, waited.stdout + waited.stderr
+
+
+def test_a_finished_run_container_without_the_socket_is_removed(
+    runyard_home: Path, docker_settings: dict[str, Any], run_containers: Any, docker_client: Any
+) -> None:
+    (runyard_home / "runyard.yaml").write_text(yaml.safe_dump({
+        "executor": {"in_process": {}},
+        "run_launcher": {"docker": docker_settings},
+    }))
+    done = runyard(runyard_home, "job", "launch", "--wait", "--json", "-f", str(TESTS / "docker_jobs.py"),
+                   "-j", "hello_job")
+    assert done.returncode == 0, done.stdout + done.stderr
+    (run,) = Instance(runyard_home).storage.list_runs()
+    assert run.status is RunStatus.SUCCESS and run.executor == "in_process"
+    wait_for(lambda: run_containers(run.run_id) == [], "the run container to be removed", 60)
+
+
+@pytest.mark.parametrize(
+    ("settings", "expected"),
+    [
+        ({"cpus": 1024}, r"run_launcher\.docker\.cpus: the Docker engine does not accept .*Range of CPUs"),
+        ({"container_kwargs": {"shm_size": "lots"}},
+         r"run_launcher\.docker\.container_kwargs\.shm_size: the Docker engine does not accept"),
+    ],
+)
+def test_settings_the_engine_refuses_are_a_config_error_before_launch(
+    runyard_home: Path, docker_settings: dict[str, Any], run_containers: Any, settings: dict[str, Any],
+    expected: str,
+) -> None:
+    launcher = _launcher(runyard_home, {**docker_settings, **settings}, None)
+    run = _run()
+    with pytest.raises(ConfigError, match=expected):
+        launcher.launch(run)
+    assert run_containers(run.run_id) == []
+
+
+def test_an_engine_gone_since_the_first_connection_gets_the_docker_host_message(
+    runyard_home: Path, docker_settings: dict[str, Any], tcp_engine: Any
+) -> None:
+    from runyard_docker import _docker as d
+
+    d.connect(tcp_engine.url, "run_launcher.docker")  # cached, as in a long-lived monitor
+    tcp_engine.stop()
+    launcher = _launcher(runyard_home, {**docker_settings, "docker_host": tcp_engine.url}, None)
+    health = launcher.check_health(_run(), {"container_id": "0" * 64, "docker_host": tcp_engine.url})
+    assert health.status == "unknown"
+    assert f"run_launcher.docker.docker_host: the Docker engine at {tcp_engine.url} is not reachable" in health.message
+    with pytest.raises(ConfigError, match=r"run_launcher\.docker\.docker_host: the Docker engine at tcp://\S+ is "
+                                          r"not reachable"):
+        launcher.terminate(_run(), {"container_id": "0" * 64, "docker_host": tcp_engine.url})

@@ -90,3 +90,29 @@ def test_worker_prints_events_while_the_step_runs(request_for: Any, tmp_path: Pa
         assert "from a subprocess" in out
         assert "to stderr" in proc.stderr.read()  # type: ignore[union-attr]
         assert [e.type for e in rest][-2:] == [EventType.STEP_OUTPUT, EventType.STEP_SUCCESS]
+
+
+def test_worker_stops_itself_when_the_heartbeat_stops(request_for: Any, tmp_path: Path) -> None:
+    import os
+    import time
+
+    beat = tmp_path / "heartbeat"
+    beat.write_text("0")
+    env = {**os.environ, "RUNYARD_DOCKER_HEARTBEAT": str(beat), "RUNYARD_DOCKER_HEARTBEAT_TIMEOUT": "1.5"}
+    # The step waits 30 s for a go file that never comes.
+    request = request_for(tmp_path / "go").to_json()
+    proc = subprocess.Popen([sys.executable, "-m", "runyard_docker.step_worker", request],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        # A heartbeat that changes keeps it alive well past the timeout.
+        for i in range(1, 16):
+            time.sleep(0.3)
+            beat.write_text(str(i))
+            assert proc.poll() is None, proc.stderr.read()  # type: ignore[union-attr]
+        stopped = time.monotonic()
+        assert proc.wait(20) == 3
+        assert time.monotonic() - stopped < 15
+        assert "no heartbeat from the run worker for 1.5s" in proc.stderr.read()  # type: ignore[union-attr]
+    finally:
+        proc.kill()
+        proc.wait()
