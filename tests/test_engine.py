@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +95,41 @@ class VanishingHandler(StepHandler):
         start = Event(type=EventType.STEP_START, run_id=r.run_id, step_key=r.step_key,
                       attempt=r.attempt, attempt_id=r.attempt_id)
         return StepUpdate.finished([start])
+
+
+class QueuedHandler(StepHandler):
+    """Each attempt waits QUEUED seconds "in a queue", reports that it started, then takes
+    RUNS seconds before the step runs; terminate ends it at once."""
+
+    QUEUED = 1.5
+    RUNS = 0.3
+
+    def launch(self, request: StepRequest) -> _Handle:
+        handle = _Handle(request)
+        handle.launched = time.monotonic()  # type: ignore[attr-defined]
+        handle.stopped = False  # type: ignore[attr-defined]
+        return handle
+
+    def poll(self, handle: _Handle) -> StepUpdate:
+        if handle.stopped:  # type: ignore[attr-defined]
+            return StepUpdate.finished()
+        age = time.monotonic() - handle.launched  # type: ignore[attr-defined]
+        if age < self.QUEUED:
+            return StepUpdate.running()
+        if age < self.QUEUED + self.RUNS:
+            return StepUpdate.running(started=True)
+        return StepUpdate.finished(execute_step(handle.request))
+
+    def terminate(self, handle: _Handle, kind: FailureKind) -> None:
+        handle.stopped = True  # type: ignore[attr-defined]
+
+    def wait(self, timeout: float) -> None:
+        time.sleep(min(timeout, 0.02))
+
+
+class LongRunningQueuedHandler(QueuedHandler):
+    QUEUED = 0.2
+    RUNS = 2.0
 
 
 class _SpecPlugin:
@@ -428,6 +464,45 @@ def test_done_without_terminal_event_is_worker_lost(
     assert failure.kind is FailureKind.WORKER_LOST
     assert failure.message == "step 'emit' ended without reporting success or failure"
     assert result.step_states["double"] == "skipped"
+
+
+# -- timeouts of steps that wait in a queue first ---------------------------------------------
+
+
+@step(timeout=1.0)
+def quick() -> int:
+    return 7
+
+
+@job
+def quick_job():  # type: ignore[no-untyped-def]
+    quick()
+
+
+@pytest.mark.parametrize("reports_start", [True, False])
+def test_time_queued_counts_against_the_timeout_only_without_reports_start(
+    runyard_instance: Instance, runyard_registry: PluginRegistry, reports_start: bool
+) -> None:
+    _register(runyard_registry, "queued", "tests.test_engine:QueuedHandler", enforces_timeouts=True,
+              can_terminate=True, reports_start=reports_start)
+    result = execute_job(quick_job, instance=runyard_instance, executor="queued")
+    if reports_start:  # 1.5 s queued, 0.3 s running: within the 1 s timeout counted from the start
+        assert result.success, result.events
+    else:
+        failure = result.failure_for("quick")
+        assert failure is not None and failure.kind is FailureKind.TIMEOUT, result.events
+
+
+def test_a_step_that_started_is_still_timed_out(
+    runyard_instance: Instance, runyard_registry: PluginRegistry
+) -> None:
+    _register(runyard_registry, "slowrun", "tests.test_engine:LongRunningQueuedHandler", enforces_timeouts=True,
+              can_terminate=True, reports_start=True)
+    started = time.monotonic()
+    result = execute_job(quick_job, instance=runyard_instance, executor="slowrun")
+    failure = result.failure_for("quick")
+    assert failure is not None and failure.kind is FailureKind.TIMEOUT, result.events
+    assert time.monotonic() - started > 1.1  # 0.2 s queued + the 1 s timeout from the start
 
 
 # -- unserializable outputs -----------------------------------------------------------------

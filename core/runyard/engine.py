@@ -64,6 +64,7 @@ class _Attempt:
     deadline: float | None
     limits: tuple[int, ...]
     done: bool = False  # a terminal state was recorded; later reports are ignored
+    started: bool = False  # the handler reported that it left its queue (reports_start)
 
 
 class StepState:
@@ -238,7 +239,9 @@ class Engine:
         for i in limits:
             self._limit_counts[i] += 1
         self.states[key] = StepState.RUNNING
-        deadline = time.monotonic() + step.timeout if step.timeout else None
+        # With a queue in front of the compute, the clock starts when the attempt does.
+        queued = self.capabilities.reports_start
+        deadline = time.monotonic() + step.timeout if step.timeout and not queued else None
         att = _Attempt(key, attempt, attempt_id, None, deadline, limits)
         try:
             att.handle = self.handler.launch(request)
@@ -257,6 +260,13 @@ class Engine:
         progressed = False
         for att in list(self._running.values()):
             update = self.handler.poll(att.handle)
+            if self.capabilities.reports_start and not att.started and (
+                update.started or any(ev.type is EventType.STEP_START for ev in update.events)
+            ):
+                att.started = True
+                timeout = self.plan.steps[att.key].node.step.timeout
+                if timeout:
+                    att.deadline = time.monotonic() + timeout
             if update.events:
                 progressed = True
                 for ev in update.events:

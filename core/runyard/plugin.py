@@ -71,6 +71,10 @@ class Capabilities:
     ``max_concurrency``: the most steps it can run at once (None: no limit of its own).
     ``needs_shared_outputs``: steps run outside this process, so outputs need a file or
     fsspec store rather than the in-memory one.
+    ``reports_start``: attempts may wait in a queue before they run (a broker, a cluster's
+    scheduler), and `StepHandler.poll` says when one starts (`StepUpdate.started`, or a
+    STEP_START event). The engine then counts a step's timeout from its start, not from
+    its launch; bounding the time queued is the executor's job (say how in its docs).
     """
 
     enforces_timeouts: bool = False
@@ -78,6 +82,7 @@ class Capabilities:
     supports_resources: bool = False
     max_concurrency: int | None = None
     needs_shared_outputs: bool = True
+    reports_start: bool = False
 
 
 _NoConfig = attrs.make_class("NoConfig", {}, frozen=True, kw_only=True)
@@ -234,15 +239,19 @@ class StepUpdate:
     A step worker ends its events with STEP_SUCCESS or STEP_FAILURE. When the attempt
     ended without one (the process was killed, the container vanished), the handler says
     why with ``failure``; the engine turns it into the STEP_FAILURE event.
+
+    ``started``: the attempt has left its queue and runs (for handlers whose capabilities
+    say ``reports_start``; reporting it more than once is harmless).
     """
 
     events: Sequence[Event] = ()
     done: bool = False
     failure: FailureInfo | None = None
+    started: bool = False
 
     @classmethod
-    def running(cls, events: Sequence[Event] = ()) -> StepUpdate:
-        return cls(events, False, None)
+    def running(cls, events: Sequence[Event] = (), *, started: bool = False) -> StepUpdate:
+        return cls(events, False, None, started)
 
     @classmethod
     def finished(cls, events: Sequence[Event] = ()) -> StepUpdate:
