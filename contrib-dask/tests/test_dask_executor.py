@@ -173,6 +173,7 @@ def test_plugin_module_imports_neither_dask_nor_distributed() -> None:
         ({"address": "tcp://127.0.0.1:1", "local_scheduler": "threads"}, "address and local_scheduler: give one"),
         ({"address": "tcp://127.0.0.1:1", "cluster_kwargs": {"n_workers": 1}}, "cluster_kwargs: these configure"),
         ({"connect_timeout": 0.0}, "connect_timeout: expected a number of seconds above 0"),
+        ({"queue_timeout": -1}, "queue_timeout: expected a number of seconds above 0"),
         ({"adress": "tcp://x:1"}, "unknown key 'adress'"),
     ],
 )
@@ -485,3 +486,96 @@ def test_run_step_gives_its_thread_back_after_grace_and_later_steps_are_unharmed
     assert remote.interrupt("never-ran", "canceled") is False
     early = remote.run_step(request("quick", "q-early"), "never-ran")
     assert early == {"events": [], "abandoned": False, "interrupted": "canceled"}
+
+
+# -- timeouts count from the step's start, not from its time in Dask's queue ----------------
+
+QUEUED = '''
+import time
+
+from runyard import job, step
+
+
+@step
+def long() -> int:
+    time.sleep(4)
+    return 1
+
+
+@step(timeout=2)
+def queued() -> int:
+    return 2
+
+
+@step(timeout=1.5)
+def overrun() -> int:
+    n = 0
+    end = time.monotonic() + 30
+    while time.monotonic() < end:  # pure Python: the interrupt lands at once
+        n += 1
+    return n
+
+
+@step
+def untimed() -> int:
+    return 3
+
+
+@job
+def queued_job():
+    long()
+    queued()
+
+
+@job
+def overrun_job():
+    long()
+    overrun()
+
+
+@job
+def untimed_job():
+    long()
+    untimed()
+'''
+
+# One worker thread: of two independent steps, one waits in Dask's queue while the other runs.
+ONE_THREAD = {"cluster_kwargs": {"n_workers": 1, "threads_per_worker": 1, "processes": False}}
+
+
+def _event_time(result: Any, step: str, kind: EventType) -> float:
+    (t,) = [e.timestamp for e in result.events if e.step_key == step and e.type is kind]
+    return t
+
+
+def test_step_queued_behind_a_long_step_does_not_time_out(runyard_instance: Instance, tmp_path: Path) -> None:
+    job = load(write_job(tmp_path, QUEUED, "queued_jobs.py"), "queued_job")
+    result = run(runyard_instance, job, ONE_THREAD)
+    assert result.success, [(e.step_key, e.type, e.message) for e in result.events]
+    # It did wait: it started only once the long step had ended, far past its 2 s timeout.
+    assert _event_time(result, "queued", EventType.STEP_START) >= _event_time(result, "long", EventType.STEP_SUCCESS)
+    assert result.output_for("queued") == 2
+
+
+def test_step_running_past_its_timeout_after_queueing_is_timeout(runyard_instance: Instance, tmp_path: Path) -> None:
+    job = load(write_job(tmp_path, QUEUED, "queued_jobs.py"), "overrun_job")
+    started = time.monotonic()
+    result = run(runyard_instance, job, ONE_THREAD)
+    elapsed = time.monotonic() - started
+    failure = result.failure_for("overrun")
+    assert failure is not None and failure.kind is FailureKind.TIMEOUT, result.events
+    assert result.output_for("long") == 1
+    # Queued ~4 s behind `long`, then stopped 1.5 s into its run, not after 30 s.
+    assert 4 + 1.5 <= elapsed < 25, f"took {elapsed:.1f}s"
+    # Its timeout ran from its start, after `long` ended (its STEP_START is discarded with its result).
+    timed_out = _event_time(result, "overrun", EventType.STEP_FAILURE)
+    assert timed_out - _event_time(result, "long", EventType.STEP_SUCCESS) >= 1.4
+
+
+def test_queue_timeout_fails_a_step_that_waits_too_long_to_start(runyard_instance: Instance, tmp_path: Path) -> None:
+    job = load(write_job(tmp_path, QUEUED, "queued_jobs.py"), "untimed_job")
+    result = run(runyard_instance, job, {**ONE_THREAD, "queue_timeout": 1})
+    failure = result.failure_for("untimed")
+    assert failure is not None and failure.kind is FailureKind.NOT_STARTED, result.events
+    assert "waited 1s in Dask's queue without starting (executor.dask.queue_timeout=1s)" in failure.message
+    assert result.output_for("long") == 1
