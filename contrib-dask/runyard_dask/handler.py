@@ -115,6 +115,20 @@ def _load_class(path: str) -> Any:
     return obj
 
 
+def _local_get(name: str | None) -> Any:
+    if name == "threads":
+        import dask.threaded
+
+        return dask.threaded.get
+    if name == "processes":
+        import dask.multiprocessing
+
+        return dask.multiprocessing.get
+    import dask.local
+
+    return dask.local.get_sync
+
+
 class _Handle:
     __slots__ = (
         "request", "key", "future", "resources", "lock", "stopped", "reported", "result", "launched", "fetch_error",
@@ -379,7 +393,9 @@ class DaskStepHandler(StepHandler):
         import dask
 
         task = dask.delayed(remote.run_step, pure=False)(payload, key, grace, dask_key_name=key)
-        kwargs: dict[str, Any] = {"scheduler": self.config.local_scheduler}
+        # The scheduler's function, not its name: given a name, dask imports distributed to
+        # look for a default Client, which this mode is meant to do without.
+        kwargs: dict[str, Any] = {"scheduler": _local_get(self.config.local_scheduler)}
         if self._pool is not None:
             kwargs["pool"] = self._pool
         (result,) = dask.compute(task, **kwargs)

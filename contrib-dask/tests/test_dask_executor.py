@@ -579,3 +579,23 @@ def test_queue_timeout_fails_a_step_that_waits_too_long_to_start(runyard_instanc
     assert failure is not None and failure.kind is FailureKind.NOT_STARTED, result.events
     assert "waited 1s in Dask's queue without starting (executor.dask.queue_timeout=1s)" in failure.message
     assert result.output_for("long") == 1
+
+
+@pytest.mark.parametrize("scheduler", ["synchronous", "threads", "processes"])
+def test_local_scheduler_does_not_import_distributed(tmp_path: Path, scheduler: str) -> None:
+    path = write_job(tmp_path, CHAIN, "chain_jobs.py")
+    code = (
+        "import os, sys\n"
+        "from runyard import CodePointer, execute_job\n"
+        "from runyard.loader import load_job\n"
+        f"job, _ = load_job(CodePointer(file={str(path)!r}), 'chain')\n"
+        f"rc = {{'execution': {{'dask': {{'local_scheduler': {scheduler!r}}}}}}}\n"
+        "r = execute_job(job, executor='dask', run_config=rc)\n"
+        "assert r.success, r.events\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'distributed'))"
+    )
+    env = {**os.environ, "RUNYARD_HOME": str(tmp_path / "home")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180, env=env,
+                         cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]"
