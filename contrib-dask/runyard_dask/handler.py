@@ -193,6 +193,7 @@ class DaskStepHandler(StepHandler):
             raise
 
     def _setup_distributed(self) -> None:
+        import dask
         import distributed
 
         cfg = self.config
@@ -215,7 +216,13 @@ class DaskStepHandler(StepHandler):
             # A fixed dashboard port collides with anything else on the machine using 8787.
             kwargs.setdefault("dashboard_address", ":0")
         try:
-            self._cluster = cluster_cls(**kwargs)
+            # Dask reruns a task whose worker died up to allowed-failures times, unseen by
+            # runyard, so a step's side effects could repeat within one attempt. The
+            # scheduler of a temporary cluster is this run's own: give up at the first
+            # death and let the step's RetryPolicy decide. (scheduler_kwargs in
+            # cluster_kwargs still override it.)
+            with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
+                self._cluster = cluster_cls(**kwargs)
         except TypeError as e:
             raise ValueError(f"executor.dask.cluster_kwargs: {cfg.cluster_class} rejected them: {e}") from None
         if cfg.adapt_kwargs is not None:

@@ -47,6 +47,20 @@ def lose_worker():
     hold()
 
 
+@step(retry=RetryPolicy(max_retries=1, retry_on=["worker_lost"]))
+def hold_once(context) -> dict:
+    pid = _scratch(context) / "pid"
+    if context.attempt == 1 and not pid.exists():  # a rerun of attempt 1 by Dask returns at once
+        pid.write_text(str(os.getpid()))
+        time.sleep(120)
+    return {"attempt": context.attempt, "pid": os.getpid()}
+
+
+@job
+def lose_worker_once():
+    hold_once()
+
+
 def _whoami() -> dict:
     from distributed import get_worker
     from distributed.worker import thread_state
@@ -253,6 +267,31 @@ def test_worker_killed_mid_step_becomes_a_retry(
     out = result.output_for("hold")
     assert out["attempt"] == 2 and out["pid"] != int((scratch / "pid").read_text())
     assert elapsed < 60, f"a killed worker took {elapsed:.1f}s to become a retry"
+
+
+def test_temporary_cluster_worker_death_is_runyards_retry_not_a_silent_dask_rerun(
+    runyard_instance: Instance, jobs_file: Path, tmp_path: Path
+) -> None:
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+
+    def kill_the_worker_running_it() -> None:
+        wait_for(scratch / "pid", 120)
+        pid = int((scratch / "pid").read_text())
+        assert pid != os.getpid()
+        os.kill(pid, signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_the_worker_running_it, daemon=True)
+    killer.start()
+    # Two worker processes: with Dask's default allowed-failures the scheduler would rerun
+    # attempt 1 on the other worker itself, and runyard would never see the death.
+    cfg = {"cluster_kwargs": {"n_workers": 2, "threads_per_worker": 1, "processes": True, "host": "127.0.0.1"}}
+    result = run(runyard_instance, load(jobs_file, "lose_worker_once"), cfg, run_config={"scratch": str(scratch)})
+    killer.join(5)
+    failures = [e for e in result.events if e.type is EventType.STEP_FAILURE]
+    assert len(failures) == 1 and failures[0].attempt == 1, result.events
+    assert failures[0].failure.kind is FailureKind.WORKER_LOST
+    assert result.success and result.output_for("hold_once")["attempt"] == 2
 
 
 # -- resources and keys -------------------------------------------------------------------
