@@ -40,6 +40,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 RESULTS = HERE / "results" / "dask.json"
+NO_PEER_RESULTS = HERE / "results" / "dask-no-peers.json"
 RUNYARD_PYTHON = REPO / ".venv" / "bin" / "python"
 PEER_PYTHON = HERE / ".venv-peers-dask" / "bin" / "python"
 PEER_REPORT = HERE / ".venv-peers-dask" / "install-report.txt"
@@ -318,6 +319,7 @@ def main() -> None:
     (workdir / "dagster_bench_jobs.py").write_text(DAGSTER_JOBS.replace("range(N)", f"range({a.steps})"))
     cluster = Cluster(worker_python, workdir)
     rows: dict[str, Any] = {}
+    load_at_start = os.getloadavg()
     try:
         startup = cluster.start()
         print(f"cluster up in {startup:.2f}s at {cluster.address} (workers: {worker_python})", flush=True)
@@ -351,15 +353,17 @@ def main() -> None:
     doc = {
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                    "load_avg": os.getloadavg()},
+                    "load_avg_at_start": load_at_start, "load_avg": os.getloadavg()},
         "steps": a.steps,
         "cluster": {"workers": 2, "threads_per_worker": 1, "startup_s": startup, "worker_python": str(worker_python)},
         "peer_versions": peer_versions,
         "peer_install_report": not_installed,
         "rows": rows,
     }
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps(doc, indent=2) + "\n")
+    # A run without the peers must not overwrite the last full comparison.
+    results = RESULTS if any(label.startswith(("dagster", "prefect")) for label in rows) else NO_PEER_RESULTS
+    results.parent.mkdir(exist_ok=True)
+    results.write_text(json.dumps(doc, indent=2) + "\n")
     print()
     print(f"| system | runs | median s ({a.steps} steps) | per-step ms | ratio to raw dask |")
     print("|---|---|---|---|---|")
@@ -369,7 +373,8 @@ def main() -> None:
                   f"{res.get('ratio_to_raw', float('nan')):.2f}x |")
         else:
             print(f"| {label} | 0 | failed: {res.get('error', '?')[:200]} | | |")
-    print(f"\ncluster start-up (scheduler + 2 workers registered): {startup:.2f}s; results in {RESULTS}")
+    print(f"\ncluster start-up (scheduler + 2 workers registered): {startup:.2f}s; "
+          f"load average {load_at_start[0]:.2f} -> {doc['machine']['load_avg'][0]:.2f} (1 min); results in {results}")
 
 
 if __name__ == "__main__":
