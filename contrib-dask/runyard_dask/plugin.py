@@ -91,6 +91,11 @@ class DaskConfig(ExecutorConfig):
             raise ValueError("client_kwargs: there is no distributed client with local_scheduler; remove it")
         if self.local_scheduler == "synchronous":
             # The synchronous scheduler runs one task at a time in the calling thread.
+            if self.max_concurrent not in (None, 1):
+                raise ValueError(
+                    f"max_concurrent: local_scheduler 'synchronous' runs one step at a time, got "
+                    f"max_concurrent={self.max_concurrent}; remove max_concurrent or use local_scheduler 'threads'"
+                )
             object.__setattr__(self, "max_concurrent", 1)
 
 

@@ -188,6 +188,8 @@ def test_plugin_module_imports_neither_dask_nor_distributed() -> None:
         ({"address": "tcp://127.0.0.1:1", "cluster_kwargs": {"n_workers": 1}}, "cluster_kwargs: these configure"),
         ({"connect_timeout": 0.0}, "connect_timeout: expected a number of seconds above 0"),
         ({"queue_timeout": -1}, "queue_timeout: expected a number of seconds above 0"),
+        ({"local_scheduler": "synchronous", "max_concurrent": 4},
+         "max_concurrent: local_scheduler 'synchronous' runs one step at a time, got max_concurrent=4"),
         ({"adress": "tcp://x:1"}, "unknown key 'adress'"),
     ],
 )
