@@ -115,7 +115,9 @@ def child_raw(address: str, n: int, reps: int) -> dict[str, Any]:
     return {"seconds": times, "connect_s": connect}
 
 
-def child_runyard(address: str, n: int, reps: int, max_concurrent: int | None) -> dict[str, Any]:
+def child_runyard(
+    address: str, n: int, reps: int, max_concurrent: int | None, queue_timeout: float | None = None
+) -> dict[str, Any]:
     work = scratch_dir("bench-dask-runyard-")
     jobs_file = work / "bench_jobs.py"
     jobs_file.write_text(RUNYARD_JOBS + f"\nwide = make({n})\n")
@@ -128,6 +130,8 @@ def child_runyard(address: str, n: int, reps: int, max_concurrent: int | None) -
     cfg: dict[str, Any] = {"address": address}
     if max_concurrent is not None:
         cfg["max_concurrent"] = max_concurrent
+    if queue_timeout is not None:
+        cfg["queue_timeout"] = queue_timeout  # every step then reports its start (a distributed event)
     times = []
     for rep in range(reps + 1):
         start = time.perf_counter()
@@ -196,11 +200,12 @@ def run_child(argv: list[str]) -> None:
     p.add_argument("--reps", type=int, required=True)
     p.add_argument("--max-concurrent", type=int)
     p.add_argument("--jobs-dir")
+    p.add_argument("--queue-timeout", type=float)
     a = p.parse_args(argv)
     if a.child == "raw":
         out = child_raw(a.address, a.steps, a.reps)
     elif a.child == "runyard":
-        out = child_runyard(a.address, a.steps, a.reps, a.max_concurrent)
+        out = child_runyard(a.address, a.steps, a.reps, a.max_concurrent, a.queue_timeout)
     elif a.child == "dagster":
         out = child_dagster(a.address, a.steps, a.reps, a.jobs_dir)
     elif a.child == "prefect":
@@ -328,6 +333,8 @@ def main() -> None:
             ("runyard dask executor (default max_concurrent=32)", RUNYARD_PYTHON, "runyard", [], a.reps),
             (f"runyard dask executor (max_concurrent={a.steps})", RUNYARD_PYTHON, "runyard",
              ["--max-concurrent", str(a.steps)], a.reps),
+            ("runyard dask executor (queue_timeout set: every step reports its start)", RUNYARD_PYTHON, "runyard",
+             ["--queue-timeout", "600"], a.reps),
         ]
         if have_peers and not a.no_peers:
             if "dagster-dask" in peer_versions:
