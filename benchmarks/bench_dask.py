@@ -40,6 +40,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 RESULTS = HERE / "results" / "dask.json"
+NO_PEER_RESULTS = HERE / "results" / "dask-no-peers.json"
 RUNYARD_PYTHON = REPO / ".venv" / "bin" / "python"
 PEER_PYTHON = HERE / ".venv-peers-dask" / "bin" / "python"
 PEER_REPORT = HERE / ".venv-peers-dask" / "install-report.txt"
@@ -114,7 +115,9 @@ def child_raw(address: str, n: int, reps: int) -> dict[str, Any]:
     return {"seconds": times, "connect_s": connect}
 
 
-def child_runyard(address: str, n: int, reps: int, max_concurrent: int | None) -> dict[str, Any]:
+def child_runyard(
+    address: str, n: int, reps: int, max_concurrent: int | None, queue_timeout: float | None = None
+) -> dict[str, Any]:
     work = scratch_dir("bench-dask-runyard-")
     jobs_file = work / "bench_jobs.py"
     jobs_file.write_text(RUNYARD_JOBS + f"\nwide = make({n})\n")
@@ -127,6 +130,8 @@ def child_runyard(address: str, n: int, reps: int, max_concurrent: int | None) -
     cfg: dict[str, Any] = {"address": address}
     if max_concurrent is not None:
         cfg["max_concurrent"] = max_concurrent
+    if queue_timeout is not None:
+        cfg["queue_timeout"] = queue_timeout  # every step then reports its start (a distributed event)
     times = []
     for rep in range(reps + 1):
         start = time.perf_counter()
@@ -195,11 +200,12 @@ def run_child(argv: list[str]) -> None:
     p.add_argument("--reps", type=int, required=True)
     p.add_argument("--max-concurrent", type=int)
     p.add_argument("--jobs-dir")
+    p.add_argument("--queue-timeout", type=float)
     a = p.parse_args(argv)
     if a.child == "raw":
         out = child_raw(a.address, a.steps, a.reps)
     elif a.child == "runyard":
-        out = child_runyard(a.address, a.steps, a.reps, a.max_concurrent)
+        out = child_runyard(a.address, a.steps, a.reps, a.max_concurrent, a.queue_timeout)
     elif a.child == "dagster":
         out = child_dagster(a.address, a.steps, a.reps, a.jobs_dir)
     elif a.child == "prefect":
@@ -318,6 +324,7 @@ def main() -> None:
     (workdir / "dagster_bench_jobs.py").write_text(DAGSTER_JOBS.replace("range(N)", f"range({a.steps})"))
     cluster = Cluster(worker_python, workdir)
     rows: dict[str, Any] = {}
+    load_at_start = os.getloadavg()
     try:
         startup = cluster.start()
         print(f"cluster up in {startup:.2f}s at {cluster.address} (workers: {worker_python})", flush=True)
@@ -326,6 +333,8 @@ def main() -> None:
             ("runyard dask executor (default max_concurrent=32)", RUNYARD_PYTHON, "runyard", [], a.reps),
             (f"runyard dask executor (max_concurrent={a.steps})", RUNYARD_PYTHON, "runyard",
              ["--max-concurrent", str(a.steps)], a.reps),
+            ("runyard dask executor (queue_timeout set: every step reports its start)", RUNYARD_PYTHON, "runyard",
+             ["--queue-timeout", "600"], a.reps),
         ]
         if have_peers and not a.no_peers:
             if "dagster-dask" in peer_versions:
@@ -351,15 +360,17 @@ def main() -> None:
     doc = {
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                    "load_avg": os.getloadavg()},
+                    "load_avg_at_start": load_at_start, "load_avg": os.getloadavg()},
         "steps": a.steps,
         "cluster": {"workers": 2, "threads_per_worker": 1, "startup_s": startup, "worker_python": str(worker_python)},
         "peer_versions": peer_versions,
         "peer_install_report": not_installed,
         "rows": rows,
     }
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps(doc, indent=2) + "\n")
+    # A run without the peers must not overwrite the last full comparison.
+    results = RESULTS if any(label.startswith(("dagster", "prefect")) for label in rows) else NO_PEER_RESULTS
+    results.parent.mkdir(exist_ok=True)
+    results.write_text(json.dumps(doc, indent=2) + "\n")
     print()
     print(f"| system | runs | median s ({a.steps} steps) | per-step ms | ratio to raw dask |")
     print("|---|---|---|---|---|")
@@ -369,7 +380,8 @@ def main() -> None:
                   f"{res.get('ratio_to_raw', float('nan')):.2f}x |")
         else:
             print(f"| {label} | 0 | failed: {res.get('error', '?')[:200]} | | |")
-    print(f"\ncluster start-up (scheduler + 2 workers registered): {startup:.2f}s; results in {RESULTS}")
+    print(f"\ncluster start-up (scheduler + 2 workers registered): {startup:.2f}s; "
+          f"load average {load_at_start[0]:.2f} -> {doc['machine']['load_avg'][0]:.2f} (1 min); results in {results}")
 
 
 if __name__ == "__main__":

@@ -34,6 +34,11 @@ RESOURCE_TAGS = ("runyard/resources", "dask/resources")  # the second wins on a 
 _NO_WORKER_CHECK_EVERY = 1.0  # seconds between scheduler queries while a step waits for a worker
 _RESULT_TIMEOUT = 30.0  # seconds to fetch a finished task's result or error
 _RUNNING = StepUpdate.running()  # immutable, so one instance serves every poll
+_STARTED = StepUpdate.running(started=True)
+# Tasks that need it (a step with a timeout, or queue_timeout set) report their start as a
+# distributed event on this topic, with their key as the message. One topic for every run,
+# so a long-lived scheduler keeps one event log for runyard, not one per run.
+START_TOPIC = "runyard-dask-start"
 
 
 def dask_key(request: StepRequest) -> str:
@@ -110,10 +115,24 @@ def _load_class(path: str) -> Any:
     return obj
 
 
+def _local_get(name: str | None) -> Any:
+    if name == "threads":
+        import dask.threaded
+
+        return dask.threaded.get
+    if name == "processes":
+        import dask.multiprocessing
+
+        return dask.multiprocessing.get
+    import dask.local
+
+    return dask.local.get_sync
+
+
 class _Handle:
     __slots__ = (
         "request", "key", "future", "resources", "lock", "stopped", "reported", "result", "launched", "fetch_error",
-        "error", "fetched", "payload", "submit_error",
+        "error", "fetched", "payload", "submit_error", "started", "track_start",
     )
 
     def __init__(self, request: StepRequest, key: str, resources: dict[str, float]) -> None:
@@ -131,6 +150,8 @@ class _Handle:
         self.fetched = False  # the task is over and the fetcher has read what there is to read
         self.payload: dict[str, Any] | None = None  # the request, until it is submitted
         self.submit_error: BaseException | None = None
+        self.track_start = False  # the task reports its start (see START_TOPIC)
+        self.started = False  # it has: the step left Dask's queue and runs on a worker
 
 
 class DaskStepHandler(StepHandler):
@@ -152,6 +173,12 @@ class DaskStepHandler(StepHandler):
         self._pending: list[_Handle] = []  # launched, to be submitted at the next poll or wait
         self._last_worker_check = 0.0
         self._worker_resources: list[dict[str, float]] | None = None
+        self._awaiting_start: dict[str, _Handle] = {}  # by key, handles whose task reports its start
+        # Until a step has waited this long, poll needs no look at the cluster.
+        limits = [config.no_worker_timeout]
+        if config.queue_timeout is not None:
+            limits.append(config.queue_timeout)
+        self._quiet_for = min(limits)
 
     # -- setup / teardown -------------------------------------------------------------
 
@@ -166,6 +193,7 @@ class DaskStepHandler(StepHandler):
             raise
 
     def _setup_distributed(self) -> None:
+        import dask
         import distributed
 
         cfg = self.config
@@ -188,7 +216,13 @@ class DaskStepHandler(StepHandler):
             # A fixed dashboard port collides with anything else on the machine using 8787.
             kwargs.setdefault("dashboard_address", ":0")
         try:
-            self._cluster = cluster_cls(**kwargs)
+            # Dask reruns a task whose worker died up to allowed-failures times, unseen by
+            # runyard, so a step's side effects could repeat within one attempt. The
+            # scheduler of a temporary cluster is this run's own: give up at the first
+            # death and let the step's RetryPolicy decide. (scheduler_kwargs in
+            # cluster_kwargs still override it.)
+            with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
+                self._cluster = cluster_cls(**kwargs)
         except TypeError as e:
             raise ValueError(f"executor.dask.cluster_kwargs: {cfg.cluster_class} rejected them: {e}") from None
         if cfg.adapt_kwargs is not None:
@@ -200,8 +234,15 @@ class DaskStepHandler(StepHandler):
         self._start_fetcher()
 
     def _start_fetcher(self) -> None:
+        self._client.subscribe_topic(START_TOPIC, self._on_start)
         self._fetcher = threading.Thread(target=self._fetch_loop, name="runyard-dask-results", daemon=True)
         self._fetcher.start()
+
+    def _on_start(self, event: tuple[float, Any]) -> None:
+        # On the client's event loop thread; every run on the cluster shares the topic.
+        h = self._awaiting_start.pop(event[1], None) if isinstance(event[1], str) else None
+        if h is not None:
+            h.started = True
 
     def _fetch_loop(self) -> None:
         """Reads the results of finished tasks off the engine's thread, in batches: one
@@ -306,6 +347,9 @@ class DaskStepHandler(StepHandler):
         payload = request.to_dict()
         grace = self.config.interrupt_grace
         if self._client is not None:
+            if request.timeout is not None or self.config.queue_timeout is not None:
+                handle.track_start = True
+                self._awaiting_start[key] = handle
             # Submitted with the other steps launched in this turn of the engine's loop, in
             # one graph (see _submit_pending): one message to the scheduler, not one per step.
             handle.payload = payload
@@ -318,6 +362,8 @@ class DaskStepHandler(StepHandler):
                     f"step '{request.step_key}' asks for Dask resources {resources}, which only distributed "
                     "workers have; remove local_scheduler or the tag"
                 )
+            # The launcher has a thread for every step in flight: the step starts at once.
+            handle.started = True
             handle.future = self._launcher.submit(self._compute_local, payload, key, grace)
         handle.future.add_done_callback(lambda _f, h=handle: self._on_done(h))
         return handle
@@ -334,6 +380,7 @@ class DaskStepHandler(StepHandler):
             try:
                 futures = self._client.map(
                     remote.run_step, [h.payload for h in handles], keys, [grace] * len(handles),
+                    [START_TOPIC if h.track_start else None for h in handles],
                     key=keys, resources=dict(resources) or None, pure=False, retries=0,
                 )
             except Exception as e:
@@ -353,7 +400,9 @@ class DaskStepHandler(StepHandler):
         import dask
 
         task = dask.delayed(remote.run_step, pure=False)(payload, key, grace, dask_key_name=key)
-        kwargs: dict[str, Any] = {"scheduler": self.config.local_scheduler}
+        # The scheduler's function, not its name: given a name, dask imports distributed to
+        # look for a default Client, which this mode is meant to do without.
+        kwargs: dict[str, Any] = {"scheduler": _local_get(self.config.local_scheduler)}
         if self._pool is not None:
             kwargs["pool"] = self._pool
         (result,) = dask.compute(task, **kwargs)
@@ -383,9 +432,9 @@ class DaskStepHandler(StepHandler):
             not handle.fetched
             and handle.stopped is None
             and handle.submit_error is None
-            and time.monotonic() - handle.launched < self.config.no_worker_timeout
+            and time.monotonic() - handle.launched < self._quiet_for
         ):
-            return _RUNNING
+            return _STARTED if handle.started else _RUNNING
         with handle.lock:
             if handle.reported:
                 return StepUpdate.finished()
@@ -409,11 +458,11 @@ class DaskStepHandler(StepHandler):
             return self._report(handle, StepUpdate.crashed(self._stopped_info(handle, stopped)))
         if not handle.fetched:
             if self._client is not None and not future.done():
-                missing = self._check_no_worker(handle)
+                missing = self._check_queued(handle) or self._check_no_worker(handle)
                 if missing is not None:
-                    self._client.cancel([future], reason="runyard: no worker can run this step")
+                    self._client.cancel([future], reason="runyard: the step could not start")
                     return self._report(handle, StepUpdate.crashed(missing))
-            return _RUNNING
+            return _STARTED if handle.started else _RUNNING
         if self._client is None:
             return self._report(handle, self._local_outcome(handle))
         return self._report(handle, self._distributed_outcome(handle))
@@ -422,6 +471,8 @@ class DaskStepHandler(StepHandler):
         if update.done:
             with handle.lock:
                 handle.reported = True
+            if handle.track_start:
+                self._awaiting_start.pop(handle.key, None)
         return update
 
     def _stopped_info(self, handle: _Handle, kind: FailureKind) -> FailureInfo:
@@ -515,6 +566,19 @@ class DaskStepHandler(StepHandler):
             message=f"step '{step}' raised {name} out of the Dask task: {error}",
             error_class=f"{type(error).__module__}.{type(error).__qualname__}",
             traceback="".join(traceback.format_exception(error)),
+        )
+
+    def _check_queued(self, handle: _Handle) -> FailureInfo | None:
+        limit = self.config.queue_timeout
+        if limit is None or handle.started or not handle.track_start:
+            return None
+        waited = time.monotonic() - handle.launched
+        if waited < limit:
+            return None
+        return FailureInfo(
+            kind=FailureKind.NOT_STARTED,
+            message=f"step '{handle.request.step_key}' waited {waited:.0f}s in Dask's queue without starting "
+            f"(executor.dask.queue_timeout={limit:g}s); add workers, lower max_concurrent or raise queue_timeout",
         )
 
     def _check_no_worker(self, handle: _Handle) -> FailureInfo | None:

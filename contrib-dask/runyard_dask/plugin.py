@@ -49,7 +49,9 @@ class DaskConfig(ExecutorConfig):
 
     ``client_kwargs`` go to ``distributed.Client``. ``no_worker_timeout``: seconds a step may
     wait while no worker could run it (no workers at all, or none with its resources) before
-    it fails NOT_STARTED. ``interrupt_grace``: seconds a stopped step's Dask task waits for
+    it fails NOT_STARTED. ``queue_timeout``: seconds a step may wait in Dask's queue before
+    it starts on a worker (unset: no limit), then it fails NOT_STARTED; a step's own
+    ``timeout`` counts from its start. ``interrupt_grace``: seconds a stopped step's Dask task waits for
     the step to end before it gives its worker thread back (see docs/backends/dask.md).
     """
 
@@ -61,6 +63,7 @@ class DaskConfig(ExecutorConfig):
     client_kwargs: dict[str, Any] = attrs.field(factory=dict)
     local_scheduler: str | None = attrs.field(default=None, validator=_local_scheduler)
     no_worker_timeout: float = attrs.field(default=60.0, validator=_positive)
+    queue_timeout: float | None = attrs.field(default=None, validator=attrs.validators.optional(_positive))
     interrupt_grace: float = attrs.field(default=1.0, validator=attrs.validators.ge(0))
 
     def __attrs_post_init__(self) -> None:
@@ -88,6 +91,11 @@ class DaskConfig(ExecutorConfig):
             raise ValueError("client_kwargs: there is no distributed client with local_scheduler; remove it")
         if self.local_scheduler == "synchronous":
             # The synchronous scheduler runs one task at a time in the calling thread.
+            if self.max_concurrent not in (None, 1):
+                raise ValueError(
+                    f"max_concurrent: local_scheduler 'synchronous' runs one step at a time, got "
+                    f"max_concurrent={self.max_concurrent}; remove max_concurrent or use local_scheduler 'threads'"
+                )
             object.__setattr__(self, "max_concurrent", 1)
 
 
@@ -108,6 +116,9 @@ def runyard_executors() -> list[ExecutorSpec]:
                 supports_resources=True,
                 max_concurrency=None,
                 needs_shared_outputs=True,
+                # A step's task tells the run when it starts on a worker (a distributed event),
+                # so its timeout does not count the time it waited in Dask's queue.
+                reports_start=True,
             ),
             description="Each step as a task on a Dask cluster (or dask's local schedulers).",
             extra="dask",

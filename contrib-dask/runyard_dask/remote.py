@@ -91,15 +91,21 @@ class _Running:
         self.events: list[Event] | None = None
 
 
-def run_step(request: dict[str, Any], key: str, grace: float = 1.0) -> dict[str, Any]:
+def run_step(request: dict[str, Any], key: str, grace: float = 1.0, start_topic: str | None = None) -> dict[str, Any]:
     """The Dask task: run one attempt and return ``{"events": [...], "abandoned": bool,
-    "interrupted": kind or None}`` (events as dicts)."""
+    "interrupted": kind or None}`` (events as dicts).
+
+    With ``start_topic``, the task first tells the run's client that it started, as a
+    distributed event on that topic (message: ``key``), so the step's timeout counts from
+    here rather than from its submission."""
     req = StepRequest.from_dict(request)
     with _lock:
         if key in _early:
             kind = _early.pop(key)
             return {"events": [], "abandoned": False, "interrupted": kind}
         worker = _idle.pop() if _idle else None
+    if start_topic is not None:
+        _report_start(start_topic, key)
     if worker is None:
         worker = _StepThread()
     state = _Running(worker)
@@ -154,6 +160,19 @@ def run_step(request: dict[str, Any], key: str, grace: float = 1.0) -> dict[str,
         return {"events": [], "abandoned": True, "interrupted": state.interrupted}
     events = state.events or []
     return {"events": [e.to_dict() for e in events], "abandoned": False, "interrupted": state.interrupted}
+
+
+def _report_start(topic: str, key: str) -> None:
+    # Fire and forget: the worker's batched stream carries it to the scheduler, which
+    # forwards it to the subscribed client; nothing here waits on the network.
+    dist_worker = sys.modules.get("distributed.worker")
+    if dist_worker is None:
+        return
+    try:
+        worker = dist_worker.get_worker()
+    except ValueError:
+        return  # not in a distributed worker (dask's local schedulers)
+    worker.log_event(topic, key)
 
 
 def interrupt(key: str, kind: str) -> bool:

@@ -47,6 +47,20 @@ def lose_worker():
     hold()
 
 
+@step(retry=RetryPolicy(max_retries=1, retry_on=["worker_lost"]))
+def hold_once(context) -> dict:
+    pid = _scratch(context) / "pid"
+    if context.attempt == 1 and not pid.exists():  # a rerun of attempt 1 by Dask returns at once
+        pid.write_text(str(os.getpid()))
+        time.sleep(120)
+    return {"attempt": context.attempt, "pid": os.getpid()}
+
+
+@job
+def lose_worker_once():
+    hold_once()
+
+
 def _whoami() -> dict:
     from distributed import get_worker
     from distributed.worker import thread_state
@@ -173,6 +187,9 @@ def test_plugin_module_imports_neither_dask_nor_distributed() -> None:
         ({"address": "tcp://127.0.0.1:1", "local_scheduler": "threads"}, "address and local_scheduler: give one"),
         ({"address": "tcp://127.0.0.1:1", "cluster_kwargs": {"n_workers": 1}}, "cluster_kwargs: these configure"),
         ({"connect_timeout": 0.0}, "connect_timeout: expected a number of seconds above 0"),
+        ({"queue_timeout": -1}, "queue_timeout: expected a number of seconds above 0"),
+        ({"local_scheduler": "synchronous", "max_concurrent": 4},
+         "max_concurrent: local_scheduler 'synchronous' runs one step at a time, got max_concurrent=4"),
         ({"adress": "tcp://x:1"}, "unknown key 'adress'"),
     ],
 )
@@ -252,6 +269,31 @@ def test_worker_killed_mid_step_becomes_a_retry(
     out = result.output_for("hold")
     assert out["attempt"] == 2 and out["pid"] != int((scratch / "pid").read_text())
     assert elapsed < 60, f"a killed worker took {elapsed:.1f}s to become a retry"
+
+
+def test_temporary_cluster_worker_death_is_runyards_retry_not_a_silent_dask_rerun(
+    runyard_instance: Instance, jobs_file: Path, tmp_path: Path
+) -> None:
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+
+    def kill_the_worker_running_it() -> None:
+        wait_for(scratch / "pid", 120)
+        pid = int((scratch / "pid").read_text())
+        assert pid != os.getpid()
+        os.kill(pid, signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_the_worker_running_it, daemon=True)
+    killer.start()
+    # Two worker processes: with Dask's default allowed-failures the scheduler would rerun
+    # attempt 1 on the other worker itself, and runyard would never see the death.
+    cfg = {"cluster_kwargs": {"n_workers": 2, "threads_per_worker": 1, "processes": True, "host": "127.0.0.1"}}
+    result = run(runyard_instance, load(jobs_file, "lose_worker_once"), cfg, run_config={"scratch": str(scratch)})
+    killer.join(5)
+    failures = [e for e in result.events if e.type is EventType.STEP_FAILURE]
+    assert len(failures) == 1 and failures[0].attempt == 1, result.events
+    assert failures[0].failure.kind is FailureKind.WORKER_LOST
+    assert result.success and result.output_for("hold_once")["attempt"] == 2
 
 
 # -- resources and keys -------------------------------------------------------------------
@@ -485,3 +527,116 @@ def test_run_step_gives_its_thread_back_after_grace_and_later_steps_are_unharmed
     assert remote.interrupt("never-ran", "canceled") is False
     early = remote.run_step(request("quick", "q-early"), "never-ran")
     assert early == {"events": [], "abandoned": False, "interrupted": "canceled"}
+
+
+# -- timeouts count from the step's start, not from its time in Dask's queue ----------------
+
+QUEUED = '''
+import time
+
+from runyard import job, step
+
+
+@step
+def long() -> int:
+    time.sleep(4)
+    return 1
+
+
+@step(timeout=2)
+def queued() -> int:
+    return 2
+
+
+@step(timeout=1.5)
+def overrun() -> int:
+    n = 0
+    end = time.monotonic() + 30
+    while time.monotonic() < end:  # pure Python: the interrupt lands at once
+        n += 1
+    return n
+
+
+@step
+def untimed() -> int:
+    return 3
+
+
+@job
+def queued_job():
+    long()
+    queued()
+
+
+@job
+def overrun_job():
+    long()
+    overrun()
+
+
+@job
+def untimed_job():
+    long()
+    untimed()
+'''
+
+# One worker thread: of two independent steps, one waits in Dask's queue while the other runs.
+ONE_THREAD = {"cluster_kwargs": {"n_workers": 1, "threads_per_worker": 1, "processes": False}}
+
+
+def _event_time(result: Any, step: str, kind: EventType) -> float:
+    (t,) = [e.timestamp for e in result.events if e.step_key == step and e.type is kind]
+    return t
+
+
+def test_step_queued_behind_a_long_step_does_not_time_out(runyard_instance: Instance, tmp_path: Path) -> None:
+    job = load(write_job(tmp_path, QUEUED, "queued_jobs.py"), "queued_job")
+    result = run(runyard_instance, job, ONE_THREAD)
+    assert result.success, [(e.step_key, e.type, e.message) for e in result.events]
+    # It did wait: it started only once the long step had ended, far past its 2 s timeout.
+    assert _event_time(result, "queued", EventType.STEP_START) >= _event_time(result, "long", EventType.STEP_SUCCESS)
+    assert result.output_for("queued") == 2
+
+
+def test_step_running_past_its_timeout_after_queueing_is_timeout(runyard_instance: Instance, tmp_path: Path) -> None:
+    job = load(write_job(tmp_path, QUEUED, "queued_jobs.py"), "overrun_job")
+    started = time.monotonic()
+    result = run(runyard_instance, job, ONE_THREAD)
+    elapsed = time.monotonic() - started
+    failure = result.failure_for("overrun")
+    assert failure is not None and failure.kind is FailureKind.TIMEOUT, result.events
+    assert result.output_for("long") == 1
+    # Queued ~4 s behind `long`, then stopped 1.5 s into its run, not after 30 s.
+    assert 4 + 1.5 <= elapsed < 25, f"took {elapsed:.1f}s"
+    # Its timeout ran from its start, after `long` ended (its STEP_START is discarded with its result).
+    timed_out = _event_time(result, "overrun", EventType.STEP_FAILURE)
+    assert timed_out - _event_time(result, "long", EventType.STEP_SUCCESS) >= 1.4
+
+
+def test_queue_timeout_fails_a_step_that_waits_too_long_to_start(runyard_instance: Instance, tmp_path: Path) -> None:
+    job = load(write_job(tmp_path, QUEUED, "queued_jobs.py"), "untimed_job")
+    result = run(runyard_instance, job, {**ONE_THREAD, "queue_timeout": 1})
+    failure = result.failure_for("untimed")
+    assert failure is not None and failure.kind is FailureKind.NOT_STARTED, result.events
+    assert "waited 1s in Dask's queue without starting (executor.dask.queue_timeout=1s)" in failure.message
+    assert result.output_for("long") == 1
+
+
+@pytest.mark.parametrize("scheduler", ["synchronous", "threads", "processes"])
+def test_local_scheduler_does_not_import_distributed(tmp_path: Path, scheduler: str) -> None:
+    path = write_job(tmp_path, CHAIN, "chain_jobs.py")
+    code = (
+        "import os, sys\n"
+        "from runyard import CodePointer, execute_job\n"
+        "from runyard.loader import load_job\n"
+        f"job, _ = load_job(CodePointer(file={str(path)!r}), 'chain')\n"
+        f"rc = {{'execution': {{'dask': {{'local_scheduler': {scheduler!r}}}}}}}\n"
+        "r = execute_job(job, executor='dask', run_config=rc)\n"
+        "assert r.success, r.events\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'distributed'))"
+    )
+    env = {**os.environ, "RUNYARD_HOME": str(tmp_path / "home")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180, env=env,
+                         cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]"

@@ -18,19 +18,20 @@ ROOT = Path(__file__).resolve().parents[2]
 
 JOB = textwrap.dedent(
     '''
-    import os
-
     from runyard import job, step
 
 
     @step
-    def where() -> int:
-        return os.getpid()
+    def where() -> str:
+        # Proves the step ran on dask: get_worker() raises ValueError outside a Dask worker.
+        from distributed import get_worker
+
+        return get_worker().address
 
 
     @step
-    def double(pid: int) -> int:
-        return 2 * pid
+    def double(address: str) -> str:
+        return address * 2
 
 
     @job
