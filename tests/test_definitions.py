@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from runyard import (
     DefinitionError,
@@ -400,3 +402,37 @@ def test_retry_policy_rejects_out_of_range_values(kwargs: dict) -> None:
     with pytest.raises(ValueError) as e:
         RetryPolicy(**kwargs)
     assert next(iter(kwargs)) in str(e.value)
+
+
+# -- loading jobs from files --------------------------------------------------------------------
+
+
+def test_threads_loading_one_job_file_at_once_all_get_the_job(tmp_path: Path) -> None:
+    """Steps of one job on a threaded worker (Dask, a thread pool) load its file at once: the
+    ones that come second must wait for the import, not see a half-built module."""
+    import threading
+
+    from runyard.definitions import CodePointer
+    from runyard.loader import load_job
+
+    path = tmp_path / "slow_import.py"
+    path.write_text(
+        "import time\nfrom runyard import job, step\n\n"
+        "time.sleep(0.3)\n\n"
+        "@step\ndef one() -> int:\n    return 1\n\n"
+        "@job\ndef slow():\n    one()\n"
+    )
+    results: list[object] = []
+
+    def load() -> None:
+        try:
+            results.append(load_job(CodePointer(file=str(path)), "slow")[0].name)
+        except Exception as e:
+            results.append(e)
+
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert results == ["slow"] * 4

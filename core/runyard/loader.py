@@ -6,6 +6,7 @@ import hashlib
 import importlib
 import importlib.util
 import sys
+import threading
 from pathlib import Path
 
 import attrs
@@ -28,7 +29,17 @@ def _module_name_for(path: Path) -> str:
     return f"runyard_file_{path.stem}_{digest}"
 
 
+# A module is in sys.modules before its code has run: without this lock, a second thread
+# loading the same file (steps of one job on a threaded worker) would get it half-built.
+_import_lock = threading.RLock()
+
+
 def _import_file(path: Path) -> object:
+    with _import_lock:
+        return _import_file_locked(path)
+
+
+def _import_file_locked(path: Path) -> object:
     if not path.exists():
         raise JobLoadError(f"job file '{path}' not found; check the path given to -f")
     if path.suffix != ".py":
