@@ -213,7 +213,7 @@ class CeleryStepHandler(StepHandler):
     def poll(self, handle: _Task) -> StepUpdate:
         with self._lock:
             if not handle.over:
-                return StepUpdate.running()
+                return StepUpdate.running(started=handle.started)
             if handle.reported:
                 return StepUpdate.finished()
             handle.reported = True

@@ -113,6 +113,21 @@ def test_queue_timeout_waits_on_while_a_consuming_worker_is_busy(
     assert starts[1] - starts[0] > 2.0  # the second step did wait in the queue past queue_timeout
 
 
+def test_step_timeout_counts_from_its_start_not_its_time_queued(
+    runyard_instance: Instance, scratch: Path, start_worker: Any
+) -> None:
+    q = queue("late")
+    thread, box = in_thread(lambda: run(runyard_instance, J.quick_job, "redis", scratch, queue_name=q))
+    time.sleep(4.0)  # queued for longer than the step's 3 s timeout: no worker consumes q yet
+    assert thread.is_alive(), box
+    start_worker("redis", [q], concurrency=1)
+    thread.join(60)
+    assert not thread.is_alive(), "the run hung"
+    result: ExecutionResult = box["result"]
+    assert result.success, result.events
+    assert (scratch / "quick.done").exists()
+
+
 def test_timeout_really_stops_the_step_on_the_worker(
     runyard_instance: Instance, scratch: Path, session_workers: Any
 ) -> None:
