@@ -92,8 +92,12 @@ class CeleryStepHandler(StepHandler):
             backend=backend,
             include=(),  # only workers import the job modules
             default_queue=self.default_queue,
+            # Redis's default socket timeout is 120 s: a backend that stops answering (a dead
+            # link, not a refused connection) would block each fetch that long, far past
+            # worker_lost_timeout. Bounded here unless the user set them.
             config_source={"broker_connection_timeout": cfg.connect_timeout,
                            "redis_socket_connect_timeout": cfg.connect_timeout,
+                           "redis_socket_timeout": min(cfg.connect_timeout, cfg.worker_lost_timeout),
                            **cfg.config_source},
         )
         # Celery's Redis backend subscribes this process to every task it sends, for
@@ -110,7 +114,7 @@ class CeleryStepHandler(StepHandler):
         self._kick = threading.Event()
         self._closing = threading.Event()
         self._kv = isinstance(self.app.backend, KeyValueStoreBackend)
-        self._backend_down_since: float | None = None
+        self._backend_ok_at = time.monotonic()  # the last fetch that the result backend answered
         self._monitor = threading.Thread(target=self._watch_states, name="runyard-celery-monitor", daemon=True)
         self._pinger = threading.Thread(target=self._watch_workers, name="runyard-celery-pinger", daemon=True)
         self._monitor.start()
@@ -277,7 +281,7 @@ class CeleryStepHandler(StepHandler):
                 continue
             try:
                 metas = self._fetch([t.task_id for t in tasks])
-                self._backend_down_since = None
+                self._backend_ok_at = time.monotonic()
             except Exception as e:
                 metas = {}
                 self._backend_unreachable(tasks, e)
@@ -303,15 +307,16 @@ class CeleryStepHandler(StepHandler):
         return {i: backend.get_task_meta(i) for i in ids}
 
     def _backend_unreachable(self, tasks: list[_Task], error: Exception) -> None:
+        # Counted from the last answer, not from this failure: the failing call itself may
+        # have blocked for up to the socket timeout.
         now = time.monotonic()
-        if self._backend_down_since is None:
-            self._backend_down_since = now
-        elif now - self._backend_down_since > self.config.worker_lost_timeout:
-            for task in tasks:
+        for task in tasks:  # a task sent while the monitor was idle is not blamed for the idle time
+            down = now - max(self._backend_ok_at, task.sent)
+            if down > self.config.worker_lost_timeout:
                 self._finish(task, failure=FailureInfo(
                     kind=FailureKind.WORKER_LOST,
-                    message=f"step '{task.step}': the Celery result backend has been unreachable for "
-                    f"{now - self._backend_down_since:.0f}s ({type(error).__name__}: {error})"))
+                    message=f"step '{task.step}': the Celery result backend has not answered for {down:.0f}s "
+                    f"(worker_lost_timeout; {type(error).__name__}: {error})"))
         time.sleep(0.5)
 
     def _advance(self, task: _Task, meta: dict[str, Any] | None, now: float) -> bool:

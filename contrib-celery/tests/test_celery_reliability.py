@@ -13,7 +13,7 @@ from typing import Any
 
 import celery_test_jobs as J
 import pytest
-from celery_support import BROKERS, executor_config, pid_alive, queue, wait_until
+from celery_support import BROKERS, FreezableProxy, executor_config, pid_alive, queue, wait_until
 from runyard import Cancellation, ExecutionResult, Instance, RunStatus, execute_job
 from runyard.plugin import EventType, FailureKind
 from runyard_celery.app import make_app
@@ -202,6 +202,38 @@ def test_whole_worker_killed_mid_step_fails_the_step(
     failure = result.failure_for("blocker")
     assert failure is not None and failure.kind is FailureKind.WORKER_LOST
     assert worker.name in failure.message and "worker_lost_timeout" in failure.message
+
+
+def test_result_backend_that_stops_answering_fails_the_step_within_worker_lost_timeout(
+    runyard_instance: Instance, scratch: Path, start_worker: Any
+) -> None:
+    """Not a refused connection: a frozen link, where each read would block for Redis's
+    default socket timeout (120 s)."""
+    from urllib.parse import urlsplit
+
+    real = urlsplit(BROKERS["redis"]["backend"])
+    proxy = FreezableProxy(real.hostname or "127.0.0.1", real.port or 6379)
+    try:
+        backend = f"redis://127.0.0.1:{proxy.port}{real.path}"
+        q = queue("frozen")
+        start_worker("redis", [q], concurrency=1, backend=backend)
+        thread, box = in_thread(lambda: run(runyard_instance, J.block_job, "redis", scratch, queue_name=q,
+                                            backend=backend, worker_lost_timeout=3.0, connect_timeout=5.0))
+        read_pid(scratch / "blocker.pid")
+        time.sleep(0.5)  # the monitor has read STARTED
+        proxy.freeze()
+        frozen_at = time.monotonic()
+        thread.join(60)
+        assert not thread.is_alive(), "the run hung on a frozen result backend"
+        elapsed = time.monotonic() - frozen_at
+        result: ExecutionResult = box["result"]
+        failure = result.failure_for("blocker")
+        assert failure is not None and failure.kind is FailureKind.WORKER_LOST, result.events
+        assert "result backend has not answered" in failure.message
+        assert elapsed < 3.0 + 6.0, elapsed  # worker_lost_timeout + a few seconds, not 120 s per read
+    finally:
+        proxy.close()
+
 
 
 def test_cancel_stops_running_steps_and_revokes_queued_ones(
