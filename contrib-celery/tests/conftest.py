@@ -31,10 +31,11 @@ def start_worker(tmp_path: Path) -> Iterator[Any]:
     """``start_worker(broker, queues, concurrency=2)``: a ready worker, stopped at teardown."""
     workers: list[Worker] = []
 
-    def start(broker: str, queues: list[str], *, concurrency: int = 2, wait: bool = True, **extra: Any) -> Worker:
+    def start(broker: str, queues: list[str], *, concurrency: int = 2, wait: bool = True,
+              args: tuple[str, ...] = (), **extra: Any) -> Worker:
         require_broker(broker)
         home = write_home(tmp_path / f"worker-home-{len(workers)}", executor_config(broker, queues[0], **extra))
-        w = Worker(home, queues, concurrency=concurrency)
+        w = Worker(home, queues, concurrency=concurrency, args=args)
         workers.append(w)
         return w.wait_ready() if wait else w
 

@@ -236,6 +236,23 @@ def test_result_backend_that_stops_answering_fails_the_step_within_worker_lost_t
 
 
 
+def test_worker_broker_option_keeps_the_configured_backend(
+    runyard_instance: Instance, scratch: Path, start_worker: Any
+) -> None:
+    """runyard.yaml says Redis for both; the worker is pointed at RabbitMQ with --broker. It
+    must still write results to the configured backend, where the engine reads them."""
+    q = queue("broker-option")
+    start_worker("redis", [q], concurrency=1, args=("--broker", BROKERS["rabbitmq"]["broker"]))
+    thread, box = in_thread(lambda: run(runyard_instance, J.chain_job, "rabbitmq", scratch, queue_name=q,
+                                        queue_timeout=20.0))
+    thread.join(60)
+    assert not thread.is_alive(), "the run hung: its results went to another backend"
+    result: ExecutionResult = box["result"]
+    assert result.success, result.events
+    assert result.output_for("add_one_2") == 5
+
+
+
 def test_cancel_stops_running_steps_and_revokes_queued_ones(
     runyard_instance: Instance, scratch: Path, session_workers: Any, start_worker: Any
 ) -> None:
