@@ -95,11 +95,25 @@ def test_queue_nobody_consumes_fails_after_queue_timeout(
 
 
 def test_queue_timeout_does_not_count_time_running(
-    runyard_instance: Instance, scratch: Path, session_workers: Any
+    runyard_instance: Instance, scratch: Path, start_worker: Any
 ) -> None:
-    result = run(runyard_instance, J.slow_job, "redis", scratch, queue_timeout=2.0)  # the step runs 3 s
+    q = queue("running")
+    worker = start_worker("redis", [q], concurrency=1)
+    thread, box = in_thread(lambda: run(runyard_instance, J.slow_only_job, "redis", scratch, queue_name=q,
+                                        queue_timeout=1.0))  # the step runs 3 s
+    read_pid(scratch / "slow_start.pid")
+    # Nobody consumes the queue any more: were running time counted, the inspection at
+    # queue_timeout would fail the step NOT_STARTED.
+    app = make_app(broker=BROKERS["redis"]["broker"], backend=BROKERS["redis"]["backend"])
+    try:
+        app.control.cancel_consumer(q, destination=[worker.name], reply=True, timeout=5)
+    finally:
+        app.close()
+    thread.join(60)
+    assert not thread.is_alive()
+    result: ExecutionResult = box["result"]
     assert result.success, result.events
-    assert result.output_for("add_one") == int((scratch / "slow_start.done").read_text()) + 1
+    assert (scratch / "slow_start.done").exists()
 
 
 def test_queue_timeout_waits_on_while_a_consuming_worker_is_busy(
@@ -132,12 +146,22 @@ def test_timeout_really_stops_the_step_on_the_worker(
     runyard_instance: Instance, scratch: Path, session_workers: Any
 ) -> None:
     started = time.monotonic()
-    result = run(runyard_instance, J.timeout_job, "redis", scratch)
+    # time_limit_margin: Celery's hard time limit (the backstop, which would stop it too) is out of the picture.
+    result = run(runyard_instance, J.timeout_job, "redis", scratch, time_limit_margin=120.0)
     failure = result.failure_for("overrun")
     assert failure is not None and failure.kind is FailureKind.TIMEOUT
     assert time.monotonic() - started < 20
-    time.sleep(2)  # the step would sleep 30 s; it was interrupted (SIGTERM) on the worker
-    assert (scratch / "overrun.pid").exists() and not (scratch / "overrun.done").exists()
+    app = make_app(broker=BROKERS["redis"]["broker"], backend=BROKERS["redis"]["backend"])
+    try:
+        # The step would sleep 30 s: its task ends within the grace only if it was interrupted
+        # on the worker, and its own last event says by what.
+        task = app.AsyncResult(task_id_of(result, "overrun"))
+        wait_until(lambda: task.state == "SUCCESS", 10, "the timed-out step's task to end on its worker")
+        last = task.result["events"][-1]
+        assert last["type"] == "STEP_FAILURE" and "SIGTERM" in last["message"], last
+    finally:
+        app.close()
+    assert not (scratch / "overrun.done").exists()
     # The pool process itself survives a SIGTERM'd step and serves the next one.
     assert pid_alive(int((scratch / "overrun.pid").read_text()))
 
@@ -235,7 +259,6 @@ def test_result_backend_that_stops_answering_fails_the_step_within_worker_lost_t
         proxy.close()
 
 
-
 def test_worker_broker_option_keeps_the_configured_backend(
     runyard_instance: Instance, scratch: Path, start_worker: Any
 ) -> None:
@@ -250,7 +273,6 @@ def test_worker_broker_option_keeps_the_configured_backend(
     result: ExecutionResult = box["result"]
     assert result.success, result.events
     assert result.output_for("add_one_2") == 5
-
 
 
 def test_cancel_stops_running_steps_and_revokes_queued_ones(
