@@ -208,6 +208,10 @@ class FreezableProxy:
 
     def close(self) -> None:
         self.closed.set()
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)  # close() alone leaves a blocked accept() listening
+        except OSError:
+            pass
         for s in self.sockets:
             try:
                 s.close()

@@ -310,6 +310,66 @@ def test_cancel_stops_running_steps_and_revokes_queued_ones(
         app.close()
 
 
+def test_cancel_with_the_broker_gone_still_ends_the_queued_step(
+    runyard_instance: Instance, scratch: Path, session_workers: Any
+) -> None:
+    """terminate cannot revoke (the broker stopped answering after the launch): cancel must
+    not block or raise, and the queued step must still end rather than be polled for ever."""
+    from urllib.parse import urlsplit
+
+    real = urlsplit(BROKERS["redis"]["broker"])
+    proxy = FreezableProxy(real.hostname or "127.0.0.1", real.port or 6379)
+    cancellation = Cancellation()
+    try:
+        broker = f"redis://127.0.0.1:{proxy.port}{real.path}"
+        config = {"broker": broker, "backend": BROKERS["redis"]["backend"], "queue_timeout": None,
+                  "connect_timeout": 2.0, "default_queue": queue("redis-main")}
+        thread, box = in_thread(lambda: execute_job(
+            J.elsewhere_job, instance=runyard_instance, executor="celery", cancellation=cancellation,
+            run_config={"scratch": str(scratch), "execution": {"celery": config}}))
+        time.sleep(3)  # sent and queued: nobody consumes its queue
+        proxy.freeze()  # not refused: no answer at all, the worst case for a blocking client
+        canceller, outcome = in_thread(cancellation.cancel)  # the engine calls terminate from here
+        canceller.join(30)
+        assert not canceller.is_alive(), "cancel blocked on the unreachable broker"
+        assert "error" not in outcome, outcome
+        thread.join(60)
+        assert not thread.is_alive(), "the run hung: a queued step whose revoke failed was never finished"
+    finally:
+        proxy.close()
+    assert "error" not in box, box
+    result: ExecutionResult = box["result"]
+    assert result.status is RunStatus.CANCELED
+    failure = result.failure_for("elsewhere")
+    assert failure is not None and failure.kind is FailureKind.CANCELED
+
+
+def test_long_running_step_does_not_poll_the_backend_at_full_speed(
+    runyard_instance: Instance, scratch: Path, session_workers: Any
+) -> None:
+    import redis
+
+    client = redis.Redis.from_url(BROKERS["redis"]["backend"])
+
+    def mgets() -> int:  # the monitor reads states with GET or MGET
+        stats = client.info("commandstats")
+        return sum(int(stats.get(f"cmdstat_{c}", {}).get("calls", 0)) for c in ("get", "mget"))
+
+    cancellation = Cancellation()
+    thread, box = in_thread(lambda: run(runyard_instance, J.block_job, "redis", scratch, cancellation=cancellation))
+    read_pid(scratch / "blocker.pid")
+    time.sleep(3)  # past the fast polling that follows a change
+    before = mgets()
+    time.sleep(4)
+    calls = mgets() - before
+    cancellation.cancel()
+    # ~8 reads at 0.5 s; at the fast pace (every 20 ms or less) it would be 200 or more. The
+    # counts are server-wide, so other users of this Redis may add a few.
+    thread.join(60)
+    assert not thread.is_alive()
+    assert calls < 60, calls
+
+
 def test_bad_priority_tag_fails_the_step_before_sending(runyard_instance: Instance, scratch: Path) -> None:
     result = run(runyard_instance, J.bad_priority_job, "redis", scratch)
     failure = result.failure_for("bad_priority")
