@@ -40,6 +40,9 @@ from .plugin import PRIORITY_TAG, QUEUE_TAG, STOP_COMMAND, TASK_NAME, CeleryConf
 
 _POLL_MIN, _POLL_MAX = 0.001, 0.02  # backend polling interval bounds while steps are out, seconds
 _PING_EVERY = 2.0  # seconds between liveness pings of the workers running steps
+_POLL_RUNNING = 0.5  # polling interval when every step out is running: their ends need no haste
+_FAST_FOR = 2.0  # seconds of fast polling after the last change of state
+_INSPECT_TIMEOUT = 3.0  # seconds the workers have to say which queues they consume
 _STOP_CONFIRM = 10.0  # seconds past terminate_grace to wait for a stopped task's end before giving up
 
 
@@ -92,8 +95,12 @@ class CeleryStepHandler(StepHandler):
             backend=backend,
             include=(),  # only workers import the job modules
             default_queue=self.default_queue,
+            # Redis's default socket timeout is 120 s: a backend that stops answering (a dead
+            # link, not a refused connection) would block each fetch that long, far past
+            # worker_lost_timeout. Bounded here unless the user set them.
             config_source={"broker_connection_timeout": cfg.connect_timeout,
                            "redis_socket_connect_timeout": cfg.connect_timeout,
+                           "redis_socket_timeout": min(cfg.connect_timeout, cfg.worker_lost_timeout),
                            **cfg.config_source},
         )
         # Celery's Redis backend subscribes this process to every task it sends, for
@@ -110,7 +117,7 @@ class CeleryStepHandler(StepHandler):
         self._kick = threading.Event()
         self._closing = threading.Event()
         self._kv = isinstance(self.app.backend, KeyValueStoreBackend)
-        self._backend_down_since: float | None = None
+        self._backend_ok_at = time.monotonic()  # the last fetch that the result backend answered
         self._monitor = threading.Thread(target=self._watch_states, name="runyard-celery-monitor", daemon=True)
         self._pinger = threading.Thread(target=self._watch_workers, name="runyard-celery-pinger", daemon=True)
         self._monitor.start()
@@ -213,7 +220,7 @@ class CeleryStepHandler(StepHandler):
     def poll(self, handle: _Task) -> StepUpdate:
         with self._lock:
             if not handle.over:
-                return StepUpdate.running()
+                return StepUpdate.running(started=handle.started)
             if handle.reported:
                 return StepUpdate.finished()
             handle.reported = True
@@ -235,21 +242,46 @@ class CeleryStepHandler(StepHandler):
             handle.stop_kind = kind
             handle.stop_at = time.monotonic()
             queued, worker = not handle.started, handle.worker
-        # Revoked ids are shared by all workers (and learnt by workers that start later), so a
-        # queued or reserved task is dropped instead of started. A running one is not touched
-        # by a revoke: the worker running it SIGTERMs its pool process, SIGKILL after the grace.
-        with self._control_connection() as conn:
-            self.app.control.revoke(handle.task_id, connection=conn)
-            self.app.control.broadcast(
-                STOP_COMMAND,
-                arguments={"task_id": handle.task_id, "grace": float(self.config.terminate_grace)},
-                destination=[worker] if worker else None,
-                connection=conn,
-            )
+        problem = self._stop_remote(handle.task_id, worker)
         if queued:
-            self._finish(handle, failure=FailureInfo(kind=kind, message=f"step '{handle.step}' was stopped before "
-                                                     "a worker started it"))
+            # Finished whether or not the broker took the revoke: nothing else would end it.
+            message = f"step '{handle.step}' was stopped before a worker started it"
+            if problem:
+                message += f" (revoking its Celery task failed: {problem}; a worker may still run it later)"
+            self._finish(handle, failure=FailureInfo(kind=kind, message=message))
         self._kick.set()
+
+    def _stop_remote(self, task_id: str, worker: str | None) -> str | None:
+        """Revoke a task and tell the worker running it to stop it; the error, if the broker
+        cannot be reached in time, rather than raising or blocking (the engine calls
+        terminate from the thread that cancels the run).
+
+        Revoked ids are shared by all workers (and learnt by workers that start later), so a
+        queued or reserved task is dropped instead of started. A running one is not touched
+        by a revoke: the worker running it SIGTERMs its pool process, SIGKILL after the grace.
+        """
+        errors: list[str] = []
+
+        def send() -> None:
+            try:
+                with self._control_connection() as conn:
+                    conn.ensure_connection(max_retries=1, interval_start=0, timeout=self.config.connect_timeout)
+                    self.app.control.revoke(task_id, connection=conn)
+                    self.app.control.broadcast(
+                        STOP_COMMAND,
+                        arguments={"task_id": task_id, "grace": float(self.config.terminate_grace)},
+                        destination=[worker] if worker else None,
+                        connection=conn,
+                    )
+            except Exception as e:
+                errors.append(f"{type(e).__name__}: {e}")
+
+        thread = threading.Thread(target=send, name="runyard-celery-stop", daemon=True)
+        thread.start()
+        thread.join(self.config.connect_timeout * 2 + 1)
+        if thread.is_alive():
+            return f"the broker did not answer within {self.config.connect_timeout * 2 + 1:g}s"
+        return errors[0] if errors else None
 
     # -- the monitor --------------------------------------------------------------------
 
@@ -267,17 +299,17 @@ class CeleryStepHandler(StepHandler):
             return [t for t in self._tasks.values() if not t.over]
 
     def _watch_states(self) -> None:
-        interval = _POLL_MIN
+        interval, last_change = _POLL_MIN, time.monotonic()
         while not self._closing.is_set():
             tasks = self._pending()
             if not tasks:
                 self._kick.wait(0.1)
                 self._kick.clear()
-                interval = _POLL_MIN
+                interval, last_change = _POLL_MIN, time.monotonic()
                 continue
             try:
                 metas = self._fetch([t.task_id for t in tasks])
-                self._backend_down_since = None
+                self._backend_ok_at = time.monotonic()
             except Exception as e:
                 metas = {}
                 self._backend_unreachable(tasks, e)
@@ -291,7 +323,15 @@ class CeleryStepHandler(StepHandler):
                         kind=FailureKind.WORKER_LOST,
                         message=f"step '{task.step}': unreadable Celery result: {type(e).__name__}: {e}"))
                     changed = True
-            interval = _POLL_MIN if changed else min(interval * 2, _POLL_MAX)
+            if changed:
+                interval, last_change = _POLL_MIN, now
+            elif now - last_change > _FAST_FOR and all(t.started and t.stop_kind is None for t in tasks):
+                # Only steps that have been running a while: their end is seen within half a
+                # second, and a long step does not cost Redis 50 reads a second. Short steps end
+                # within _FAST_FOR and keep the fast pace; a new launch kicks the wait short.
+                interval = min(max(interval * 2, _POLL_MAX), _POLL_RUNNING)
+            else:
+                interval = min(interval * 2, _POLL_MAX)
             self._kick.wait(interval)
             self._kick.clear()
 
@@ -303,15 +343,16 @@ class CeleryStepHandler(StepHandler):
         return {i: backend.get_task_meta(i) for i in ids}
 
     def _backend_unreachable(self, tasks: list[_Task], error: Exception) -> None:
+        # Counted from the last answer, not from this failure: the failing call itself may
+        # have blocked for up to the socket timeout.
         now = time.monotonic()
-        if self._backend_down_since is None:
-            self._backend_down_since = now
-        elif now - self._backend_down_since > self.config.worker_lost_timeout:
-            for task in tasks:
+        for task in tasks:  # a task sent while the monitor was idle is not blamed for the idle time
+            down = now - max(self._backend_ok_at, task.sent)
+            if down > self.config.worker_lost_timeout:
                 self._finish(task, failure=FailureInfo(
                     kind=FailureKind.WORKER_LOST,
-                    message=f"step '{task.step}': the Celery result backend has been unreachable for "
-                    f"{now - self._backend_down_since:.0f}s ({type(error).__name__}: {error})"))
+                    message=f"step '{task.step}': the Celery result backend has not answered for {down:.0f}s "
+                    f"(worker_lost_timeout; {type(error).__name__}: {error})"))
         time.sleep(0.5)
 
     def _advance(self, task: _Task, meta: dict[str, Any] | None, now: float) -> bool:
@@ -399,13 +440,21 @@ class CeleryStepHandler(StepHandler):
         """``queue_timeout`` passed with the task still queued: fail it if no worker consumes
         its queue; if some do, they are busy, and the wait goes on for another period."""
         waited = f"step '{task.step}' waited {limit:g}s (queue_timeout) in queue '{task.queue}' without a worker"
-        try:
-            with self._control_connection() as conn:
-                replies = self.app.control.inspect(timeout=1.0, connection=conn).active_queues() or {}
-        except Exception as e:
-            replies, problem = None, f"starting it (could not ask the workers which queues they consume: {e})"
-        if replies is not None:
+        replies: dict[str, Any] | None = None
+        consumers: list[str] = []
+        # A loaded worker can be slow to answer: a generous timeout, and a second chance,
+        # before calling the queue unserved.
+        for _ in range(2):
+            try:
+                with self._control_connection() as conn:
+                    replies = self.app.control.inspect(timeout=_INSPECT_TIMEOUT, connection=conn).active_queues() or {}
+            except Exception as e:
+                replies, problem = None, f"starting it (could not ask the workers which queues they consume: {e})"
+                continue
             consumers = sorted(w for w, qs in replies.items() if any(q.get("name") == task.queue for q in qs or ()))
+            if consumers:
+                break
+        if replies is not None:
             if consumers:
                 with self._lock:
                     task.sent = time.monotonic()
@@ -423,11 +472,10 @@ class CeleryStepHandler(StepHandler):
                 return
             task.stop_kind = FailureKind.NOT_STARTED
             task.expiring = True
-        try:
-            with self._control_connection() as conn:
-                self.app.control.revoke(task.task_id, connection=conn)
-        except Exception as e:
-            problem += f"; revoking its task failed too ({e})"
+        # A worker may have taken it since the inspection: stop it there too, not only revoke.
+        stop_problem = self._stop_remote(task.task_id, None)
+        if stop_problem:
+            problem += f"; revoking its task failed too ({stop_problem})"
         self._finish(task, failure=FailureInfo(kind=FailureKind.NOT_STARTED, message=f"{waited} {problem}"))
 
     def _control_connection(self) -> Any:
@@ -464,8 +512,9 @@ class CeleryStepHandler(StepHandler):
                 if task.silent_since is None:
                     task.silent_since = now
                 elif now - task.silent_since > self.config.worker_lost_timeout:
-                    with contextlib.suppress(Exception), self._control_connection() as conn:
-                        self.app.control.revoke(task.task_id, connection=conn)  # should the broker redeliver it
+                    # Revoked should the broker redeliver it; stopped should the worker be alive
+                    # after all (cut off from the broker for a while), so it does not run on.
+                    self._stop_remote(task.task_id, None)
                     self._finish(task, failure=FailureInfo(
                         kind=FailureKind.WORKER_LOST,
                         message=f"step '{task.step}': Celery worker {task.worker} running it has not answered "

@@ -109,6 +109,9 @@ def runyard_executors() -> list[ExecutorSpec]:
                 supports_resources=False,
                 max_concurrency=None,
                 needs_shared_outputs=True,
+                # A task may wait in the broker; poll says when a worker started it, so a step's
+                # timeout counts from there and queue_timeout bounds the wait.
+                reports_start=True,
             ),
             description="Each step as a Celery task on Celery workers (runyard celery worker), Redis or RabbitMQ.",
             default_max_concurrent=32,

@@ -39,7 +39,9 @@ def run_worker(
         broker_url = broker or resolve(cfg.broker) or ""
         app = make_app(
             broker=broker_url,
-            backend=backend if broker else (backend or resolve(cfg.backend)),
+            # The configured backend whatever the broker: the engine reads results there, and
+            # one written elsewhere (the broker's Redis, say) would leave its step PENDING.
+            backend=backend or resolve(cfg.backend),
             include=[*(resolve(m) or "" for m in cfg.include), *include],
             default_queue=resolve(cfg.default_queue) or "runyard",
             config_source=cfg.config_source,

@@ -60,7 +60,8 @@ def require_broker(broker: str) -> None:
 class Worker:
     """One `runyard celery worker` process group, started for a test and killed after it."""
 
-    def __init__(self, home: Path, queues: list[str], *, concurrency: int = 2, name: str | None = None) -> None:
+    def __init__(self, home: Path, queues: list[str], *, concurrency: int = 2, name: str | None = None,
+                 args: tuple[str, ...] = ()) -> None:
         self.home = home
         self.queues = queues
         self.name = name or f"ryt-{SESSION}-{uuid.uuid4().hex[:6]}@{socket.gethostname()}"
@@ -70,7 +71,7 @@ class Worker:
                "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")]))}
         self.proc = subprocess.Popen(
             [RUNYARD, "celery", "worker", "-q", ",".join(queues), "-c", str(concurrency), "-n", self.name,
-             "-l", "INFO"],
+             "-l", "INFO", *args],
             env=env,
             stdout=self.log.open("wb"),
             stderr=subprocess.STDOUT,
@@ -153,3 +154,66 @@ def wait_until(predicate: Any, timeout: float, what: str) -> None:
             return
         time.sleep(0.05)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+class FreezableProxy:
+    """A TCP proxy in front of a real server that can stop forwarding (`freeze`) without
+    closing anything: the server then looks alive but never answers, as behind a dead link."""
+
+    def __init__(self, target_host: str, target_port: int) -> None:
+        import threading
+
+        self.target = (target_host, target_port)
+        self.frozen = threading.Event()
+        self.closed = threading.Event()
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(64)
+        self.port = self.listener.getsockname()[1]
+        self.sockets: list[socket.socket] = [self.listener]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import threading
+
+        while not self.closed.is_set():
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target, timeout=10)
+            upstream.settimeout(None)
+            self.sockets += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
+        while not self.closed.is_set():
+            try:
+                data = src.recv(65536)
+            except OSError:
+                return
+            if not data:
+                return
+            while self.frozen.is_set() and not self.closed.is_set():
+                time.sleep(0.05)  # hold the data: the other side waits for an answer for ever
+            try:
+                dst.sendall(data)
+            except OSError:
+                return
+
+    def freeze(self) -> None:
+        self.frozen.set()
+
+    def close(self) -> None:
+        self.closed.set()
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)  # close() alone leaves a blocked accept() listening
+        except OSError:
+            pass
+        for s in self.sockets:
+            try:
+                s.close()
+            except OSError:
+                pass

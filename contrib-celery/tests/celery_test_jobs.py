@@ -140,3 +140,19 @@ def two_slow_job():  # type: ignore[no-untyped-def]
     """Two 3 s steps at once: on a worker of one process, the second waits ~3 s in the queue."""
     slow_start()
     slow_start.alias("slow_start_2")()
+
+
+@step(timeout=3.0)
+def quick(context) -> int:  # type: ignore[no-untyped-def]
+    return _sleep_marked(context, 1)
+
+
+@job
+def quick_job():  # type: ignore[no-untyped-def]
+    """A 1 s step with a 3 s timeout: the tests make it wait in the queue longer than that."""
+    quick()
+
+
+@job
+def slow_only_job():  # type: ignore[no-untyped-def]
+    slow_start()

@@ -13,7 +13,7 @@ from typing import Any
 
 import celery_test_jobs as J
 import pytest
-from celery_support import BROKERS, executor_config, pid_alive, queue, wait_until
+from celery_support import BROKERS, FreezableProxy, executor_config, pid_alive, queue, wait_until
 from runyard import Cancellation, ExecutionResult, Instance, RunStatus, execute_job
 from runyard.plugin import EventType, FailureKind
 from runyard_celery.app import make_app
@@ -95,11 +95,25 @@ def test_queue_nobody_consumes_fails_after_queue_timeout(
 
 
 def test_queue_timeout_does_not_count_time_running(
-    runyard_instance: Instance, scratch: Path, session_workers: Any
+    runyard_instance: Instance, scratch: Path, start_worker: Any
 ) -> None:
-    result = run(runyard_instance, J.slow_job, "redis", scratch, queue_timeout=2.0)  # the step runs 3 s
+    q = queue("running")
+    worker = start_worker("redis", [q], concurrency=1)
+    thread, box = in_thread(lambda: run(runyard_instance, J.slow_only_job, "redis", scratch, queue_name=q,
+                                        queue_timeout=1.0))  # the step runs 3 s
+    read_pid(scratch / "slow_start.pid")
+    # Nobody consumes the queue any more: were running time counted, the inspection at
+    # queue_timeout would fail the step NOT_STARTED.
+    app = make_app(broker=BROKERS["redis"]["broker"], backend=BROKERS["redis"]["backend"])
+    try:
+        app.control.cancel_consumer(q, destination=[worker.name], reply=True, timeout=5)
+    finally:
+        app.close()
+    thread.join(60)
+    assert not thread.is_alive()
+    result: ExecutionResult = box["result"]
     assert result.success, result.events
-    assert result.output_for("add_one") == int((scratch / "slow_start.done").read_text()) + 1
+    assert (scratch / "slow_start.done").exists()
 
 
 def test_queue_timeout_waits_on_while_a_consuming_worker_is_busy(
@@ -113,16 +127,41 @@ def test_queue_timeout_waits_on_while_a_consuming_worker_is_busy(
     assert starts[1] - starts[0] > 2.0  # the second step did wait in the queue past queue_timeout
 
 
+def test_step_timeout_counts_from_its_start_not_its_time_queued(
+    runyard_instance: Instance, scratch: Path, start_worker: Any
+) -> None:
+    q = queue("late")
+    thread, box = in_thread(lambda: run(runyard_instance, J.quick_job, "redis", scratch, queue_name=q))
+    time.sleep(4.0)  # queued for longer than the step's 3 s timeout: no worker consumes q yet
+    assert thread.is_alive(), box
+    start_worker("redis", [q], concurrency=1)
+    thread.join(60)
+    assert not thread.is_alive(), "the run hung"
+    result: ExecutionResult = box["result"]
+    assert result.success, result.events
+    assert (scratch / "quick.done").exists()
+
+
 def test_timeout_really_stops_the_step_on_the_worker(
     runyard_instance: Instance, scratch: Path, session_workers: Any
 ) -> None:
     started = time.monotonic()
-    result = run(runyard_instance, J.timeout_job, "redis", scratch)
+    # time_limit_margin: Celery's hard time limit (the backstop, which would stop it too) is out of the picture.
+    result = run(runyard_instance, J.timeout_job, "redis", scratch, time_limit_margin=120.0)
     failure = result.failure_for("overrun")
     assert failure is not None and failure.kind is FailureKind.TIMEOUT
     assert time.monotonic() - started < 20
-    time.sleep(2)  # the step would sleep 30 s; it was interrupted (SIGTERM) on the worker
-    assert (scratch / "overrun.pid").exists() and not (scratch / "overrun.done").exists()
+    app = make_app(broker=BROKERS["redis"]["broker"], backend=BROKERS["redis"]["backend"])
+    try:
+        # The step would sleep 30 s: its task ends within the grace only if it was interrupted
+        # on the worker, and its own last event says by what.
+        task = app.AsyncResult(task_id_of(result, "overrun"))
+        wait_until(lambda: task.state == "SUCCESS", 10, "the timed-out step's task to end on its worker")
+        last = task.result["events"][-1]
+        assert last["type"] == "STEP_FAILURE" and "SIGTERM" in last["message"], last
+    finally:
+        app.close()
+    assert not (scratch / "overrun.done").exists()
     # The pool process itself survives a SIGTERM'd step and serves the next one.
     assert pid_alive(int((scratch / "overrun.pid").read_text()))
 
@@ -189,6 +228,53 @@ def test_whole_worker_killed_mid_step_fails_the_step(
     assert worker.name in failure.message and "worker_lost_timeout" in failure.message
 
 
+def test_result_backend_that_stops_answering_fails_the_step_within_worker_lost_timeout(
+    runyard_instance: Instance, scratch: Path, start_worker: Any
+) -> None:
+    """Not a refused connection: a frozen link, where each read would block for Redis's
+    default socket timeout (120 s)."""
+    from urllib.parse import urlsplit
+
+    real = urlsplit(BROKERS["redis"]["backend"])
+    proxy = FreezableProxy(real.hostname or "127.0.0.1", real.port or 6379)
+    try:
+        backend = f"redis://127.0.0.1:{proxy.port}{real.path}"
+        q = queue("frozen")
+        start_worker("redis", [q], concurrency=1, backend=backend)
+        thread, box = in_thread(lambda: run(runyard_instance, J.block_job, "redis", scratch, queue_name=q,
+                                            backend=backend, worker_lost_timeout=3.0, connect_timeout=5.0))
+        read_pid(scratch / "blocker.pid")
+        time.sleep(0.5)  # the monitor has read STARTED
+        proxy.freeze()
+        frozen_at = time.monotonic()
+        thread.join(60)
+        assert not thread.is_alive(), "the run hung on a frozen result backend"
+        elapsed = time.monotonic() - frozen_at
+        result: ExecutionResult = box["result"]
+        failure = result.failure_for("blocker")
+        assert failure is not None and failure.kind is FailureKind.WORKER_LOST, result.events
+        assert "result backend has not answered" in failure.message
+        assert elapsed < 3.0 + 6.0, elapsed  # worker_lost_timeout + a few seconds, not 120 s per read
+    finally:
+        proxy.close()
+
+
+def test_worker_broker_option_keeps_the_configured_backend(
+    runyard_instance: Instance, scratch: Path, start_worker: Any
+) -> None:
+    """runyard.yaml says Redis for both; the worker is pointed at RabbitMQ with --broker. It
+    must still write results to the configured backend, where the engine reads them."""
+    q = queue("broker-option")
+    start_worker("redis", [q], concurrency=1, args=("--broker", BROKERS["rabbitmq"]["broker"]))
+    thread, box = in_thread(lambda: run(runyard_instance, J.chain_job, "rabbitmq", scratch, queue_name=q,
+                                        queue_timeout=20.0))
+    thread.join(60)
+    assert not thread.is_alive(), "the run hung: its results went to another backend"
+    result: ExecutionResult = box["result"]
+    assert result.success, result.events
+    assert result.output_for("add_one_2") == 5
+
+
 def test_cancel_stops_running_steps_and_revokes_queued_ones(
     runyard_instance: Instance, scratch: Path, session_workers: Any, start_worker: Any
 ) -> None:
@@ -222,6 +308,66 @@ def test_cancel_stops_running_steps_and_revokes_queued_ones(
         assert not (scratch / "elsewhere.pid").exists()
     finally:
         app.close()
+
+
+def test_cancel_with_the_broker_gone_still_ends_the_queued_step(
+    runyard_instance: Instance, scratch: Path, session_workers: Any
+) -> None:
+    """terminate cannot revoke (the broker stopped answering after the launch): cancel must
+    not block or raise, and the queued step must still end rather than be polled for ever."""
+    from urllib.parse import urlsplit
+
+    real = urlsplit(BROKERS["redis"]["broker"])
+    proxy = FreezableProxy(real.hostname or "127.0.0.1", real.port or 6379)
+    cancellation = Cancellation()
+    try:
+        broker = f"redis://127.0.0.1:{proxy.port}{real.path}"
+        config = {"broker": broker, "backend": BROKERS["redis"]["backend"], "queue_timeout": None,
+                  "connect_timeout": 2.0, "default_queue": queue("redis-main")}
+        thread, box = in_thread(lambda: execute_job(
+            J.elsewhere_job, instance=runyard_instance, executor="celery", cancellation=cancellation,
+            run_config={"scratch": str(scratch), "execution": {"celery": config}}))
+        time.sleep(3)  # sent and queued: nobody consumes its queue
+        proxy.freeze()  # not refused: no answer at all, the worst case for a blocking client
+        canceller, outcome = in_thread(cancellation.cancel)  # the engine calls terminate from here
+        canceller.join(30)
+        assert not canceller.is_alive(), "cancel blocked on the unreachable broker"
+        assert "error" not in outcome, outcome
+        thread.join(60)
+        assert not thread.is_alive(), "the run hung: a queued step whose revoke failed was never finished"
+    finally:
+        proxy.close()
+    assert "error" not in box, box
+    result: ExecutionResult = box["result"]
+    assert result.status is RunStatus.CANCELED
+    failure = result.failure_for("elsewhere")
+    assert failure is not None and failure.kind is FailureKind.CANCELED
+
+
+def test_long_running_step_does_not_poll_the_backend_at_full_speed(
+    runyard_instance: Instance, scratch: Path, session_workers: Any
+) -> None:
+    import redis
+
+    client = redis.Redis.from_url(BROKERS["redis"]["backend"])
+
+    def mgets() -> int:  # the monitor reads states with GET or MGET
+        stats = client.info("commandstats")
+        return sum(int(stats.get(f"cmdstat_{c}", {}).get("calls", 0)) for c in ("get", "mget"))
+
+    cancellation = Cancellation()
+    thread, box = in_thread(lambda: run(runyard_instance, J.block_job, "redis", scratch, cancellation=cancellation))
+    read_pid(scratch / "blocker.pid")
+    time.sleep(3)  # past the fast polling that follows a change
+    before = mgets()
+    time.sleep(4)
+    calls = mgets() - before
+    cancellation.cancel()
+    # ~8 reads at 0.5 s; at the fast pace (every 20 ms or less) it would be 200 or more. The
+    # counts are server-wide, so other users of this Redis may add a few.
+    thread.join(60)
+    assert not thread.is_alive()
+    assert calls < 60, calls
 
 
 def test_bad_priority_tag_fails_the_step_before_sending(runyard_instance: Instance, scratch: Path) -> None:
