@@ -30,6 +30,9 @@ BROKERS = {
     "rabbitmq": {"broker": RABBITMQ, "backend": REDIS},
 }
 RUNYARD = str(Path(sys.executable).with_name("runyard"))
+# Workers get SIGTERM if this test process dies without its teardown (killed by a CI timeout,
+# Ctrl-C twice): they run in sessions of their own, so nothing else would stop them.
+DIE_WITH_PYTEST = ["setpriv", "--pdeathsig", "TERM"]
 HERE = Path(__file__).resolve().parent
 
 
@@ -70,8 +73,8 @@ class Worker:
         env = {**os.environ, "RUNYARD_HOME": str(home),
                "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")]))}
         self.proc = subprocess.Popen(
-            [RUNYARD, "celery", "worker", "-q", ",".join(queues), "-c", str(concurrency), "-n", self.name,
-             "-l", "INFO", *args],
+            [*DIE_WITH_PYTEST, RUNYARD, "celery", "worker", "-q", ",".join(queues), "-c", str(concurrency),
+             "-n", self.name, "-l", "INFO", *args],
             env=env,
             stdout=self.log.open("wb"),
             stderr=subprocess.STDOUT,

@@ -45,7 +45,9 @@ class CliCluster:
     def _spawn(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
         log = open(self.workdir / f"{name}.log", "wb")  # noqa: SIM115 - kept open for the process
         proc = subprocess.Popen(
-            [str(BIN / "dask"), *args],
+            # setpriv: SIGTERM if this test process dies without its teardown (a CI timeout);
+            # in a session of its own, nothing else would stop it.
+            ["setpriv", "--pdeathsig", "TERM", str(BIN / "dask"), *args],
             stdout=log,
             stderr=subprocess.STDOUT,
             env=self.env,
