@@ -3,6 +3,8 @@ and, for multi_or_in_process, in both modes."""
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import pytest
@@ -21,10 +23,14 @@ class TestMultiprocessExecdForkServerConformance(ExecutorConformance):
     executor = "multiprocess"
 
     @pytest.fixture(autouse=True)
-    def _exec_the_fork_server(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        import runyard_local.multiprocess
-
-        monkeypatch.setattr(runyard_local.multiprocess, "_single_threaded", lambda: False)
+    def _another_thread(self) -> Iterator[None]:
+        # A run worker with a second thread gets an exec'd fork server, never a forked one.
+        stop = threading.Event()
+        other = threading.Thread(target=stop.wait, daemon=True)
+        other.start()
+        yield
+        stop.set()
+        other.join()
 
 
 class TestMultiprocessSpawnConformance(ExecutorConformance):

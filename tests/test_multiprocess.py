@@ -9,6 +9,7 @@ load them. Steps write the pids to watch into a scratch directory from the run c
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -376,26 +377,26 @@ def test_a_dead_fork_server_fails_its_steps_and_the_next_attempt_gets_a_new_one(
     assert failure.kind in (FailureKind.WORKER_LOST, FailureKind.SIGNAL), failure
 
 
-def exec_the_fork_server(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Make the executor start its fork server as a fresh interpreter, as it does whenever
-    the run worker has other threads, rather than by forking the run worker."""
-    import runyard_local.multiprocess
-
-    monkeypatch.setattr(runyard_local.multiprocess, "_single_threaded", lambda: False)
+@contextlib.contextmanager
+def another_thread() -> Iterator[None]:
+    """A second thread in this process while the block runs: the executor then starts its
+    fork server as a fresh interpreter rather than by forking this process."""
+    stop = threading.Event()
+    other = threading.Thread(target=stop.wait, daemon=True)
+    other.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        other.join()
 
 
 @pytest.mark.parametrize("threads", [False, True])
 def test_the_fork_server_is_forked_from_a_single_threaded_run_worker_and_execd_otherwise(
     runyard_instance: Instance, load: Callable[[str], JobDefinition], scratch: Path, threads: bool
 ) -> None:
-    stop = threading.Event()
-    other = threading.Thread(target=stop.wait, daemon=True)
-    if threads:
-        other.start()
-    try:
+    with another_thread() if threads else contextlib.nullcontext():
         result = run(runyard_instance, load("parent_job"), "forkserver", scratch)
-    finally:
-        stop.set()
     assert result.success, result.events
     cmdline = result.output_for("parent_cmdline")
     # Exec'd: "python -m runyard_local.mp_zygote ..."; forked: this process's command line.
@@ -408,13 +409,13 @@ def test_a_fork_server_that_cannot_start_fails_the_steps_as_not_started(
     runyard_instance: Instance, load: Callable[[str], JobDefinition], scratch: Path, tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    exec_the_fork_server(monkeypatch)
     broken = tmp_path / "broken-python"
     broken.write_text("#!/bin/sh\necho 'no runyard here' >&2\nexit 3\n")
     broken.chmod(0o755)
     monkeypatch.setattr(sys, "executable", str(broken))
     started = time.monotonic()
-    result = run(runyard_instance, load("pid_job"), "forkserver", scratch)
+    with another_thread():  # so that the fork server is exec'd (with the broken interpreter)
+        result = run(runyard_instance, load("pid_job"), "forkserver", scratch)
     assert time.monotonic() - started < 30
     assert result.status is RunStatus.FAILURE
     failure = result.failure_for("whoami")
@@ -613,12 +614,11 @@ def test_the_fork_server_imports_the_job_once(
     runyard_instance: Instance, job_file: Path, scratch: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     zygote: str,
 ) -> None:
-    if zygote == "exec":
-        exec_the_fork_server(monkeypatch)
     imports = tmp_path / "imports.log"
     monkeypatch.setenv("MP_TEST_IMPORTS", str(imports))
     job, _ = load_job(CodePointer(file=str(job_file)), "pid_job")
-    result = run(runyard_instance, job, "forkserver", scratch)
+    with another_thread() if zygote == "exec" else contextlib.nullcontext():
+        result = run(runyard_instance, job, "forkserver", scratch)
     assert result.success, result.events
     step_pids = {result.output_for(k) for k in ("whoami", "whoami_2", "whoami_3")}
     importers = pids(imports)
