@@ -49,7 +49,13 @@ def remove_steps(client: Any, run_id: str, *, keep_exited: bool, settle: float =
     quiet_since = time.monotonic()
     while True:
         found = False
-        for c in client.containers.list(all=True, filters=filters):
+        try:
+            # sparse: no inspect per container, which a container being removed (by an
+            # earlier sweep) answers with 404 and would end the sweep with an exception.
+            listed = client.containers.list(all=True, filters=filters, sparse=True)
+        except docker.errors.APIError:
+            listed, found = [], True  # the engine is busy or flaky: look again
+        for c in listed:
             if keep_exited and c.status in ("exited", "dead"):
                 continue
             found = True

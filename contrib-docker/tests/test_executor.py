@@ -452,14 +452,22 @@ def test_the_reaper_catches_a_create_that_lands_after_its_first_sweep(
 
     run_id = uuid.uuid4().hex
     labels = {"runyard.run_id": run_id, "runyard.kind": "step", "runyard.test": "1"}
-    sweeping = threading.Thread(target=remove_steps, args=(docker_client, run_id),
-                                kwargs={"keep_exited": False, "settle": 8.0})
+    errors: list[BaseException] = []
+
+    def sweep() -> None:
+        try:
+            remove_steps(docker_client, run_id, keep_exited=False, settle=8.0)
+        except BaseException as e:  # a sweep that dies leaves containers behind
+            errors.append(e)
+
+    sweeping = threading.Thread(target=sweep)
     sweeping.start()
     try:
         time.sleep(2.0)  # a create sent by a worker that just died, landing late
         docker_client.containers.create(docker_settings["image"], ["true"], labels=labels)
         sweeping.join(60)
         assert not sweeping.is_alive()
+        assert errors == []
         assert run_containers(run_id) == []
     finally:
         for c in run_containers(run_id):
