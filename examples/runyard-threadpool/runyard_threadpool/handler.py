@@ -103,5 +103,8 @@ class ThreadPoolStepHandler(StepHandler):
     def teardown(self) -> None:
         # Normally every future is done by now. After a cancel, do not block the run's end
         # on threads that cannot be stopped; they finish in the background (and the
-        # interpreter waits for them before it exits).
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        # interpreter waits for them before it exits). The engine calls teardown after a
+        # setup that raised too: then there is no pool, and setup's error must stand.
+        pool = getattr(self, "_pool", None)
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
