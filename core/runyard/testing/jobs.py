@@ -191,7 +191,7 @@ def _beat_forever(context, seconds: float = 60) -> int:  # type: ignore[no-untyp
     return 0
 
 
-@step(timeout=1.0)
+@step(timeout=2.0)  # short, yet long enough for a step process or container to start under load
 def beat_timed(context) -> int:  # type: ignore[no-untyped-def]
     _identify(context, child=True)
     return _beat_forever(context)
