@@ -6,8 +6,11 @@ a few at a time; a mutant the kit passes fails here, naming what it breaks."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -61,8 +64,27 @@ def run_kit(name: str, where: Path) -> KitRun:
          "-o", "addopts=", "--basetemp", str(d / "tmp")],
         cwd=d, env=env, capture_output=True, text=True, timeout=600,
     )
+    _kill_leftovers(d)
     failed = re.findall(r"^FAILED test_kit\.py::TestKit::(\S+)", done.stdout, re.M)
     return KitRun(name, done.returncode, failed, time.monotonic() - started, done.stdout[-4000:] + done.stderr[-2000:])
+
+
+def _kill_leftovers(where: Path) -> None:
+    """Broken handlers leave step processes behind (that is what the kit caught): end them
+    here, so the mutation test leaves nothing running. Only processes the kit's steps
+    recorded, and only while they still run the kit's worker or its ``sleep`` child."""
+    for info_file in where.glob("tmp/**/kit-scratch/*-1.json"):
+        info = json.loads(info_file.read_text())
+        for pid in (info.get("pid"), info.get("child")):
+            if not pid or pid == os.getpid():
+                continue
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"worker.py" in cmdline or b"time.sleep(60)" in cmdline:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
 
 
 @pytest.fixture(scope="module")

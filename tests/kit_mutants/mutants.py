@@ -145,7 +145,7 @@ class LeavesProcessesAfterTheStep(ReferenceHandler):
         pass
 
     def teardown(self) -> None:
-        shutil.rmtree(self._tmp, ignore_errors=True)
+        shutil.rmtree(getattr(self, "_tmp", "/nonexistent"), ignore_errors=True)
 
 
 class NoSigkill(ReferenceHandler):
@@ -154,9 +154,6 @@ class NoSigkill(ReferenceHandler):
     def signal_step(self, att: Attempt, sig: int) -> None:
         if sig != signal.SIGKILL:
             super().signal_step(att, sig)
-
-    def teardown(self) -> None:
-        shutil.rmtree(self._tmp, ignore_errors=True)
 
 
 class WaitIgnoresTimeout(ReferenceHandler):

@@ -131,7 +131,8 @@ class ReferenceHandler(StepHandler):
         for att in getattr(self, "_attempts", []):
             self.signal_step(att, signal.SIGKILL)
             if att.proc is not None:
-                att.proc.wait()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    att.proc.wait(5)
         tmp = getattr(self, "_tmp", None)
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
