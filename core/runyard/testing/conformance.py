@@ -416,11 +416,13 @@ class ExecutorConformance:
 
         stopper = threading.Thread(target=stop_when_beating, daemon=True)
         stopper.start()
-        _, failure = h.poll_until_done(handle, within=120 + self.stop_within)
-        stopper.join(10)
+        try:
+            h.poll_until_done(handle, within=120 + self.stop_within,
+                              until=lambda: stopped_at[0] + self.stop_within + 1 if stopped_at else None)
+        finally:
+            stopper.join(10)
         assert not errors, f"terminate raised: {errors[0]!r}"
         assert stopped_at, "the step never started beating"
-        assert time.time() - stopped_at[0] <= self.stop_within + 1, "poll did not report the stopped step done"
         self.assert_stopped(None, scratch, "beat_until_canceled", stopped_at[0])
         h.handler.terminate(handle, FailureKind.CANCELED)  # after it ended: still harmless
         h.handler.poll(handle)
@@ -580,10 +582,21 @@ class HandlerRun:
         self._handles.append(handle)
         return handle
 
-    def poll_until_done(self, handle: Any, within: float) -> tuple[list[Event], FailureInfo | None]:
+    def poll_until_done(
+        self, handle: Any, within: float, until: Callable[[], float | None] | None = None
+    ) -> tuple[list[Event], FailureInfo | None]:
+        """Poll (and wait) as the engine does until the attempt is over, for at most
+        ``within`` seconds, or until the wall-clock time ``until()`` returns, once it
+        returns one (a stopped attempt must be over by then)."""
         events: list[Event] = []
         deadline = time.monotonic() + within
         while time.monotonic() < deadline:
+            limit = until() if until is not None else None
+            if limit is not None and time.time() > limit:
+                raise AssertionError(
+                    f"the attempt was stopped, yet poll did not report it over within {self._kit.stop_within:g}s; "
+                    f"its events: {events}"
+                )
             update = self.handler.poll(handle)
             events.extend(update.events)
             if update.done:
