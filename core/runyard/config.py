@@ -182,22 +182,11 @@ def unstructure(obj: Any) -> Any:
     return obj
 
 
-def load_yaml(path: Path) -> Any:
-    """Read a YAML file; malformed YAML is a ConfigError with the file and line."""
-    import yaml
+def load_yaml(path: Path, *, what: str = "configuration file") -> Any:
+    """Read a YAML file within bounds; any problem is a ConfigError naming the file."""
+    from .yamlfile import load_yaml_file
 
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: file not found") from None
-    try:
-        return yaml.safe_load(text)
-    except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark or e.context_mark
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        raise ConfigError(f"{where}: malformed YAML: {e.problem or e.context}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: malformed YAML: {e}") from None
+    return load_yaml_file(path, what=what)
 
 
 @attrs.frozen
