@@ -16,7 +16,7 @@ from .errors import ConfigError
 from .outputs import MemoryOutputStore, OutputStore, open_output_store
 from .registry import Kind, PluginRegistry, default_registry
 from .storage import RunStorage
-from .yamlfile import load_yaml_file
+from .yamlfile import beside, load_yaml_file
 
 SECTIONS: tuple[Kind, ...] = ("storage", "run_launcher", "executor")
 TOP_LEVEL_KEYS = (*SECTIONS, "outputs")
@@ -68,7 +68,7 @@ class Instance:
                 f"{self.config_source}: outputs: expected a path or URL string "
                 f"(like /shared/runyard-outputs or s3://bucket/prefix), got {type(outputs).__name__}"
             )
-        self._outputs_url = outputs
+        self._outputs_url = beside(self.home, outputs)  # relative to runyard.yaml's folder
 
     @classmethod
     def from_env(cls, *, registry: PluginRegistry | None = None) -> Instance:

@@ -258,3 +258,13 @@ def _marked(source: str, e: Any) -> str:
     if isinstance(e, yaml.constructor.ConstructorError):
         return f"{where}: {problem}"  # well-formed YAML holding a value runyard refuses
     return f"{where}: malformed YAML: {problem}"
+
+
+def beside(folder: Path | None, value: str | None) -> str | None:
+    """A path from a config file in ``folder``: relative means relative to that folder (not to
+    the shell's working directory), ``~`` is the user's home; URLs are returned unchanged."""
+    from urllib.parse import urlparse
+
+    if folder is None or not value or urlparse(value).scheme:
+        return value
+    return str(folder / Path(value).expanduser())
