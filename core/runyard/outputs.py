@@ -18,6 +18,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from .errors import ConfigError, OutputPathError, OutputSerializationError
+from .private import make_private_dirs, write_private
 
 
 class OutputStore(ABC):
@@ -101,10 +102,10 @@ class FileOutputStore(OutputStore):
         data = _dumps(step_key, value)
         ref = make_ref(run_id, step_key)
         path = self._path(ref)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_private_dirs(path.parent)
         # Write then rename, so a reader in another process never sees half a file.
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-        tmp.write_bytes(data)
+        write_private(tmp, data)  # owner-only whatever the umask: unpickling it runs code
         os.replace(tmp, path)
         return ref
 
