@@ -114,6 +114,16 @@ def converter() -> cattrs.Converter:
     return conv
 
 
+def _field_hint(exc: BaseException, name: str | None) -> str:
+    """A config field's ``metadata={"required": "..."}``: what to write when it is missing."""
+    cls = getattr(exc, "cl", None)
+    if name is None or cls is None or not attrs.has(cls):
+        return ""
+    field = attrs.fields_dict(cls).get(name)
+    hint = field.metadata.get("required") if field is not None else None
+    return f"; {hint}" if hint else ""
+
+
 def _problems(exc: BaseException, path: str) -> list[str]:
     """Flatten cattrs' exception tree into ``path: message`` lines."""
     from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError, IterableValidationError
@@ -132,7 +142,8 @@ def _problems(exc: BaseException, path: str) -> list[str]:
             index = getattr(note, "index", None)
             sub_path = f"{path}.{name}" if name is not None else f"{path}[{index}]"
             sub_path = sub_path.lstrip(".")
-            out.extend(_problems(sub, sub_path))
+            hint = _field_hint(exc, name) if isinstance(sub, KeyError) else ""
+            out.extend(p + hint for p in _problems(sub, sub_path))
         for sub in without:
             out.extend(_problems(sub, path))
         return out
