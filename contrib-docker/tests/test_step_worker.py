@@ -71,13 +71,15 @@ def test_worker_prints_events_while_the_step_runs(request_for: Any, tmp_path: Pa
                             stderr=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None
-        first = Event.from_json(proc.stdout.readline())
-        second = Event.from_json(proc.stdout.readline())
+        # Readers skip blank lines: the container worker starts with one (see _Channel).
+        lines = (line for line in proc.stdout if line.strip())
+        first = Event.from_json(next(lines))
+        second = Event.from_json(next(lines))
         assert (first.type, second.type) == (EventType.STEP_START, EventType.STEP_LOG)
         assert not go.exists()  # both arrived while the step waited
         go.write_text("go")
         # Both keep the step's own output off the event stream: every line is an event.
-        rest = [Event.from_json(line) for line in proc.stdout]
+        rest = [Event.from_json(line) for line in lines]
         assert proc.wait(30) == 0
     finally:
         proc.kill()
