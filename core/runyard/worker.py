@@ -327,6 +327,9 @@ class FdEventStream:
             sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
         except Exception:
             pass
+        # Wakes the forwarder at `close`, so it is gone before its descriptors are closed
+        # (without waiting out a select timeout on every step).
+        self._wake_read, self._wake_write = os.pipe()
         self._thread = threading.Thread(target=self._forward, name="runyard-output", daemon=True)
         self._thread.start()
 
@@ -361,6 +364,9 @@ class FdEventStream:
         """Stop forwarding, write held events, and point fd 1 at the worker's stderr (so a
         thread the step left behind cannot write into the event stream) and fd 2 back."""
         self._closing.set()
+        os.write(self._wake_write, b"x")
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=2)
         for stream in (sys.stdout, sys.stderr):
             try:
                 stream.flush()
@@ -375,9 +381,8 @@ class FdEventStream:
         os.dup2(self.stderr_fd, 2)
         if late:
             self._write_fd(self.stderr_fd, late)
-        for fd in self._fds.values():
+        for fd in (*self._fds.values(), self._wake_read, self._wake_write, self.events_fd):
             os.close(fd)
-        os.close(self.events_fd)
 
     # -- internals --
 
@@ -427,7 +432,7 @@ class FdEventStream:
 
         while not self._closing.is_set():
             try:
-                select.select(list(self._fds.values()), [], [], 0.2)
+                select.select([*self._fds.values(), self._wake_read], [], [], 0.2)
             except (OSError, ValueError):
                 return
             if self._closing.is_set():
