@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import importlib
 import inspect
+import re
 from pathlib import Path
 from typing import Any
 
@@ -204,3 +205,34 @@ def execute_step(request: StepRequest, *, capture_output: bool = False,
                  on_event: Callable[[Event], None] | None = None) -> list[Event]: ...
 """)
     assert _check("runyard.plugin.StepHandler", "class StepHandler:\n    def setup(self) -> None: ...\n")
+
+
+def _table_rows(heading: str) -> list[list[str]]:
+    """The cells of the first Markdown table after ``heading`` in the guide."""
+    text = (ROOT / "docs" / "plugins.md").read_text()
+    rows: list[list[str]] = []
+    for line in text[text.index(heading):].splitlines()[1:]:
+        if line.startswith("|"):
+            rows.append([c.strip() for c in line.strip("|").split("|")])
+        elif rows:
+            break
+    return rows[2:]  # past the header and its rule
+
+
+def test_the_step_request_table_lists_every_field_in_order() -> None:
+    import attrs
+    from runyard.plugin import StepRequest
+
+    documented = [row[0].strip("`") for row in _table_rows("### The step request")]
+    assert documented == [f.name for f in attrs.fields(StepRequest)]
+
+
+def test_the_capabilities_table_lists_every_field_with_its_default() -> None:
+    import attrs
+    from runyard.plugin import Capabilities
+
+    documented = {}
+    for row in _table_rows("## Capabilities: what the core rejects before a run"):
+        name, default = re.fullmatch(r"`(\w+)` \((.+)\)", row[0]).groups()  # type: ignore[union-attr]
+        documented[name] = default
+    assert documented == {f.name: repr(f.default) for f in attrs.fields(Capabilities)}
