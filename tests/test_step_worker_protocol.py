@@ -217,3 +217,45 @@ def test_sigterm_ends_a_step_that_ignores_it_within_the_grace_period(tmp_path: P
     failure = events[-1].failure
     assert failure is not None and failure.kind is FailureKind.CANCELED
     assert f"did not stop within {TERM_GRACE:g}s" in failure.message
+
+
+def test_sigterm_while_the_job_loads_cancels_the_step_before_it_runs(tmp_path: Path) -> None:
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    (tmp_path / "slow_import.py").write_text(f'''
+import time
+from pathlib import Path
+from runyard import job, step
+
+Path({str(marks)!r}, "started").write_text("loading")  # the SIGTERM comes while the job loads
+time.sleep(1.5)
+
+@step
+def never():
+    Path({str(marks)!r}, "ran").write_text("yes")
+    return 1
+
+@job
+def slow():
+    never()
+''')
+    request = StepRequest(run_id="r" * 32, step_key="never", attempt=1, attempt_id="a1", job_name="slow",
+                          code_pointer=CodePointer(file=str(tmp_path / "slow_import.py")),
+                          output_store=str(tmp_path / "outputs"), inputs={})
+    proc = subprocess.Popen([RUNYARD, "api", "execute-step", "--stream", request.to_json()],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not (marks / "started").exists():
+            assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 0, err
+    events = [Event.from_json(line) for line in out.splitlines()]
+    assert [e.type for e in events] == [EventType.STEP_START, EventType.STEP_FAILURE]
+    assert events[-1].failure is not None and events[-1].failure.kind is FailureKind.CANCELED
+    assert not (marks / "ran").exists()  # the step function never ran
