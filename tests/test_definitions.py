@@ -451,7 +451,7 @@ def test_alias_with_a_bad_name_is_refused_at_definition(bad: str) -> None:
         def traverse() -> None:
             add.alias(bad)(1)
 
-    assert f"step alias {bad!r} is not a valid name" in str(e.value)
+    assert f"step 'add': alias {bad!r} is not a valid name" in str(e.value)
     assert "starts with a letter or '_'" in str(e.value) and "rename it" in str(e.value)
 
 
