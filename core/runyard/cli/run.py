@@ -352,27 +352,46 @@ def reexecute(run_id: str, from_failure: bool, steps: str | None, wait_: bool, a
 
 
 @run.command("delete")
-@click.argument("run_id")
-@click.option("--force", is_flag=True, help="Delete an unfinished run too (it is canceled first).")
-def delete(run_id: str, force: bool) -> None:
-    """Delete a finished run and its events. Its step outputs are kept.
+@click.argument("run_ids", metavar="RUN_ID...", nargs=-1, required=True)
+@click.option("--force", is_flag=True, help="Delete unfinished runs too (they are canceled first).")
+@click.option("--yes", is_flag=True, help="Do not ask before deleting more than one run.")
+def delete(run_ids: tuple[str, ...], force: bool, yes: bool) -> None:
+    """Delete finished runs and their events. Their step outputs are kept.
 
+    Each RUN_ID is a run id or a unique prefix; an empty or ambiguous one is refused.
+    Deleting more than one run asks first on a terminal; elsewhere it needs --yes.
     An unfinished run is refused unless --force, which cancels it first.
 
     \b
-    Example:
+    Examples:
       runyard run delete 3f2c9a1b04de
+      runyard run delete 3f2c9a1b04de 77e0c1d2a3b4 --yes
     """
     from ..errors import RunyardError
     from ..runs import cancel_run
+    from ._runs import fail
 
     instance = _instance()
-    r = _checked(instance, run_id)
-    if not r.status.is_finished:
-        if not force:
-            raise RunyardError(
-                f"run {r.run_id} is {r.status.value}: cancel it first (runyard run cancel {r.run_id}) or pass --force"
-            )
-        cancel_run(instance, r.run_id, grace=2.0)
-    instance.storage.delete_run(r.run_id)
-    click.echo(f"deleted run {r.run_id}")
+    # Resolve every id before deleting anything: one bad id deletes nothing.
+    runs: dict[str, RunRecord] = {}
+    for run_id in run_ids:
+        r = _checked(instance, run_id)
+        runs.setdefault(r.run_id, r)
+    unfinished = [r for r in runs.values() if not r.status.is_finished]
+    if unfinished and not force:
+        r = unfinished[0]
+        raise RunyardError(
+            f"run {r.run_id} is {r.status.value}: cancel it first (runyard run cancel {r.run_id}) or pass --force"
+        )
+    if len(runs) > 1 and not yes:
+        listing = "\n".join(f"  {r.run_id}  {r.job_name}  {r.status.value}" for r in runs.values())
+        if not (sys.stdin.isatty() and sys.stdout.isatty()):
+            fail(f"refusing to delete {len(runs)} runs without confirmation; pass --yes to delete:\n{listing}", 2)
+        click.echo(f"about to delete {len(runs)} runs:\n{listing}")
+        if not click.confirm("delete them?", default=False):
+            fail("nothing deleted", 2)
+    for r in runs.values():
+        if not r.status.is_finished:
+            cancel_run(instance, r.run_id, grace=2.0)
+        instance.storage.delete_run(r.run_id)
+        click.echo(f"deleted run {r.run_id}")
