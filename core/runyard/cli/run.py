@@ -41,11 +41,24 @@ def _instance() -> Instance:
     return Instance.from_env()
 
 
+def _observe(instance: Instance, run: RunRecord) -> RunRecord:
+    """``run`` after noticing a dead worker; if the storage cannot record that (a full
+    disk), the run as stored, with a warning: looking at runs must keep working."""
+    from ..errors import StorageError
+    from ..runs import check_run
+
+    try:
+        return check_run(instance, run)
+    except StorageError as e:
+        click.echo(f"warning: run {run.run_id} could not be checked: {e}", err=True)
+        return run
+
+
 def _checked(instance: Instance, run_id: str) -> RunRecord:
     """The run (by id or unique prefix), after noticing a dead worker."""
-    from ..runs import check_run, get_run
+    from ..runs import get_run
 
-    return check_run(instance, get_run(instance, run_id))
+    return _observe(instance, get_run(instance, run_id))
 
 
 def _when(ts: float | None) -> str:
@@ -80,14 +93,14 @@ def list_runs(statuses: tuple[str, ...], limit: int, as_json: bool) -> None:
       runyard run list
       runyard run list --status failure --limit 5 --json
     """
-    from ..runs import ACTIVE, check_run
+    from ..runs import ACTIVE
     from ..storage import RunStatus
     from ._runs import run_dict
 
     instance = _instance()
     storage = instance.storage
     for r in storage.list_runs(limit=10_000, statuses=ACTIVE):
-        check_run(instance, r)
+        _observe(instance, r)
     wanted = [RunStatus(s.upper()) for s in statuses] or None
     runs = storage.list_runs(limit=limit, statuses=wanted)
     if as_json:
