@@ -112,6 +112,12 @@ def launcher_selection(instance: Instance) -> tuple[Selection, Any]:
 
 
 def get_launcher(instance: Instance, name: str | None = None) -> tuple[str, RunLauncher]:
+    from . import cli_worker
+
+    if name == cli_worker.LAUNCHER:
+        # The run executes in a `runyard job execute` process, which recorded itself as
+        # its worker: no launcher started it, but it is checked and stopped like one.
+        return name, cli_worker.ExecutingProcess(None, str(instance.home) if instance.home else None)
     sel, config = launcher_selection(instance)
     if name is not None and name != sel.name:
         # The run was launched with another launcher than the instance now names.
