@@ -226,3 +226,164 @@ def test_a_new_instance_still_creates_its_database(tmp_path: Path) -> None:
     assert proc.stdout.strip() == "no runs"
     assert (home / "runyard.db").stat().st_size > 0
     assert [p.name for p in home.iterdir() if p.name.endswith(".new")] == []
+
+
+# -- PostgreSQL: connection loss during a run ----------------------------------------------------
+
+PG_SERVER = os.environ.get("RUNYARD_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+@pytest.fixture
+def pg_db() -> Iterator[str]:
+    """A database of its own, so an outage of it (below) disturbs nobody else's."""
+    import uuid
+
+    import psycopg
+    from psycopg import sql
+    from psycopg.conninfo import make_conninfo
+
+    try:
+        admin = psycopg.connect(PG_SERVER, autocommit=True, connect_timeout=5)
+    except psycopg.OperationalError as e:
+        pytest.fail(f"PostgreSQL is not reachable at {PG_SERVER}: {e}; "
+                    "run `bash scripts/services.sh postgres` to start it")
+    name = f"runyard_faults_{uuid.uuid4().hex[:10]}"
+    admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    try:
+        yield make_conninfo(PG_SERVER, dbname=name)
+    finally:
+        admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        admin.close()
+
+
+def outage(db_url: str, seconds: float | None) -> None:
+    """Make the database unreachable, as a server restart does: its connections are
+    terminated and new ones refused, for ``seconds`` (None: until `end_outage`)."""
+    import psycopg
+    from psycopg import sql
+    from psycopg.conninfo import conninfo_to_dict
+
+    name = conninfo_to_dict(db_url)["dbname"]
+    with psycopg.connect(PG_SERVER, autocommit=True) as admin:
+        admin.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS false").format(sql.Identifier(name)))
+        killed = admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,)
+        ).fetchall()
+        assert killed, "no connection of the run to terminate"
+    if seconds is not None:
+        time.sleep(seconds)
+        end_outage(db_url)
+
+
+def end_outage(db_url: str) -> None:
+    import psycopg
+    from psycopg import sql
+    from psycopg.conninfo import conninfo_to_dict
+
+    name = conninfo_to_dict(db_url)["dbname"]
+    with psycopg.connect(PG_SERVER, autocommit=True) as admin:
+        admin.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS true").format(sql.Identifier(name)))
+
+
+def test_postgres_writes_wait_out_a_short_outage_and_write_once(pg_db: str) -> None:
+    import threading
+
+    from runyard.storage.postgres import PostgresRunStorage
+
+    storage = PostgresRunStorage(pg_db, reconnect_timeout=20)
+    run = RunRecord(job_name="x")
+    storage.add_run(run)
+    t = threading.Thread(target=outage, args=(pg_db, 3.0))
+    t.start()
+    time.sleep(0.5)  # the outage has begun
+    began = time.monotonic()
+    storage.store_events([Event(type=EventType.ENGINE, run_id=run.run_id, message=f"e{i}") for i in range(5)])
+    assert storage.set_run_status(run.run_id, RunStatus.STARTED, only_from=[RunStatus.QUEUED])
+    took = time.monotonic() - began
+    t.join()
+    assert took > 1.5, f"the writes did not meet the outage (took {took:.1f}s)"
+    assert [s.event.message for s in storage.get_events(run.run_id)] == [f"e{i}" for i in range(5)]
+    assert storage.get_run(run.run_id).status is RunStatus.STARTED  # type: ignore[union-attr]
+    storage.close()
+
+
+def test_postgres_gives_up_after_reconnect_timeout(pg_db: str) -> None:
+    from runyard.storage.postgres import PostgresRunStorage
+
+    storage = PostgresRunStorage(pg_db, reconnect_timeout=1.5, connect_timeout=2)
+    run = RunRecord(job_name="x")
+    storage.add_run(run)
+    outage(pg_db, None)
+    try:
+        began = time.monotonic()
+        with pytest.raises(StorageError) as info:
+            storage.store_events([Event(type=EventType.ENGINE, run_id=run.run_id, message="lost")])
+        took = time.monotonic() - began
+    finally:
+        end_outage(pg_db)
+    assert 1.4 < took < 10, took
+    assert "lost the connection to PostgreSQL" in str(info.value)
+    assert "within 1.5s" in str(info.value) and "storage.postgres.reconnect_timeout" in str(info.value)
+    storage.close()
+
+
+PG_JOB = """
+import os
+import time
+from pathlib import Path
+from runyard import job, step
+
+@step
+def first() -> int:
+    Path(os.environ["RY_MARK"]).write_text("x")
+    time.sleep(1)
+    return 1
+
+@step
+def second(x: int) -> int:
+    time.sleep(1)
+    return x + 1
+
+@step
+def third(x: int) -> int:
+    time.sleep(1)
+    return x + 1
+
+@job
+def chain():
+    third(second(first()))
+"""
+
+
+@pytest.mark.parametrize("command", [["job", "execute"], ["job", "launch", "--wait"]])
+def test_a_run_outlives_a_postgres_outage(pg_db: str, tmp_path: Path, command: list[str]) -> None:
+    import yaml
+
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "runyard.yaml").write_text(
+        yaml.safe_dump({"storage": {"postgres": {"url": pg_db, "reconnect_timeout": 30}}})
+    )
+    f = tmp_path / "chain.py"
+    f.write_text(textwrap.dedent(PG_JOB))
+    mark = tmp_path / "mark"
+    p = subprocess.Popen([str(RUNYARD), *command, "-f", str(f)], env={
+        **os.environ, "RUNYARD_HOME": str(home), "RY_MARK": str(mark)}, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not mark.exists():
+            assert time.monotonic() < deadline and p.poll() is None, p.communicate()
+            time.sleep(0.02)
+        outage(pg_db, 4.0)  # longer than a step: the run's writes meet it
+        out, err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 0, out + err
+    storage = Instance(home).storage
+    (run,) = storage.list_runs()
+    assert run.status is RunStatus.SUCCESS
+    types = [s.event.type for s in storage.get_events(run.run_id)]
+    assert types.count(EventType.STEP_SUCCESS) == 3 and types.count(EventType.RUN_SUCCESS) == 1
+    storage.close()

@@ -72,8 +72,10 @@ def _run_options(fn):  # type: ignore[no-untyped-def]
 def execute(pointer, job_name, config_path, executor, tags, steps, parent_run_id, as_json) -> None:  # type: ignore[no-untyped-def]
     """Execute a job in this process and wait for it.
 
-    The engine runs here, steps wherever its executor puts them; Ctrl-C cancels the
-    run. On a terminal it shows live progress; otherwise it prints a line per step that
+    The engine runs here, steps wherever its executor puts them. This process is the
+    run's worker: `runyard run cancel` stops it, and if it dies the run is marked FAILURE
+    when next looked at. Ctrl-C cancels the run; a second Ctrl-C abandons it at once,
+    killing the steps' processes. On a terminal it shows live progress; otherwise it prints a line per step that
     finished, failed, was retried or skipped, then a summary. Exit status: 0 if the run
     succeeded, 1 if it failed or was canceled, 2 for usage or configuration errors.
 
