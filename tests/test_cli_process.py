@@ -269,3 +269,21 @@ def test_a_second_ctrl_c_abandons_at_once_after_killing_the_steps_processes(
     assert run.status is RunStatus.CANCELED
     (ended,) = Instance(home).storage.get_events(run.run_id, types=[EventType.RUN_CANCELED])
     assert "run abandoned" in ended.event.message
+
+
+def test_an_in_process_step_of_a_launched_run_cannot_leave_processes_behind(
+    home: Path, env: dict[str, str], jobs: Path
+) -> None:
+    proc = ry(env, "job", "launch", "-f", str(jobs), "-j", "spawning", "--executor", "in_process", "--wait")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    child = int(Path(env["RY_PIDS"]).read_text())
+    orphan = int(Path(env["RY_PIDS"] + ".orphan").read_text())
+    try:
+        assert gone(child) and gone(orphan)
+    finally:
+        for pid in (child, orphan):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    assert "killed 2 process(es) the step left running" in ry(env, "run", "logs", only_run(home).run_id).stdout

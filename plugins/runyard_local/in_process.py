@@ -56,25 +56,43 @@ def _parents() -> dict[int, list[int]]:
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()
-        if fields[0] != "Z":
-            children.setdefault(int(fields[1]), []).append(int(entry))
+        stat = _read_stat(entry)
+        if stat is not None and stat[0] != b"Z":
+            children.setdefault(int(stat[1]), []).append(int(entry))
     return children
 
 
-def _start_time(pid: int) -> str | None:
+def _read_stat(pid: int | str) -> list[bytes] | None:
+    """The fields of /proc/PID/stat after the command name (state first), or None."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY)
+        try:
+            raw = os.read(fd, 4096)
+        finally:
+            os.close(fd)
     except OSError:
         return None
-    return stat[stat.rindex(")") + 2 :].split()[19]
+    return raw[raw.rindex(b")") + 2 :].split()
 
 
-def _process_tree(whole_process: bool) -> set[tuple[int, str]] | None:
+def _start_time(pid: int) -> bytes | None:
+    stat = _read_stat(pid)
+    return stat[19] if stat is not None else None
+
+
+def _forks() -> int | None:
+    """Processes created on this machine since boot: when it has not moved while a step
+    ran, the step started no process and there is nothing to look for."""
+    try:
+        with open("/proc/stat", "rb") as f:
+            data = f.read()
+        at = data.index(b"\nprocesses ") + len(b"\nprocesses ")
+        return int(data[at : data.index(b"\n", at)])
+    except (OSError, ValueError):
+        return None
+
+
+def _process_tree(whole_process: bool) -> set[tuple[int, bytes]] | None:
     """Processes the calling thread started, and their descendants, as (pid, start time):
     a reused pid is another process. Per thread where the kernel lists children per
     thread, so that a step never touches what other threads of this process started
@@ -91,7 +109,7 @@ def _process_tree(whole_process: bool) -> set[tuple[int, str]] | None:
     except OSError:
         return None
     stack = [int(c) for c in mine] if mine is not None else list(children.get(os.getpid(), ()))
-    found: set[tuple[int, str]] = set()
+    found: set[tuple[int, bytes]] = set()
     while stack:
         pid = stack.pop()
         started = _start_time(pid)
@@ -101,12 +119,9 @@ def _process_tree(whole_process: bool) -> set[tuple[int, str]] | None:
     return found
 
 
-def _kill_left_over(before: set[tuple[int, str]] | None, whole_process: bool) -> list[int]:
+def _kill_left_over(before: set[tuple[int, bytes]], whole_process: bool) -> list[int]:
     """Kill the processes started since ``before`` was taken; return their pids."""
-    if before is None:
-        return []
-    after = _process_tree(whole_process)
-    left = [pid for pid, _ in (after or set()) - before]
+    left = [pid for pid, _ in (_process_tree(whole_process) or set()) - before]
     for pid in left:
         try:
             os.kill(pid, signal.SIGKILL)
@@ -143,6 +158,8 @@ class InProcessStepHandler(StepHandler):
         self._pending: StepInterrupted | None = None
         self._saved_handler: Any = None
         self._whole_process = _is_subreaper()
+        # The processes there before any step: whatever is new after a step is the step's.
+        self._known = _process_tree(self._whole_process)
         if threading.get_ident() == _MAIN:
             self._saved_handler = signal.signal(signal.SIGALRM, self._on_signal)
 
@@ -164,7 +181,7 @@ class InProcessStepHandler(StepHandler):
             timer = threading.Timer(handle.request.timeout, self.terminate, (handle, FailureKind.TIMEOUT))
             timer.daemon = True
             timer.start()
-        before = _process_tree(self._whole_process)
+        forks = _forks()
         try:
             try:
                 events = execute_step(handle.request)
@@ -176,9 +193,9 @@ class InProcessStepHandler(StepHandler):
                     timer.cancel()
         except StepInterrupted as e:
             # Delivered after the step returned but before we disarmed: the step is over anyway.
-            _kill_left_over(before, self._whole_process)
+            self._clean_up(forks)
             return StepUpdate.crashed(FailureInfo(kind=e.kind, message=str(e)))
-        left = _kill_left_over(before, self._whole_process)
+        left = self._clean_up(forks)
         if left and events:
             req = handle.request
             note = Event(
@@ -193,6 +210,14 @@ class InProcessStepHandler(StepHandler):
             events.insert(len(events) - 1, note)  # before the terminal event, which ends the attempt
         handle.done = True
         return StepUpdate.finished(events)
+
+    def _clean_up(self, forks_before: int | None) -> list[int]:
+        """Kill what the step that just ended left running."""
+        if self._known is None or (forks_before is not None and _forks() == forks_before):
+            return []
+        left = _kill_left_over(self._known, self._whole_process)
+        self._known = _process_tree(self._whole_process) or set()
+        return left
 
     def terminate(self, handle: _Handle, kind: FailureKind) -> None:
         with self._lock:
