@@ -287,3 +287,25 @@ def test_an_in_process_step_of_a_launched_run_cannot_leave_processes_behind(
             except ProcessLookupError:
                 pass
     assert "killed 2 process(es) the step left running" in ry(env, "run", "logs", only_run(home).run_id).stdout
+
+
+@pytest.mark.parametrize("executor", ["in_process", "multiprocess"])
+def test_ctrl_c_on_a_terminal_cancels_the_run(
+    home: Path, env: dict[str, str], jobs: Path, executor: str
+) -> None:
+    # A terminal's Ctrl-C reaches the whole foreground process group: the CLI and the
+    # steps' processes alike. The run still ends CANCELED, not failed by a KeyboardInterrupt.
+    p = subprocess.Popen([str(RUNYARD), "job", "execute", "-f", str(jobs), "-j", "sleepy", "--executor", executor],
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        wait_for(Path(env["RY_MARK"]), p)
+        os.killpg(p.pid, signal.SIGINT)
+        out, err = p.communicate(timeout=30)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    assert p.returncode == 1, out + err
+    assert "step nap failed (attempt 1, canceled)" in out and "KeyboardInterrupt" not in out + err
+    run = only_run(home)
+    assert run.status is RunStatus.CANCELED
+    assert Instance(home).storage.get_events(run.run_id, types=[EventType.RUN_FAILURE]) == []
