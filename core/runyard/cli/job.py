@@ -76,9 +76,10 @@ def execute(pointer, job_name, config_path, executor, tags, steps, parent_run_id
     The engine runs here, steps wherever its executor puts them. This process is the
     run's worker: `runyard run cancel` stops it, and if it dies the run is marked FAILURE
     when next looked at. Ctrl-C cancels the run; a second Ctrl-C abandons it at once,
-    killing the steps' processes. On a terminal it shows live progress; otherwise it prints a line per step that
-    finished, failed, was retried or skipped, then a summary. Exit status: 0 if the run
-    succeeded, 1 if it failed or was canceled, 2 for usage or configuration errors.
+    killing the steps' processes. On a terminal it shows live progress; otherwise it
+    prints a line per step that finished, failed, was retried or skipped, then a summary.
+    Exit status: 0 if the run succeeded, 1 if it failed or was canceled, 2 for usage or
+    configuration errors.
 
     \b
     Examples:
