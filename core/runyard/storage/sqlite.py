@@ -108,8 +108,8 @@ class SqliteRunStorage(RunStorage):
 
     def _damaged(self, e: sqlite3.Error) -> StorageError:
         return StorageError(
-            f"the run database {self.path} cannot be read: {e}. It is damaged or not a runyard database; "
-            "restore it from a backup, or move it away "
+            f"the run database {self.path} cannot be read: {e}. Check the file's permissions and its disk; "
+            "if it is damaged or not a database, restore it from a backup, or move it away "
             f"(mv {self.path} {self.path}.broken) to start a new, empty run history"
         )
 
