@@ -59,6 +59,18 @@ def exiting():
     later(exits())
 
 @step
+def exits_leaving_a_child() -> int:
+    child = subprocess.Popen(["sleep", "300"])
+    Path(os.environ["RY_PIDS"]).write_text(str(child.pid))
+    started()
+    time.sleep(0.2)
+    os._exit(3)
+
+@job
+def exiting_leaving():
+    later(exits_leaving_a_child())
+
+@step
 def crashes() -> int:
     started()
     time.sleep(0.2)
@@ -309,3 +321,26 @@ def test_ctrl_c_on_a_terminal_cancels_the_run(
     run = only_run(home)
     assert run.status is RunStatus.CANCELED
     assert Instance(home).storage.get_events(run.run_id, types=[EventType.RUN_FAILURE]) == []
+
+
+def test_what_a_step_that_ended_the_cli_left_running_is_killed_when_observed(
+    home: Path, env: dict[str, str], jobs: Path, procs: list[subprocess.Popen[str]]
+) -> None:
+    p = execute(procs, env, jobs, "exiting_leaving", "--executor", "in_process")
+    assert p.wait(timeout=60) == 3  # not communicate(): the orphan holds the output pipes open
+    child = int(Path(env["RY_PIDS"]).read_text())
+    try:
+        assert not gone(child)  # orphaned when the CLI died: nothing of the CLI could stop it
+        shown = ry(env, "run", "show", only_run(home).run_id, "--json")
+        assert shown.returncode == 0, shown.stderr
+        failure = json.loads(shown.stdout)["failure"]["message"]
+        assert "1 process(es) its steps left running were killed" in failure
+        deadline = time.monotonic() + 5
+        while not gone(child):
+            assert time.monotonic() < deadline, "the orphan still runs"
+            time.sleep(0.02)
+    finally:
+        try:
+            os.kill(child, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

@@ -23,6 +23,10 @@ from .plugin import RunLauncher, WorkerHealth
 from .storage import RunRecord
 
 LAUNCHER = "job_execute"
+# Set in the CLI's environment once its run is recorded, so every process a step starts
+# carries it: if the CLI itself dies (a step's os._exit or crash), its steps' orphans can
+# still be found by the run id, and killed by whoever notices.
+RUN_MARKER = "RUNYARD_EXECUTING_RUN"
 _PR_SET_CHILD_SUBREAPER = 36
 
 
@@ -63,6 +67,23 @@ def descendants(root: int) -> list[int]:
             out.append(child)
             stack.append(child)
     return out
+
+
+def marked(run_id: str) -> list[int]:
+    """Processes of this user whose environment says they belong to run ``run_id``."""
+    needle = f"{RUN_MARKER}={run_id}".encode()
+    found = []
+    me = os.getpid()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == me:
+            continue
+        try:
+            env = Path(f"/proc/{entry}/environ").read_bytes()
+        except OSError:  # gone, or another user's
+            continue
+        if needle in env.split(b"\0"):
+            found.append(int(entry))
+    return found
 
 
 def become_subreaper() -> bool:
@@ -127,10 +148,16 @@ class ExecutingProcess(RunLauncher):
             return WorkerHealth(status="unknown", message=f"the run executes on host {worker['host']}")
         if self._alive(worker):
             return WorkerHealth(status="running")
+        # What the dead CLI's steps started must not run on unnoticed: stop it now.
+        try:
+            left = kill_processes(marked(run.run_id))
+        except OSError:  # no /proc
+            left = []
+        killed = f"; {len(left)} process(es) its steps left running were killed" if left else ""
         return WorkerHealth(
             status="dead",
             message=f"the `runyard job execute` process (pid {worker['pid']}) is gone: it was killed, "
-            "or a step ended the process (os._exit, a crash) with the in_process executor",
+            f"or a step ended the process (os._exit, a crash) with the in_process executor{killed}",
         )
 
     def terminate(self, run: RunRecord, worker: Mapping[str, Any], *, force: bool = False) -> None:
@@ -150,6 +177,7 @@ class ExecutingProcess(RunLauncher):
         except (ProcessLookupError, OSError):
             tree = []
         kill_processes([pid, *tree])
+        kill_processes(marked(run.run_id))  # orphans that escaped the tree
         deadline = time.monotonic() + 5
         while self._alive(worker) and time.monotonic() < deadline:
             time.sleep(0.02)

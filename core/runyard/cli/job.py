@@ -152,6 +152,7 @@ def execute(pointer, job_name, config_path, executor, tags, steps, parent_run_id
                     # This process is the run's worker: whoever looks at the run notices if
                     # it dies, and `runyard run cancel` reaches it (SIGTERM).
                     run_ids.append(ev.run_id)
+                    os.environ[cli_worker.RUN_MARKER] = ev.run_id  # inherited by every step process
                     storage.store_events([Event(
                         type=EventType.RUN_LAUNCHED, run_id=ev.run_id,
                         message="executing in a `runyard job execute` process",
