@@ -18,7 +18,7 @@ from .registry import Kind, PluginRegistry, default_registry
 from .storage import RunStorage
 
 SECTIONS: tuple[Kind, ...] = ("storage", "run_launcher", "executor")
-TOP_LEVEL_KEYS = (*SECTIONS, "outputs")
+TOP_LEVEL_KEYS = (*SECTIONS, "outputs", "step_worker")  # step_worker: see trust.py
 CONFIG_FILE = "runyard.yaml"
 
 
@@ -68,6 +68,8 @@ class Instance:
                 f"(like /shared/runyard-outputs or s3://bucket/prefix), got {type(outputs).__name__}"
             )
         self._outputs_url = outputs
+        # What step workers of this instance accept (runyard.trust.StepWorkerSettings).
+        self.step_worker_config: Any = raw.get("step_worker")
 
     @classmethod
     def from_env(cls, *, registry: PluginRegistry | None = None) -> Instance:

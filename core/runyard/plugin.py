@@ -20,6 +20,20 @@ from .config import EnvVar, resolve
 from .definitions import CodePointer
 from .events import Event, EventType, FailureInfo, FailureKind
 from .storage import RunRecord, RunStatus, RunStorage, StoredEvent
+from .trust import (
+    SIGNING_KEY_ENV,
+    STEP_WORKER_ENV,
+    RequestRefused,
+    WorkerPolicy,
+    configured_signing_key,
+    execute_trusted_step,
+    grant_for_run,
+    load_worker_policy,
+    missing_key_error,
+    new_signing_key,
+    sign_request,
+    verify_request,
+)
 from .worker import StepContext, StepInterrupted, StepTimedOut
 
 if TYPE_CHECKING:
@@ -384,4 +398,17 @@ __all__ = [
     "hookimpl",
     "preload_job",
     "resolve",
+    # Trust: signed step requests and workers' own allowances (runyard.trust, docs/security.md).
+    "RequestRefused",
+    "SIGNING_KEY_ENV",
+    "STEP_WORKER_ENV",
+    "WorkerPolicy",
+    "configured_signing_key",
+    "execute_trusted_step",
+    "grant_for_run",
+    "load_worker_policy",
+    "missing_key_error",
+    "new_signing_key",
+    "sign_request",
+    "verify_request",
 ]
