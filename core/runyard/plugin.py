@@ -32,6 +32,7 @@ from .trust import (
     missing_key_error,
     new_signing_key,
     sign_request,
+    signing_key_at,
     verify_request,
 )
 from .worker import StepContext, StepInterrupted, StepTimedOut
@@ -410,5 +411,6 @@ __all__ = [
     "missing_key_error",
     "new_signing_key",
     "sign_request",
+    "signing_key_at",
     "verify_request",
 ]

@@ -126,8 +126,8 @@ class StepWorkerSettings:
 
     ``code_locations``: directories (or ``.py`` files) and module names whose jobs step
     workers of this instance may load; a path is relative to runyard.yaml's folder.
-    ``output_stores``: the output stores they may read and write (default: this instance's
-    ``outputs``). ``signing_key``: the key step requests are signed with and checked against,
+    ``output_stores``: the output stores they may read and write, each with the folders in it
+    (default: this instance's ``outputs``). ``signing_key``: the key step requests are signed with and checked against,
     on the engine's side and the workers' (default ``{env: RUNYARD_SIGNING_KEY}``).
     """
 
@@ -160,6 +160,14 @@ def configured_signing_key(instance: Instance | None = None) -> bytes | None:
     if text:
         return key_bytes(text, where=f"environment variable {SIGNING_KEY_ENV}")
     return None
+
+
+def signing_key_at(instance_home: str | os.PathLike[str] | None) -> bytes | None:
+    """`configured_signing_key` of the instance at ``instance_home`` (a handler's
+    ``context.instance_home``); without a home, the ``RUNYARD_SIGNING_KEY`` variable only."""
+    from .instance import Instance
+
+    return configured_signing_key(Instance(instance_home) if instance_home is not None else None)
 
 
 def missing_key_error(what: str) -> ConfigError:
@@ -214,6 +222,18 @@ def normalize_store(url: str) -> str:
     if parts.scheme in ("", "file"):
         return str(Path(unquote(parts.path) if parts.scheme else url).expanduser().resolve())
     return url.rstrip("/")
+
+
+def store_within(store: str, root: str) -> bool:
+    """Whether the (normalized) store ``store`` is the allowed store ``root`` or a folder in it."""
+    if store == root:
+        return True
+    if store.startswith("/") != root.startswith("/"):
+        return False
+    if store.startswith("/"):
+        return Path(store).is_relative_to(root)
+    rest = store[len(root):] if store.startswith(root.rstrip("/") + "/") else None
+    return rest is not None and all(p not in ("", ".", "..") for p in rest.strip("/").split("/"))
 
 
 def _check_ref(ref: Any, param: str) -> None:
@@ -287,7 +307,8 @@ class WorkerPolicy:
                 "in its runyard.yaml"
             )
         store = request.output_store
-        if not isinstance(store, str) or normalize_store(store) not in self.output_stores:
+        if not isinstance(store, str) or not any(store_within(normalize_store(store), root)
+                                                 for root in self.output_stores):
             allowed = ", ".join(self.output_stores) or "none"
             raise RequestRefused(
                 f"output store {store!r} is not one of this worker's output stores ({allowed}; from "
