@@ -33,8 +33,8 @@ from runyard.plugin import (
     WorkerPolicy,
     execute_trusted_step,
     load_worker_policy,
+    refusal_event,
 )
-from runyard.trust import refusal_event
 
 from .plugin import STOP_COMMAND, TASK_NAME
 

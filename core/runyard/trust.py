@@ -319,25 +319,20 @@ class WorkerPolicy:
             for ref in [refs] if isinstance(refs, str) else list(refs):
                 _check_ref(ref, param)
 
-    @classmethod
-    def for_run(
-        cls, key: bytes, *, code_pointer: Mapping[str, str], output_store: str, source: str
-    ) -> WorkerPolicy:
-        """The allowance an engine grants the workers it starts itself: its run's code and store."""
-        from .definitions import CodePointer
 
-        pointer = CodePointer.from_dict(code_pointer)
-        if pointer.file:
-            location = CodeLocation(path=Path(pointer.file).resolve().parent)
-        else:
-            location = CodeLocation(module=pointer.module)
-        return cls(code_locations=(location,), output_stores=(normalize_store(output_store),), signing_key=key,
-                   source=source)
+def policy_from_grant(key: bytes, grant: Mapping[str, Any], *, source: str) -> WorkerPolicy:
+    """The policy of a worker the engine started itself, from the allowance it was given
+    (`grant_for_run`): that run's code location and output store, and the run's key."""
+    locations = tuple(CodeLocation.parse(str(t), base=None, where=f"{source}: code_locations")
+                      for t in grant.get("code_locations") or ())
+    stores = tuple(normalize_store(str(s)) for s in grant.get("output_stores") or ())
+    return WorkerPolicy(code_locations=locations, output_stores=stores, signing_key=key, source=source)
 
 
 def grant_for_run(request: StepRequest) -> dict[str, Any]:
-    """JSON of the allowance for the run of ``request`` (see `WorkerPolicy.for_run`), e.g.
-    for the environment variable RUNYARD_STEP_WORKER of a container the engine starts."""
+    """JSON of the allowance an engine gives the workers it starts itself for the run of
+    ``request``: the folder of its job file (or its module) and its output store. E.g. the
+    environment variable RUNYARD_STEP_WORKER of a container the engine starts."""
     pointer = request.code_pointer
     location = str(Path(pointer.file).resolve().parent) if pointer.file else pointer.module
     return {"code_locations": [location], "output_stores": [request.output_store]}
