@@ -12,7 +12,7 @@ from pathlib import Path
 from runyard.definitions import CodePointer
 from runyard.events import Event, EventType, FailureKind
 from runyard.outputs import FileOutputStore
-from runyard.plugin import StepRequest
+from runyard.plugin import StepRequest, sign_request
 
 RUNYARD = str(Path(sys.executable).parent / "runyard")
 
@@ -24,10 +24,15 @@ def _request(store: FileOutputStore, step_key: str, inputs: dict, job_name: str 
     )
 
 
+KEY = "a-key-for-the-protocol-tests-0123456789"
+
+
 def _run(request: StepRequest, via_stdin: bool) -> list[Event]:
-    args = [RUNYARD, "api", "execute-step"] + ([] if via_stdin else [request.to_json()])
-    proc = subprocess.run(args, input=request.to_json() if via_stdin else None,
-                          capture_output=True, text=True, timeout=60)
+    payload = json.dumps(sign_request(request, KEY.encode()))
+    args = [RUNYARD, "api", "execute-step", "--code-location", "runyard.testing",
+            "--output-store", request.output_store] + ([] if via_stdin else [payload])
+    proc = subprocess.run(args, input=payload if via_stdin else None, capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "RUNYARD_SIGNING_KEY": KEY})
     assert proc.returncode == 0, proc.stderr
     return [Event.from_json(line) for line in proc.stdout.splitlines()]
 
