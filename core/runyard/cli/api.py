@@ -49,12 +49,14 @@ def execute_step(request: str | None, stream: bool, code_locations: tuple[str, .
     import json
 
     from ..errors import ConfigError
-    from ..plugin import Event, admit_or_refuse, load_worker_policy
+    from ..plugin import Event, StepRequest, admit_or_refuse, load_worker_policy
     from ..plugin import execute_step as run
 
     raw = request if request is not None else sys.stdin.read()
     try:
         payload = json.loads(raw)
+        # Only its shape is checked here (nothing is loaded): trust is decided below.
+        StepRequest.from_dict({k: v for k, v in payload.items() if k != "signature"})
     except Exception as e:
         raise click.UsageError(f"malformed step request: {type(e).__name__}: {e}") from e
     try:
