@@ -16,13 +16,19 @@ from .app import make_app, set_worker_policy
 from .plugin import CeleryConfig
 
 
-def instance_config(instance: Instance | None = None) -> CeleryConfig:
-    """The celery executor's settings in $RUNYARD_HOME/runyard.yaml, or the defaults."""
+def instance_config(broker: str | None = None, instance: Instance | None = None) -> CeleryConfig:
+    """The celery executor's settings in $RUNYARD_HOME/runyard.yaml, or the defaults with
+    ``broker`` (the --broker option): there is no default broker to fall back on."""
     instance = instance or Instance.from_env()
     selection = instance.sections.get("executor")
     if selection is not None and selection.name == "celery":
         return instance.plugin_config("executor", selection)
-    return CeleryConfig()
+    if broker is None:
+        raise ConfigError(
+            f"{instance.config_source}: executor.celery.broker is not set and no --broker was given: "
+            "say which broker to consume, e.g. --broker redis://127.0.0.1:6379/0, or set executor.celery.broker"
+        )
+    return CeleryConfig(broker=broker)
 
 
 def run_worker(
@@ -39,7 +45,7 @@ def run_worker(
 ) -> None:
     try:
         instance = Instance.from_env()
-        cfg = instance_config(instance)
+        cfg = instance_config(broker, instance)
         modules = [*(resolve(m) or "" for m in cfg.include), *include]
         # Decided here, before anything is received: what this worker will load and read.
         policy = load_worker_policy(

@@ -19,6 +19,7 @@ import pluggy
 from .config import EnvVar, resolve
 from .definitions import CodePointer
 from .events import Event, EventType, FailureInfo, FailureKind
+from .private import make_private_dirs, open_private
 from .storage import RunRecord, RunStatus, RunStorage, StoredEvent
 from .trust import (
     SIGNING_KEY_ENV,
@@ -400,6 +401,8 @@ __all__ = [
     "WorkerHealth",
     "execute_step",
     "hookimpl",
+    "make_private_dirs",
+    "open_private",
     "preload_job",
     "resolve",
     # Trust: signed step requests and workers' own allowances (runyard.trust, docs/security.md).
