@@ -153,3 +153,23 @@ def test_runyard_yaml_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     (home / "runyard.yaml").write_text("step_worker:\n  code_locations: ['not a module']\n")
     with pytest.raises(ConfigError, match="neither a path"):
         load_worker_policy(instance=Instance(home))
+
+
+@pytest.mark.parametrize("changes", [{"inputs": "abc"}, {"code_pointer": {"file": 5}}, {"inputs": {"x": 3}},
+                                     {"output_store": ["a"]}, {"code_pointer": {"module": "os; x"}}])
+def test_requests_of_the_wrong_shape_are_refused_not_crashed(tmp_path: Path, changes: dict[str, Any]) -> None:
+    from runyard.trust import CodeLocation
+
+    policy = WorkerPolicy(code_locations=(CodeLocation(module="runyard.testing"),),
+                          output_stores=(str(tmp_path.resolve()),), signing_key=KEY.encode())
+    body = {**_request(tmp_path).to_dict(), **changes}
+    from runyard.trust import _mac
+
+    with pytest.raises(RequestRefused):
+        policy.admit({**body, "signature": _mac(KEY.encode(), body)})
+
+
+def test_bad_worker_environment_is_a_config_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RUNYARD_STEP_WORKER", '{"code_locations": "/srv/jobs"}')
+    with pytest.raises(ConfigError, match="RUNYARD_STEP_WORKER: code_locations: expected a list of strings"):
+        load_worker_policy(instance=Instance(tmp_path))

@@ -288,7 +288,10 @@ class WorkerPolicy:
                 request = StepRequest.from_dict({k: v for k, v in payload.items() if k != SIGNATURE_FIELD})
             except Exception as e:
                 raise RequestRefused(f"malformed step request: {type(e).__name__}: {e}") from None
-        self.check(request)
+        try:
+            self.check(request)
+        except (TypeError, AttributeError, ValueError) as e:  # fields of the wrong JSON type
+            raise RequestRefused(f"malformed step request: {type(e).__name__}: {e}") from None
         return request
 
     def check(self, request: StepRequest) -> None:
@@ -368,6 +371,10 @@ def load_worker_policy(
             env_data = json.loads(env)
             if not isinstance(env_data, Mapping):
                 raise ValueError("expected a JSON object")
+            for name in ("code_locations", "output_stores"):
+                value = env_data.get(name, [])
+                if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                    raise ValueError(f"{name}: expected a list of strings")
         except ValueError as e:
             raise ConfigError(
                 f"environment variable {STEP_WORKER_ENV}: {e}; expected JSON like "
