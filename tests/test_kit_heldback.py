@@ -10,10 +10,15 @@ listed with the clause they break in `kit_heldback.catalog`).
 Each case runs the kit (`kit_heldback/kit_suite.py`, a plain `ExecutorConformance`
 subclass) against one executor in a pytest subprocess, with the executor registered in
 the kit's throwaway registry. The reference must pass the whole kit; every variant must
-fail at least one kit test. For speed, the kit tests about the variant's clause run
-first, and the rest of the kit only when those pass, so a verdict is always the whole
-kit's. A red variant test means the kit MISSES that defect: it stays red until the kit
-catches it.
+fail it. To keep the suite quick, a variant is run against the kit tests about the
+clause it breaks (its ``focus``, a ``-k`` expression; the whole kit when that selects
+nothing); with ``RUNYARD_HELDBACK_FULL=1`` the rest of the kit runs too when those pass,
+so the verdict is the whole kit's. A red variant test means the kit MISSES that defect:
+it stays red until the kit catches it.
+
+The probes (`kit_heldback/probes.py`) show, without the kit, that each variant really
+breaks its clause and that the reference keeps it: a kit that passes a variant misses
+a real defect.
 
 Every process a run starts carries a token in its environment; whatever a broken variant
 leaves running is killed after its run (found by the token, never by name).
@@ -28,16 +33,19 @@ import sys
 import time
 import uuid
 import xml.etree.ElementTree as ET
+from collections.abc import Iterator
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import pytest
 
+from tests.kit_heldback import plugin, probes
 from tests.kit_heldback.catalog import REFERENCE, VARIANTS, Variant
 
 ROOT = Path(__file__).resolve().parent.parent
 SUITE = Path(__file__).resolve().parent / "kit_heldback" / "kit_suite.py"
 KIT_TIMEOUT = float(os.environ.get("RUNYARD_HELDBACK_KIT_TIMEOUT", "300"))
+FULL_KIT = os.environ.get("RUNYARD_HELDBACK_FULL") == "1"
 TOKEN_VAR = "RUNYARD_HELDBACK_TOKEN"
 
 pytestmark = pytest.mark.slow
@@ -125,6 +133,8 @@ class Verdict(NamedTuple):
 
     def describe(self) -> str:
         lines = []
+        if len(self.runs) == 1:
+            lines.append("(only the kit tests about this clause ran; RUNYARD_HELDBACK_FULL=1 runs the whole kit)")
         for run in self.runs:
             lines.append(f"kit exit {run.exit_code}; failed {sorted(run.failed)}; passed {len(run.passed)}, "
                          f"skipped {len(run.skipped)}; leftover processes killed: {run.leftovers}")
@@ -132,10 +142,13 @@ class Verdict(NamedTuple):
         return "\n".join(lines)
 
 
-def kit_verdict(variant: Variant, tmp_path: Path) -> Verdict:
-    """Whether the whole kit fails ``variant``: its focus tests first, then the others."""
-    runs = []
+def kit_verdict(variant: Variant, tmp_path: Path, *, full: bool = FULL_KIT) -> Verdict:
+    """Whether the kit fails ``variant``: its focus tests first, then (``full``, or when the
+    focus selects no kit test) the others."""
+    runs: list[KitRun] = []
     for select in (variant.focus, f"not ({variant.focus})"):
+        if runs and not full and runs[-1].exit_code == 0:
+            break
         run = run_kit(variant.name, tmp_path, select=select)
         runs.append(run)
         if run.exit_code is None:
@@ -164,3 +177,37 @@ def test_kit_fails_heldback_variant(variant: Variant, tmp_path: Path) -> None:
         f"MISSED: the conformance kit passes held-back variant '{variant.name}': {variant.defect}. "
         f"It breaks: {variant.clause}.\n{verdict.describe()}"
     )
+
+
+# -- the probes: each variant really is broken, the reference is not ---------------------------
+
+
+@pytest.fixture
+def runyard_registry(runyard_registry: Any) -> Any:
+    runyard_registry.register(plugin, name="kit-heldback", distribution="runyard-kit-heldback")
+    return runyard_registry
+
+
+@pytest.fixture
+def probe_env(runyard_instance: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """Step workers import the probe jobs from this repository, and carry a token so that
+    whatever a broken variant leaves running is killed after the probe."""
+    token = uuid.uuid4().hex
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    monkeypatch.setenv(TOKEN_VAR, token)
+    scratch = tmp_path / "probe-scratch"
+    scratch.mkdir()
+    yield lambda variant: probes.ProbeEnv(variant, runyard_instance, scratch)
+    _kill_leftovers(token)
+
+
+@pytest.mark.parametrize("probe", sorted(probes.PROBES))
+def test_reference_keeps_the_contract(probe: str, probe_env: Any) -> None:
+    probes.PROBES[probe](probe_env(REFERENCE))
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=[v.name for v in VARIANTS])
+def test_variant_really_breaks_its_clause(variant: Variant, probe_env: Any) -> None:
+    with pytest.raises(AssertionError) as broken:
+        probes.PROBES[variant.probe](probe_env(variant.name))
+    print(f"{variant.name}: {variant.probe}: {str(broken.value).splitlines()[0]}")
