@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextvars
 import ctypes
+import os
 import queue
 import sys
 import threading
@@ -91,14 +92,34 @@ class _Running:
         self.events: list[Event] | None = None
 
 
-def run_step(request: dict[str, Any], key: str, grace: float = 1.0, start_topic: str | None = None) -> dict[str, Any]:
+def _stop_requested(stop_file: str | None) -> str | None:
+    if stop_file is None or not os.path.exists(stop_file):
+        return None
+    try:
+        with open(stop_file) as f:
+            return f.read().strip() or "canceled"
+    except OSError:
+        return "canceled"
+
+
+def run_step(
+    request: dict[str, Any], key: str, grace: float = 1.0, start_topic: str | None = None,
+    stop_file: str | None = None,
+) -> dict[str, Any]:
     """The Dask task: run one attempt and return ``{"events": [...], "abandoned": bool,
     "interrupted": kind or None}`` (events as dicts).
 
     With ``start_topic``, the task first tells the run's client that it started, as a
     distributed event on that topic (message: ``key``), so the step's timeout counts from
-    here rather than from its submission."""
+    here rather than from its submission.
+
+    With ``stop_file``, the handler asks for a stop by creating that file (holding the
+    kind): the way to reach a step in a process of dask's local ``processes`` scheduler,
+    where the handler's `interrupt` call cannot."""
     req = StepRequest.from_dict(request)
+    early_stop = _stop_requested(stop_file)
+    if early_stop is not None:
+        return {"events": [], "abandoned": False, "interrupted": early_stop}
     with _lock:
         if key in _early:
             kind = _early.pop(key)
@@ -144,8 +165,10 @@ def run_step(request: dict[str, Any], key: str, grace: float = 1.0, start_topic:
     try:
         # An interrupt landing in the step thread's last instructions could skip the wake-up;
         # a thread that is gone needs no waiting for.
-        while not state.wake.wait(0.5) and worker.thread.is_alive():
-            pass
+        while not state.wake.wait(0.05 if stop_file else 0.5) and worker.thread.is_alive():
+            kind = _stop_requested(stop_file)
+            if kind is not None:
+                interrupt(key, kind)
         # Interrupted: give the step `grace` seconds to take the exception and end.
         if state.interrupted is not None:
             state.done.wait(grace)

@@ -138,6 +138,26 @@ class KillsOnlyTheChild(ReferenceHandler):
             os.kill(att.proc.pid, sig)
 
 
+class NoSessionKillsOnlyTheChild(ReferenceHandler):
+    """Starts step processes in the engine's own process group and signals just them."""
+
+    def start(self, att: Attempt) -> None:
+        import subprocess
+        import sys
+
+        from .reference import WORKER
+
+        att.proc = subprocess.Popen([sys.executable, WORKER, str(att.events)], stdin=subprocess.PIPE,
+                                    env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)})
+        assert att.proc.stdin is not None
+        att.proc.stdin.write(att.request.to_json().encode())
+        att.proc.stdin.close()
+
+    def signal_step(self, att: Attempt, sig: int) -> None:
+        if att.proc is not None and att.proc.poll() is None:
+            os.kill(att.proc.pid, sig)
+
+
 class LeavesProcessesAfterTheStep(ReferenceHandler):
     """Does not clean up the step's process group when its process ends."""
 
@@ -187,6 +207,8 @@ MUTANTS: dict[str, tuple[type[ReferenceHandler], str]] = {
                                               "terminate() raises after the step ended"),
     "kit_poll_raises_after_completion": (PollRaisesAfterCompletion, "poll() raises after the step ended"),
     "kit_kills_only_the_child": (KillsOnlyTheChild, "kills only the direct child, leaving its children"),
+    "kit_no_session_kills_only_the_child": (NoSessionKillsOnlyTheChild,
+                                           "no process group of its own; kills the step's process only"),
     "kit_leaves_processes": (LeavesProcessesAfterTheStep, "step processes leaked after the run"),
     "kit_no_sigkill": (NoSigkill, "never escalates SIGTERM to SIGKILL"),
     "kit_wait_ignores_timeout": (WaitIgnoresTimeout, "wait() ignores its timeout"),
