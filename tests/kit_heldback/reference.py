@@ -14,6 +14,7 @@ one decision and nothing else.
 from __future__ import annotations
 
 import collections
+import json
 import os
 import signal
 import subprocess
@@ -24,6 +25,8 @@ from collections.abc import Sequence
 from typing import IO
 
 from runyard.plugin import (
+    SIGNING_KEY_ENV,
+    STEP_WORKER_ENV,
     Event,
     EventType,
     FailureInfo,
@@ -31,6 +34,9 @@ from runyard.plugin import (
     StepHandler,
     StepRequest,
     StepUpdate,
+    grant_for_run,
+    new_signing_key,
+    sign_request,
 )
 
 ENDINGS = (EventType.STEP_SUCCESS, EventType.STEP_FAILURE)
@@ -75,6 +81,9 @@ class ReferenceStepHandler(StepHandler):
     def setup(self) -> None:
         self._attempts: list[Attempt] = []
         self._changed = threading.Event()
+        # Workers refuse unsigned requests (docs/security.md): a key for the workers this
+        # handler starts itself, given to them in their environment with their allowance.
+        self._key = new_signing_key()
 
     # -- launch ---------------------------------------------------------------------------
 
@@ -85,7 +94,8 @@ class ReferenceStepHandler(StepHandler):
         return att
 
     def _command(self, request: StepRequest) -> list[str]:
-        return [sys.executable, "-m", "runyard", "api", "execute-step", "--stream", request.to_json()]
+        payload = json.dumps(sign_request(request, self._key.encode()), separators=(",", ":"))
+        return [sys.executable, "-m", "runyard", "api", "execute-step", "--stream", payload]
 
     def _spawn(self, att: Attempt) -> None:
         proc = subprocess.Popen(
@@ -94,6 +104,8 @@ class ReferenceStepHandler(StepHandler):
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             start_new_session=True,  # its own process group: a stop reaches what the step started
+            env={**os.environ, SIGNING_KEY_ENV: self._key,
+                 STEP_WORKER_ENV: json.dumps(grant_for_run(att.request))},
         )
         with att.proc_lock:
             att.proc = proc
