@@ -140,6 +140,9 @@ def crash_is_failure_with_its_events(env: ProbeEnv) -> None:
     )
     failure = result.failure_for("last_words")
     assert failure is not None and failure.kind is FailureKind.WORKER_LOST, failure
+    # Said by the handler, which knows the exit status (not the engine's fallback for a
+    # success without an output).
+    assert failure.exit_code == 0, f"the failure of a worker that exited 0 does not say so: {failure}"
     said = [e.message for e in result.events_for("last_words") if e.type is EventType.STEP_LOG]
     assert said == ["probe last words"], f"what the step logged before it died was reported as {said}"
     killed = result.failure_for("killed")

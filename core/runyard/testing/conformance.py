@@ -454,8 +454,9 @@ class ExecutorConformance:
             f"a step process that exited 0 without the step returning was recorded as {result.step_states['exit_0']}"
         )
         quit0 = result.failure_for("exit_0")
-        assert quit0 is not None and quit0.kind is FailureKind.WORKER_LOST, (
-            f"a step process exiting with 0 without an ending reported as {quit0}"
+        assert quit0 is not None and quit0.kind is FailureKind.WORKER_LOST and quit0.exit_code == 0, (
+            f"a step process exiting with 0 without an ending reported as {quit0} "
+            "(expected WORKER_LOST with exit_code=0, from the handler)"
         )
         for key in ("exit_3", "exit_0") if self.events_survive_a_crash else ():
             said = [e.message for e in result.events_for(key) if e.type is EventType.STEP_LOG]
