@@ -47,6 +47,7 @@ _POLL_RUNNING = 0.5  # polling interval when every step out is running: their en
 _FAST_FOR = 2.0  # seconds of fast polling after the last change of state
 _INSPECT_TIMEOUT = 3.0  # seconds the workers have to say which queues they consume
 _STOP_CONFIRM = 10.0  # seconds past terminate_grace to wait for a stopped task's end before giving up
+_QUEUED_STOP_CONFIRM = 1.5  # seconds a task stopped while queued must stay unstarted to count as never run
 
 
 class CeleryBrokerError(RunyardError):
@@ -57,7 +58,7 @@ class _Task:
     """The handle of one attempt: its Celery task and what the monitor learnt of it."""
 
     __slots__ = ("request", "task_id", "queue", "sent", "started", "worker", "events", "failure",
-                 "over", "reported", "stop_kind", "stop_at", "silent_since", "expiring", "checking")
+                 "over", "reported", "stop_kind", "stop_at", "stop_sent_to", "silent_since", "expiring", "checking")
 
     def __init__(self, request: StepRequest, task_id: str, queue: str) -> None:
         self.request = request
@@ -72,6 +73,7 @@ class _Task:
         self.reported = False
         self.stop_kind: FailureKind | None = None  # set by terminate
         self.stop_at = 0.0
+        self.stop_sent_to: str | None = None  # the worker the stop went to (None: all, while queued)
         self.silent_since: float | None = None  # its worker stopped answering pings then
         self.expiring = False  # queue_timeout passed: revoked, the failure is being written
         self.checking = False  # queue_timeout passed: asking the workers whether any consumes its queue
@@ -250,13 +252,15 @@ class CeleryStepHandler(StepHandler):
             handle.stop_kind = kind
             handle.stop_at = time.monotonic()
             queued, worker = not handle.started, handle.worker
+            handle.stop_sent_to = worker
         problem = self._stop_remote(handle.task_id, worker)
-        if queued:
-            # Finished whether or not the broker took the revoke: nothing else would end it.
-            message = f"step '{handle.step}' was stopped before a worker started it"
-            if problem:
-                message += f" (revoking its Celery task failed: {problem}; a worker may still run it later)"
+        if queued and problem:
+            # Finished although the broker did not take the revoke: nothing else would end it.
+            message = (f"step '{handle.step}' was stopped before a worker started it (revoking its Celery task "
+                       f"failed: {problem}; a worker may still run it later)")
             self._finish(handle, failure=FailureInfo(kind=kind, message=message))
+        # Otherwise the monitor ends it: once it stayed unstarted (the revoke keeps it so), or
+        # by stopping it on the worker that had started it before the revoke arrived.
         self._kick.set()
 
     def _stop_remote(self, task_id: str, worker: str | None) -> str | None:
@@ -367,7 +371,11 @@ class CeleryStepHandler(StepHandler):
         status = meta["status"] if meta else "PENDING"
         if status == "PENDING":
             if task.stop_kind is not None:
-                return False
+                if now - task.stop_at < _QUEUED_STOP_CONFIRM:
+                    return False
+                self._finish(task, failure=FailureInfo(
+                    kind=task.stop_kind, message=f"step '{task.step}' was stopped before a worker started it"))
+                return True
             limit = self.config.queue_timeout
             if limit is not None and now - task.sent > limit and not task.checking:
                 task.checking = True
@@ -384,6 +392,12 @@ class CeleryStepHandler(StepHandler):
                     task.started = True
                     task.worker = host
                     task.silent_since = None
+            if task.stop_kind is not None and task.stop_sent_to != host:
+                # Stopped while queued, yet a worker had already started it: stop it there.
+                task.stop_sent_to, task.stop_at = host, now
+                threading.Thread(target=self._stop_remote, args=(task.task_id, host), name="runyard-celery-stop",
+                                 daemon=True).start()
+                return False
             if task.stop_kind is not None and now - task.stop_at > self.config.terminate_grace + _STOP_CONFIRM:
                 self._finish(task, failure=FailureInfo(
                     kind=task.stop_kind,
