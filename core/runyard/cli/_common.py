@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from ..config import load_yaml
+from ..config import RunConfig, load_yaml
 from ..definitions import CodePointer
 from ..errors import ConfigError
 
@@ -39,14 +39,15 @@ def parse_tags(values: tuple[str, ...]) -> dict[str, str]:
 
 
 def load_run_config(path: str | None) -> dict[str, Any]:
+    """The run config file at ``path`` (a `RunConfig`: errors in it name the file)."""
     if not path:
         return {}
     data = load_yaml(Path(path))
     if data is None:
-        return {}
+        return RunConfig({}, source=path)
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level of the run config")
-    return data
+    return RunConfig(data, source=path)
 
 
 def echo_json(data: Any) -> None:

@@ -38,7 +38,7 @@ def run() -> None:
 def _instance() -> Instance:
     from ..instance import Instance
 
-    return Instance.from_env()
+    return Instance.from_env(validate=True)
 
 
 def _checked(instance: Instance, run_id: str) -> RunRecord:
