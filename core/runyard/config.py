@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import functools
 import os
+import re
 import typing
 from collections.abc import Mapping
 from pathlib import Path
@@ -182,7 +183,22 @@ def structure(data: Any, cls: type[T], *, source: str, path: str) -> T:
         problems = _problems(e, path)
     except (TypeError, ValueError) as e:  # attrs validators
         problems = [f"{path}: {e}"]
-    raise ConfigError("\n".join(f"{source}: {p}" for p in problems))
+    raise ConfigError("\n".join(f"{source}: {p}" for p in _without_implied(problems)))
+
+
+_SUGGESTED = re.compile(r"^(?P<path>.*): unknown key '[^']*'; did you mean '(?P<key>[^']*)'\?")
+
+
+def _without_implied(problems: list[str]) -> list[str]:
+    """Drop "required key 'image' is missing" when the same mapping has a near miss of it
+    ('imgae'): the suggestion says it all, in one line."""
+    implied = set()
+    for p in problems:
+        m = _SUGGESTED.match(p)
+        if m:
+            key = m["key"]
+            implied.add(f"{m['path']}.{key}: required key '{key}' is missing")
+    return [p for p in problems if p not in implied]
 
 
 def locate_env_refs(obj: T, *, source: str, path: str) -> T:

@@ -121,7 +121,7 @@ class MultiprocessStepHandler(StepHandler):
         method = resolve(self.config.start_method)
         if method not in START_METHODS:
             raise ConfigError(
-                f"executor setting start_method: expected one of {', '.join(START_METHODS)}, got {method!r}"
+                f"{self.context.where('start_method')}: expected one of {', '.join(START_METHODS)}, got {method!r}"
             )
         self.method = method
         self._lock = threading.Lock()
@@ -178,6 +178,8 @@ class MultiprocessStepHandler(StepHandler):
         self._backend.wait(timeout)
 
     def teardown(self) -> None:
+        if not hasattr(self, "_backend"):
+            return  # setup raised before it started anything (and released what it took)
         try:
             self._backend.close()
         finally:
