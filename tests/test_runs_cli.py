@@ -368,7 +368,8 @@ def test_config_explain_run_config_and_defaults(home: Path, tmp_path: Path) -> N
     section = "executor.multi_or_in_process"
     assert plain["executor"]["settings"][:4] == [
         {"key": "max_concurrent", "value": None, "source": "default", "path": f"{section}.max_concurrent"},
-        {"key": "tag_concurrency_limits", "value": [], "source": "default", "path": f"{section}.tag_concurrency_limits"},
+        {"key": "tag_concurrency_limits", "value": [], "source": "default",
+         "path": f"{section}.tag_concurrency_limits"},
         {"key": "start_method", "value": "forkserver", "source": "default", "path": f"{section}.start_method"},
         {"key": "terminate_grace", "value": 5.0, "source": "default", "path": f"{section}.terminate_grace"},
     ]
