@@ -15,7 +15,8 @@ if TYPE_CHECKING:
 
 
 def create_sqlite_storage(config: SqliteConfig, home: Path) -> SqliteRunStorage:
-    return SqliteRunStorage(resolve(config.path) or home / "runyard.db")
+    # A relative path is relative to the instance folder (where runyard.yaml is), not the cwd.
+    return SqliteRunStorage(home / Path(resolve(config.path) or "runyard.db").expanduser())
 
 
 def create_postgres_storage(config: PostgresConfig, home: Path) -> PostgresRunStorage:
@@ -31,5 +32,9 @@ def create_postgres_storage(config: PostgresConfig, home: Path) -> PostgresRunSt
             f"or cannot load ({e}): pip install \"runyard[postgres]\""
         ) from None
     return PostgresRunStorage(
-        config.url, connect_timeout=config.connect_timeout, schema=resolve(config.schema), name="postgres"
+        config.url,
+        connect_timeout=config.connect_timeout,
+        schema=resolve(config.schema),
+        name="postgres",
+        reconnect_timeout=config.reconnect_timeout,
     )

@@ -10,9 +10,10 @@ from typing import Any
 
 import click
 
-from ..config import RunConfig, load_yaml
+from ..config import RunConfig
 from ..definitions import CodePointer
 from ..errors import ConfigError
+from ..yamlfile import load_yaml_file
 
 
 def code_pointer_options(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -42,7 +43,7 @@ def load_run_config(path: str | None) -> dict[str, Any]:
     """The run config file at ``path`` (a `RunConfig`: errors in it name the file)."""
     if not path:
         return {}
-    data = load_yaml(Path(path))
+    data = load_yaml_file(Path(path), what="run config")
     if data is None:
         return RunConfig({}, source=path)
     if not isinstance(data, dict):
