@@ -264,6 +264,8 @@ def test_run_list_and_show_json_shapes(home: Path, tmp_path: Path) -> None:
     assert data["run_id"] == second and data["status"] == "FAILURE"
     assert data["failure"] == {"message": "step(s) failed: boom"}
     assert data["launcher"] == "default" and isinstance(data["worker"]["pid"], int)
+    assert data["resolution"]["executor"]["name"] == "multi_or_in_process"
+    assert data["resolution"]["run_launcher"]["name"] == "default"
     assert data["steps"]["emit"] == {"state": "success", "attempts": 1, "failure": None}
     assert data["steps"]["after"] == {"state": "skipped", "attempts": 0, "failure": None}
     boom = data["steps"]["boom"]
