@@ -178,8 +178,6 @@ class MultiprocessStepHandler(StepHandler):
         self._backend.wait(timeout)
 
     def teardown(self) -> None:
-        if not hasattr(self, "_backend"):
-            return  # setup raised before it started anything (and released what it took)
         try:
             self._backend.close()
         finally:
