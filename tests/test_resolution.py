@@ -321,6 +321,17 @@ def test_typo_in_run_launcher_section_fails_job_execute(home: Path, tmp_path: Pa
     assert not (home / "runyard.db").exists() or Instance(home).storage.list_runs() == []
 
 
+def test_typo_in_the_step_worker_section_fails_job_execute(home: Path, tmp_path: Path) -> None:
+    f = write(tmp_path / "solo.py", TWO_STEPS)
+    cfg = _yaml(home, {"step_worker": {"code_locatons": [str(tmp_path)]}})
+    proc = ry(home, "job", "execute", "-f", str(f))
+    assert proc.returncode == 2, proc
+    (line,) = proc.stderr.splitlines()
+    assert line.startswith(
+        f"error: {cfg}: step_worker: unknown key 'code_locatons'; did you mean 'code_locations'? (allowed keys: "
+    ), line
+
+
 def test_typo_in_a_launcher_setting_fails_every_command(home: Path, tmp_path: Path) -> None:
     pytest.importorskip("runyard_docker", reason="the docker plugin is part of this workspace")
     f = write(tmp_path / "solo.py", TWO_STEPS)
