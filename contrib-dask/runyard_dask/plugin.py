@@ -89,14 +89,34 @@ class DaskConfig(ExecutorConfig):
             )
         if self.local_scheduler is not None and self.client_kwargs:
             raise ValueError("client_kwargs: there is no distributed client with local_scheduler; remove it")
-        if self.local_scheduler == "synchronous":
-            # The synchronous scheduler runs one task at a time in the calling thread.
-            if self.max_concurrent not in (None, 1):
-                raise ValueError(
-                    f"max_concurrent: local_scheduler 'synchronous' runs one step at a time, got "
-                    f"max_concurrent={self.max_concurrent}; remove max_concurrent or use local_scheduler 'threads'"
-                )
-            object.__setattr__(self, "max_concurrent", 1)
+        # The synchronous scheduler runs one task at a time in the calling thread (its
+        # capabilities, below, lower an unset max_concurrent to 1).
+        if self.local_scheduler == "synchronous" and self.max_concurrent not in (None, 1):
+            raise ValueError(
+                f"max_concurrent: local_scheduler 'synchronous' runs one step at a time, got "
+                f"max_concurrent={self.max_concurrent}; remove max_concurrent or use local_scheduler 'threads'"
+            )
+
+
+CAPABILITIES = Capabilities(
+    # The engine records the timeout or cancel at once and the Dask future is
+    # canceled; the step itself is interrupted where Python allows (see the docs).
+    enforces_timeouts=True,
+    can_terminate=True,
+    # dask/resources (and runyard/resources) become Dask worker resources.
+    supports_resources=True,
+    max_concurrency=None,
+    needs_shared_outputs=True,
+    # A step's task tells the run when it starts on a worker (a distributed event),
+    # so its timeout does not count the time it waited in Dask's queue.
+    reports_start=True,
+)
+
+
+def capabilities_for(config: DaskConfig) -> Capabilities:
+    if config.local_scheduler == "synchronous":
+        return attrs.evolve(CAPABILITIES, max_concurrency=1)
+    return CAPABILITIES
 
 
 @hookimpl
@@ -107,19 +127,8 @@ def runyard_executors() -> list[ExecutorSpec]:
             api_version=1,
             handler="runyard_dask.handler:DaskStepHandler",
             config=DaskConfig,
-            capabilities=Capabilities(
-                # The engine records the timeout or cancel at once and the Dask future is
-                # canceled; the step itself is interrupted where Python allows (see the docs).
-                enforces_timeouts=True,
-                can_terminate=True,
-                # dask/resources (and runyard/resources) become Dask worker resources.
-                supports_resources=True,
-                max_concurrency=None,
-                needs_shared_outputs=True,
-                # A step's task tells the run when it starts on a worker (a distributed event),
-                # so its timeout does not count the time it waited in Dask's queue.
-                reports_start=True,
-            ),
+            capabilities=CAPABILITIES,
+            capabilities_for=capabilities_for,
             description="Each step as a task on a Dask cluster (or dask's local schedulers).",
             extra="dask",
             # Steps in flight at once; Dask queues them on its workers' threads.

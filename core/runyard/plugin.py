@@ -126,12 +126,25 @@ class ExecutorSpec(PluginSpec):
     ``handler`` is the import string (``"package.module:Class"``) of a `StepHandler`
     subclass, imported only when a run uses this executor, so registering and
     validating config never import the backend's dependencies.
+
+    ``capabilities`` are what the handler can honour. When they depend on settings (a mode
+    that runs one step at a time), give ``capabilities_for``: a function of the structured
+    config returning them (it runs when a run is resolved, in the launching process, so
+    it must not import the backend). A ``max_concurrency`` it returns that is lower than
+    the spec's own lowers the run's ``max_concurrent`` rather than rejecting it: another
+    setting decided it. Reject a contradiction in your config class's validation instead,
+    if you prefer an error.
     """
 
     handler: str
     config: type[ExecutorConfig] = ExecutorConfig
     capabilities: Capabilities = Capabilities()
+    capabilities_for: Callable[[Any], Capabilities] | None = None
     default_max_concurrent: int | None = None  # None: the number of CPUs
+
+    def capabilities_of(self, config: ExecutorConfig) -> Capabilities:
+        """The capabilities of a run with ``config``."""
+        return self.capabilities_for(config) if self.capabilities_for is not None else self.capabilities
 
 
 @attrs.frozen(kw_only=True)
@@ -283,12 +296,31 @@ class StepUpdate:
 
 @attrs.frozen(kw_only=True)
 class HandlerContext:
-    """What a step handler is told about the run it serves."""
+    """What a step handler is told about the run it serves.
+
+    ``max_concurrent`` is the run's resolved limit, the same number as the handler's
+    ``config.max_concurrent`` (the engine never has more steps running than that).
+    ``config_source`` and ``config_path`` say where the executor's settings were written
+    (a file or another layer, and the key path of the section there: ``executor.dask``
+    in runyard.yaml, ``execution.dask`` in a run config); ``setting_sources`` maps each
+    setting a layer gave to ``source: key.path``. Use `where` in error messages.
+    """
 
     run_id: str
     instance_home: str | None
     output_store: str
     max_concurrent: int
+    config_source: str = ""
+    config_path: str = ""
+    setting_sources: Mapping[str, str] = attrs.field(factory=dict)
+
+    def where(self, key: str | None = None) -> str:
+        """``source: key.path`` of the executor's section, or of its setting ``key``
+        (``/srv/runyard/runyard.yaml: executor.dask.queue_timeout``)."""
+        if key is not None and key in self.setting_sources:
+            return self.setting_sources[key]
+        path = self.config_path if key is None else f"{self.config_path}.{key}" if self.config_path else key
+        return f"{self.config_source}: {path}" if self.config_source else path
 
 
 class StepHandler:
@@ -299,7 +331,10 @@ class StepHandler:
     engine's thread except `terminate`, which a cancellation may call from another thread.
     """
 
-    capabilities: ClassVar[Capabilities | None] = None  # overrides the spec's, when set
+    # Not used: a run's capabilities are resolved once, at launch, from the spec
+    # (`ExecutorSpec.capabilities` / `capabilities_for`). A handler class that sets this to
+    # anything else is reported when a run uses it.
+    capabilities: ClassVar[Capabilities | None] = None
 
     def __init__(self, config: ExecutorConfig, context: HandlerContext) -> None:
         self.config = config

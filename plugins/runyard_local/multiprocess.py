@@ -121,7 +121,7 @@ class MultiprocessStepHandler(StepHandler):
         method = resolve(self.config.start_method)
         if method not in START_METHODS:
             raise ConfigError(
-                f"executor setting start_method: expected one of {', '.join(START_METHODS)}, got {method!r}"
+                f"{self.context.where('start_method')}: expected one of {', '.join(START_METHODS)}, got {method!r}"
             )
         self.method = method
         self._lock = threading.Lock()
@@ -666,15 +666,17 @@ class MultiOrInProcessStepHandler(StepHandler):
     Both modes enforce timeouts and can terminate steps. The spec declares shared outputs
     for both (in_process works with them too, and a job debugged in_process then fails the
     same way with an output that cannot be pickled); in_process mode runs one step at a
-    time because its config pins ``max_concurrent`` to 1.
+    time: its capabilities (the spec's ``capabilities_for``) lower ``max_concurrent`` to 1.
     """
 
     config: MultiOrInProcessConfig
 
     def __init__(self, config: MultiOrInProcessConfig, context: HandlerContext) -> None:
         super().__init__(config, context)
-        impl: type[StepHandler] = InProcessStepHandler if config.mode == "in_process" else MultiprocessStepHandler
-        self.delegate = impl(config, context)
+        impl: type[StepHandler] = (
+            InProcessStepHandler if config.selected_mode() == "in_process" else MultiprocessStepHandler
+        )
+        self.delegate = impl(config.delegate_config(), context)
 
     def setup(self) -> None:
         self.delegate.setup()
