@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 from runyard import Cancellation, CodePointer, ConfigError, EventType, FailureKind, RunStatus, execute_job
-from runyard.instance import Instance
-from runyard.loader import load_job
+from runyard import Instance
+from runyard.plugin import preload_job
 from runyard_dask.handler import dask_key, parse_resources
 
 from .conftest import CliCluster, free_port, write_job
@@ -148,8 +148,7 @@ def jobs_file(tmp_path: Path) -> Path:
 
 
 def load(path: Path, name: str) -> Any:
-    job, _ = load_job(CodePointer(file=str(path)), name)
-    return job
+    return preload_job(CodePointer(file=str(path)), name)
 
 
 def run(instance: Instance, job: Any, cfg: dict[str, Any], run_config: dict[str, Any] | None = None, **kw: Any) -> Any:
@@ -628,8 +627,8 @@ def test_local_scheduler_does_not_import_distributed(tmp_path: Path, scheduler: 
     code = (
         "import os, sys\n"
         "from runyard import CodePointer, execute_job\n"
-        "from runyard.loader import load_job\n"
-        f"job, _ = load_job(CodePointer(file={str(path)!r}), 'chain')\n"
+        "from runyard.plugin import preload_job\n"
+        f"job = preload_job(CodePointer(file={str(path)!r}), 'chain')\n"
         f"rc = {{'execution': {{'dask': {{'local_scheduler': {scheduler!r}}}}}}}\n"
         "r = execute_job(job, executor='dask', run_config=rc)\n"
         "assert r.success, r.events\n"

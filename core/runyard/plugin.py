@@ -373,6 +373,13 @@ def preload_job(code_pointer: CodePointer, job_name: str, *, reload: bool = Fals
     return load_job_cached(code_pointer, job_name, reload=reload)
 
 
+def preload_step_worker() -> None:
+    """Import now everything `execute_step` needs (the step worker, the job loader, the
+    output stores), so that processes forked from this one later (a fork server's step
+    processes) start with it loaded rather than importing it in every step."""
+    from . import loader, outputs, worker  # noqa: F401
+
+
 # Run storages shipped with runyard, for plugins that wrap or register them. Loaded on
 # first use: the PostgreSQL one imports psycopg (``pip install "runyard[postgres]"``).
 _LAZY_STORAGES = {"SqliteRunStorage": ".storage.sqlite", "PostgresRunStorage": ".storage.postgres"}
@@ -384,9 +391,9 @@ def __getattr__(name: str) -> Any:
         raise AttributeError(f"module 'runyard.plugin' has no attribute '{name}'")
     import importlib
 
-    value = getattr(importlib.import_module(module, __package__), name)
-    globals()[name] = value  # later lookups skip __getattr__
-    return value
+    # Not cached here: sys.modules caches the module, and a driver that cannot load keeps
+    # raising ImportError rather than handing out a class imported before.
+    return getattr(importlib.import_module(module, __package__), name)
 
 
 __all__ = [
@@ -437,6 +444,7 @@ __all__ = [
     "one_of",
     "parse_resources_tag",
     "preload_job",
+    "preload_step_worker",
     "reap_group_leader",
     "resolve",
     "signal_name",

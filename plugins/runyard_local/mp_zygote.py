@@ -386,9 +386,9 @@ def _serve(sock: socket.socket, parent: int, done_fd: int, *, forked: bool = Fal
     mp_os.become_subreaper()
     mp_os.die_with_parent(signal.SIGTERM, parent)
     # Everything a step process needs from runyard, imported once before any fork.
-    import runyard.loader  # noqa: F401
-    import runyard.plugin  # noqa: F401
-    import runyard.worker  # noqa: F401
+    from runyard.plugin import preload_step_worker
+
+    preload_step_worker()
 
     from . import mp_child  # noqa: F401
 

@@ -169,6 +169,7 @@ def runyard_storages() -> list[StorageSpec]:
             name="sqlite",
             api_version=API_VERSION,
             storage="runyard_local.storages:create_sqlite_storage",
+            location="runyard_local.storages:locate_sqlite_storage",
             config=SqliteConfig,
             description="SQLite database under $RUNYARD_HOME (WAL; safe for several processes).",
         )

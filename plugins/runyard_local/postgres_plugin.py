@@ -31,6 +31,7 @@ def runyard_storages() -> list[StorageSpec]:
             name="postgres",
             api_version=API_VERSION,
             storage="runyard_local.storages:create_postgres_storage",
+            location="runyard_local.storages:locate_postgres_storage",
             config=PostgresConfig,
             extra="postgres",
             description="PostgreSQL database, shared by run workers in containers, pods or on other machines.",
