@@ -22,7 +22,7 @@ from celery.worker.control import control_command, ok
 from runyard import ConfigError
 from runyard.plugin import StepInterrupted, StepRequest, execute_step
 
-from .plugin import STOP_COMMAND, TASK_NAME
+from .settings import STOP_COMMAND, TASK_NAME
 
 JSON_ONLY = {
     "task_serializer": "json",

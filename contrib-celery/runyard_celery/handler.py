@@ -36,7 +36,7 @@ from runyard.plugin import (
 )
 
 from .app import broker_priority, make_app
-from .plugin import PRIORITY_TAG, QUEUE_TAG, STOP_COMMAND, TASK_NAME, CeleryConfig
+from .settings import PRIORITY_TAG, QUEUE_TAG, STOP_COMMAND, TASK_NAME, CeleryConfig
 
 _POLL_MIN, _POLL_MAX = 0.001, 0.02  # backend polling interval bounds while steps are out, seconds
 _PING_EVERY = 2.0  # seconds between liveness pings of the workers running steps

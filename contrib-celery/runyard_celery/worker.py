@@ -12,7 +12,7 @@ from runyard import ConfigError, Instance
 from runyard.plugin import resolve
 
 from .app import make_app
-from .plugin import CeleryConfig
+from .settings import CeleryConfig
 
 
 def instance_config() -> CeleryConfig:

@@ -15,7 +15,6 @@ thread back to Dask, leaving the step's thread to end in the background.
 from __future__ import annotations
 
 import contextvars
-import ctypes
 import queue
 import sys
 import threading
@@ -23,12 +22,13 @@ from collections.abc import Callable
 from typing import Any
 
 from runyard.plugin import (
+    STEP_TERMINAL,
     Event,
-    EventType,
     StepInterrupted,
     StepRequest,
     StepTimedOut,
     execute_step,
+    interrupt_thread,
     preload_job,
 )
 
@@ -194,7 +194,7 @@ def interrupt(key: str, kind: str) -> bool:
             exc = StepTimedOut if kind == "timeout" else StepInterrupted
             ident = state.worker.thread.ident
             if ident is not None:
-                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident), ctypes.py_object(exc))
+                interrupt_thread(ident, exc)
     state.wake.set()
     return True
 
@@ -204,7 +204,7 @@ def events_from(result: dict[str, Any]) -> list[Event]:
 
 
 def is_terminal(events: list[Event]) -> bool:
-    return bool(events) and events[-1].type in (EventType.STEP_SUCCESS, EventType.STEP_FAILURE)
+    return bool(events) and events[-1].type in STEP_TERMINAL
 
 
 async def interrupt_on_worker(key: str, kind: str) -> bool:

@@ -15,8 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from runyard import Cancellation, CodePointer, ConfigError, EventType, FailureKind, RunStatus, execute_job
-from runyard import Instance
+from runyard import Cancellation, CodePointer, ConfigError, EventType, FailureKind, Instance, RunStatus, execute_job
 from runyard.plugin import preload_job
 from runyard_dask.handler import dask_key, parse_resources
 
@@ -211,7 +210,7 @@ def test_resource_tag_forms() -> None:
     assert parse_resources("s", {"runyard/resources": "GPU=1", "dask/resources": "GPU=2"}) == {"GPU": 2.0}
     assert parse_resources("s", {"other": "x"}) == {}
     for bad in ("GPU", "{'GPU': 'one'}", "GPU=-1", "{}"):
-        with pytest.raises(ValueError, match=r"step 's': tag 'dask/resources' = .* is not a resource mapping"):
+        with pytest.raises(ConfigError, match=r"step 's': tag 'dask/resources' = .* is not a resource mapping"):
             parse_resources("s", {"dask/resources": bad})
 
 

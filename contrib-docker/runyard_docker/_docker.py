@@ -6,7 +6,6 @@ Imports the docker SDK: imported only by `executor`, `launcher` and the CLI comm
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import threading
@@ -19,9 +18,9 @@ import docker
 import docker.errors
 import docker.models.containers
 from runyard import ConfigError
-from runyard.plugin import EnvVar, resolve
+from runyard.plugin import RESOURCES_TAG, EnvVar, parse_resources_tag, resolve
 
-from .plugin import (
+from .settings import (
     CLEANUP_POLICIES,
     LABEL_INSTANCE,
     LABEL_KIND,
@@ -298,23 +297,12 @@ def limits(memory: str | None, cpus: float | None) -> dict[str, Any]:
     return out
 
 
-def parse_resources(raw: str, where: str) -> dict[str, Any]:
-    """The ``runyard/resources`` tag: JSON (``{"memory": "64m", "cpus": 0.5}``) or
-    ``memory=64m,cpus=0.5``."""
-    raw = raw.strip()
-    data: dict[str, Any]
-    if raw.startswith("{"):
-        try:
-            data = json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{where}: malformed JSON: {e}") from None
-    else:
-        data = {}
-        for part in filter(None, (p.strip() for p in raw.split(","))):
-            key, eq, value = part.partition("=")
-            if not eq:
-                raise ConfigError(f"{where}: {part!r} is not KEY=VALUE (keys: memory, cpus)")
-            data[key.strip()] = value.strip()
+def parse_resources(raw: str, step_key: str) -> dict[str, Any]:
+    """The ``runyard/resources`` tag, in runyard's one grammar (a dict, JSON or
+    ``memory=64m,cpus=0.5``: `runyard.plugin.parse_resources_tag`); the docker executor
+    knows ``memory`` and ``cpus``."""
+    where = f"step '{step_key}': tag '{RESOURCES_TAG}'"
+    data = parse_resources_tag(raw, step_key=step_key)
     out: dict[str, Any] = {}
     for key, value in data.items():
         if key == "memory":

@@ -21,11 +21,9 @@ def failure_from_exception(
     message: str | None = None,
     with_traceback: bool = True,
 ) -> FailureInfo:
-    """A `FailureInfo` describing ``error``: its class name, its traceback (when it has one)
-    and ``message`` (default ``"ValueError: the text"``)."""
-    tb = None
-    if with_traceback and error.__traceback__ is not None:
-        tb = "".join(_traceback.format_exception(error))
+    """A `FailureInfo` describing ``error``: its class name, its formatted traceback (unless
+    ``with_traceback=False``) and ``message`` (default ``"ValueError: the text"``)."""
+    tb = "".join(_traceback.format_exception(error)) if with_traceback else None
     return FailureInfo(
         kind=kind,
         message=message if message is not None else f"{type(error).__name__}: {error}",

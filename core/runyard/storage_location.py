@@ -17,7 +17,8 @@ if TYPE_CHECKING:
 class StorageLocation:
     """Where a run storage lives.
 
-    ``name``: the storage's name in ``runyard.yaml`` (``sqlite``, ``postgres``).
+    ``name``: the storage's name in ``runyard.yaml`` (``sqlite``, ``postgres``);
+    ``label`` what messages call it (``SQLite``; default: ``name``).
     ``path``: a file on this machine (SQLite): a run worker elsewhere needs that path.
     ``host``: a database server's host name or address, or a unix-socket directory
     (starting with ``/``); ``port`` its port when known.
@@ -25,6 +26,7 @@ class StorageLocation:
     """
 
     name: str
+    label: str = attrs.field(default=attrs.Factory(lambda self: self.name, takes_self=True))
     path: Path | None = None
     host: str | None = None
     port: int | None = None

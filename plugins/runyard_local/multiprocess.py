@@ -46,6 +46,7 @@ from typing import Any
 import attrs
 from runyard import ConfigError
 from runyard.plugin import (
+    STEP_TERMINAL,
     Event,
     EventType,
     FailureInfo,
@@ -64,7 +65,6 @@ from .plugin import START_METHODS, MultiOrInProcessConfig, MultiprocessConfig
 _MAX_CAPTURE = 8 << 20  # bytes of each of stdout and stderr stored per attempt
 _TAIL_CHARS = 1500  # of stderr, quoted in the failure of a process that died
 _HOST = socket.gethostname()
-_ENDINGS = (EventType.STEP_SUCCESS, EventType.STEP_FAILURE)
 
 _HINT = (
     "The multiprocess executor runs each step in a process of its own, which loads the job "
@@ -190,8 +190,8 @@ class MultiprocessStepHandler(StepHandler):
         if att.failure is not None:
             return StepUpdate.crashed(att.failure, self._captured(att, time.time()))
         events = _read_events(att.events)
-        ends = [i for i, ev in enumerate(events) if ev.type in _ENDINGS or ev.type is EventType.STEP_OUTPUT]
-        if ends and events[ends[-1]].type in _ENDINGS:
+        ends = [i for i, ev in enumerate(events) if ev.type in STEP_TERMINAL or ev.type is EventType.STEP_OUTPUT]
+        if ends and events[ends[-1]].type in STEP_TERMINAL:
             end = ends[-1]
             failure = events[end].failure
             if failure is not None and failure.kind is FailureKind.NOT_STARTED:

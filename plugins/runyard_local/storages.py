@@ -27,7 +27,7 @@ def create_sqlite_storage(config: SqliteConfig, home: Path) -> RunStorage:
 
 
 def locate_sqlite_storage(config: SqliteConfig, home: Path) -> StorageLocation:
-    return StorageLocation(name="sqlite", path=_sqlite_path(config, home).resolve())
+    return StorageLocation(name="sqlite", label="SQLite", path=_sqlite_path(config, home).resolve())
 
 
 def create_postgres_storage(config: PostgresConfig, home: Path) -> RunStorage:
@@ -50,9 +50,9 @@ def locate_postgres_storage(config: PostgresConfig, home: Path) -> StorageLocati
     try:
         url = str(resolve(config.url) or "")
     except ConfigError:
-        return StorageLocation(name="postgres")  # an unset {env: NAME}: whoever opens it says so
+        return StorageLocation(name="postgres", label="PostgreSQL")  # an unset {env: NAME}: whoever opens it says so
     host, port = _pg_host_port(url)
-    return StorageLocation(name="postgres", host=host, port=port)
+    return StorageLocation(name="postgres", label="PostgreSQL", host=host, port=port)
 
 
 def _pg_host_port(url: str) -> tuple[str, int | None]:
