@@ -32,6 +32,7 @@ from runyard.plugin import (
     StepHandler,
     StepRequest,
     StepUpdate,
+    error_class_name,
     resolve,
 )
 
@@ -407,9 +408,9 @@ class CeleryStepHandler(StepHandler):
         exc = meta.get("result")
         if isinstance(exc, dict):  # an exception Celery could not rebuild here
             name, text = str(exc.get("exc_type")), str(exc.get("exc_message"))
-            module = str(exc.get("exc_module"))
+            error_class = f"{exc.get('exc_module')}.{name}"
         else:
-            name, text, module = type(exc).__name__, str(exc), type(exc).__module__
+            name, text, error_class = type(exc).__name__, str(exc), error_class_name(exc)
         where = f" on worker {task.worker}" if task.worker else ""
         if task.stop_kind is not None:
             return FailureInfo(kind=task.stop_kind, message=f"step '{task.step}' was stopped{where}")
@@ -419,7 +420,7 @@ class CeleryStepHandler(StepHandler):
             return FailureInfo(
                 kind=FailureKind.WORKER_LOST,
                 message=f"step '{task.step}': the Celery pool process running it died{where}: {text}",
-                error_class=f"{module}.{name}",
+                error_class=error_class,
                 signal=int(sig.group(1)) if sig else None,
                 exit_code=int(code.group(1)) if code else None,
             )
@@ -427,12 +428,12 @@ class CeleryStepHandler(StepHandler):
             return FailureInfo(
                 kind=FailureKind.TIMEOUT,
                 message=f"step '{task.step}' was killed by Celery's hard time limit{where}: {text}",
-                error_class=f"{module}.{name}",
+                error_class=error_class,
             )
         return FailureInfo(
             kind=FailureKind.ERROR,
             message=f"step '{task.step}': the Celery task failed{where}: {name}: {text}",
-            error_class=f"{module}.{name}",
+            error_class=error_class,
             traceback=meta.get("traceback"),
         )
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import attrs
-from runyard.plugin import ExecutorConfig
+from runyard.plugin import ExecutorConfig, above
 
 LOCAL_SCHEDULERS = ("threads", "processes", "synchronous")
 DEFAULT_CLUSTER_CLASS = "distributed.LocalCluster"
@@ -20,9 +20,7 @@ def _local_scheduler(_: Any, attribute: attrs.Attribute, value: Any) -> None:
         )
 
 
-def _positive(_: Any, attribute: attrs.Attribute, value: float) -> None:
-    if not value > 0:
-        raise ValueError(f"{attribute.name}: expected a number of seconds above 0, got {value!r}")
+_positive = above(0, what="a number of seconds")
 
 
 def _import_path(_: Any, attribute: attrs.Attribute, value: Any) -> None:

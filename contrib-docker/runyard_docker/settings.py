@@ -9,7 +9,7 @@ import re
 from typing import Any
 
 import attrs
-from runyard.plugin import EnvVar, ExecutorConfig
+from runyard.plugin import EnvVar, ExecutorConfig, one_of
 
 PULL_POLICIES = ("never", "if_not_present", "always")
 CLEANUP_POLICIES = ("always", "on_success", "never")
@@ -66,11 +66,7 @@ _EXCLUSIVE_MODES = (
 
 
 def _one_of(choices: tuple[str, ...]) -> Any:
-    def check(_: Any, attribute: attrs.Attribute, value: Any) -> None:
-        if isinstance(value, str) and value not in choices:
-            raise ValueError(f"{attribute.name}: expected one of {', '.join(choices)}, got {value!r}")
-
-    return check
+    return one_of(*choices)
 
 
 def check_env_item(index: int, item: Any) -> None:

@@ -157,12 +157,14 @@ class ForkServer:
         return True
 
     def not_started(self, id: str, e: BaseException) -> None:
+        from runyard.plugin import error_class_name
+
         self.send(
             {
                 "op": "not_started",
                 "id": id,
                 "message": f"{type(e).__name__}: {e}",
-                "error_class": f"{type(e).__module__}.{type(e).__qualname__}",
+                "error_class": error_class_name(e),
                 "traceback": traceback.format_exc(),
             }
         )

@@ -4,12 +4,9 @@ imported only when the storage is opened (``pip install "runyard[postgres]"``)."
 from __future__ import annotations
 
 import attrs
-from runyard.plugin import API_VERSION, StorageSpec, hookimpl
+from runyard.plugin import API_VERSION, StorageSpec, above, hookimpl
 
-
-def _positive(_: object, attribute: attrs.Attribute, value: float) -> None:
-    if value <= 0:
-        raise ValueError(f"'{attribute.name}' must be more than 0 seconds, got {value}")
+_positive = above(0, what="a number of seconds")
 
 
 @attrs.frozen(kw_only=True)
