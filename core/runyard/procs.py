@@ -9,6 +9,7 @@ import contextlib
 import os
 import signal
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -110,43 +111,63 @@ def stop_process_group(
 ) -> int | None:
     """Stop process group ``pgid`` and wait for it (blocking): SIGTERM, then SIGKILL after
     ``grace`` seconds (at once when ``grace <= 0``, or as soon as the leader has exited),
-    then wait up to ``timeout`` seconds more.
+    then wait up to ``timeout`` seconds for every process of the group to be gone.
 
     ``leader``: the group's leader, when this process is its parent (a `subprocess.Popen`
     or a pid): it is reaped here and its return code (`subprocess` style: negative for a
-    signal) returned. Without one, waits until the group is empty and returns None.
+    signal) returned; without one, returns None. Safe to call again, or on a group that
+    is gone already.
     """
-    if grace > 0:
-        signal_process_group(pgid, signal.SIGTERM)
-        if _wait_for(pgid, leader, grace):
-            signal_process_group(pgid, signal.SIGKILL)  # the leader's leftovers die with it
-            return _returncode(leader)
-    signal_process_group(pgid, signal.SIGKILL)
-    _wait_for(pgid, leader, timeout)
-    signal_process_group(pgid, signal.SIGKILL)
-    return _returncode(leader)
+    if grace > 0 and signal_process_group(pgid, signal.SIGTERM):
+        _wait_until(lambda: _leader_exited(leader) if leader is not None else not has_live_members(pgid), grace)
+    signal_process_group(pgid, signal.SIGKILL)  # the rest of the group dies with its leader
+    if leader is not None:
+        _wait_until(lambda: _leader_exited(leader), timeout)
+    code = _returncode(leader)
+    _wait_until(lambda: not has_live_members(pgid), timeout)
+    return code
 
 
-def _wait_for(pgid: int, leader: subprocess.Popen[bytes] | subprocess.Popen[str] | int | None, seconds: float) -> bool:
-    """Wait until the leader has exited (or, without one, the group is empty)."""
+def has_live_members(pgid: int) -> bool:
+    """Whether process group ``pgid`` has a process that is not a zombie (Linux /proc; where
+    there is none, whether the group exists at all)."""
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return signal_process_group(pgid, 0)
+    wanted = str(pgid)
+    for name in entries:
+        if not name.isdigit():
+            continue
+        try:
+            stat = open(f"/proc/{name}/stat").read()  # noqa: SIM115 - tiny, closed by refcount
+        except OSError:
+            continue
+        # Fields after the command name (in parentheses, may hold spaces): state, ppid, pgrp.
+        fields = stat[stat.rfind(")") + 2 :].split()
+        if len(fields) > 2 and fields[2] == wanted and fields[0] not in ("Z", "X"):
+            return True
+    return False
+
+
+def _wait_until(done: Callable[[], bool], seconds: float) -> bool:
     deadline = time.monotonic() + seconds
     delay = 0.002
-    while True:
-        if leader is None:
-            if not signal_process_group(pgid, 0):
-                return True
-        elif isinstance(leader, int):
-            try:
-                if os.waitid(os.P_PID, leader, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
-                    return True
-            except ChildProcessError:
-                return True
-        elif leader.poll() is not None:
-            return True
+    while not done():
         if time.monotonic() >= deadline:
             return False
         time.sleep(delay)
         delay = min(delay * 2, 0.05)
+    return True
+
+
+def _leader_exited(leader: subprocess.Popen[bytes] | subprocess.Popen[str] | int) -> bool:
+    if isinstance(leader, int):
+        try:
+            return os.waitid(os.P_PID, leader, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+        except ChildProcessError:
+            return True
+    return leader.poll() is not None
 
 
 def _returncode(leader: subprocess.Popen[bytes] | subprocess.Popen[str] | int | None) -> int | None:

@@ -51,11 +51,18 @@ from runyard.plugin import (
     EventType,
     FailureInfo,
     FailureKind,
+    GroupStop,
     HandlerContext,
     StepHandler,
     StepRequest,
     StepUpdate,
+    describe_exit,
+    reap_group_leader,
     resolve,
+    signal_name,
+    signal_process_group,
+    split_wait_status,
+    stop_process_group,
 )
 
 from . import mp_os
@@ -78,7 +85,7 @@ class _Attempt:
     """The handle of one attempt: where its files are and what became of its process."""
 
     __slots__ = ("request", "id", "out", "err", "events", "noted", "exit", "failure",
-                 "reported", "stopping", "pid", "kill_at", "oom0", "started")
+                 "reported", "stopping", "pid", "group_stop", "oom0", "started")
 
     def __init__(self, request: StepRequest, id: str, directory: str) -> None:
         self.request = request
@@ -91,7 +98,7 @@ class _Attempt:
         self.reported = False
         self.stopping = False
         self.pid: int | None = None  # fork: its process, forked by the run worker
-        self.kill_at: float | None = None  # fork: when SIGKILL follows SIGTERM
+        self.group_stop: GroupStop | None = None  # fork: SIGTERM sent, SIGKILL after the grace period
         self.oom0: int | None = None
         self.started = 0.0
 
@@ -271,7 +278,7 @@ def _exit_failure(req: StepRequest, exit: dict[str, Any], stderr: str) -> Failur
         tail = stderr[-_TAIL_CHARS:].strip()
         said = f"; its last stderr output:\n{tail}" if tail else ""
     if sig is not None:
-        name = mp_os.signal_name(sig)
+        name = signal_name(sig)
         if exit.get("oom"):
             return FailureInfo(
                 kind=FailureKind.OOM,
@@ -380,7 +387,7 @@ class _Forked:
                 self.returncode = -signal.SIGKILL  # reaped elsewhere: we cannot know how it ended
                 return self.returncode
             if pid:
-                code, sig = mp_os.split_status(status)
+                code, sig = split_wait_status(status)
                 self.returncode = -sig if sig is not None else code
         return self.returncode
 
@@ -527,7 +534,7 @@ class _ForkServer(_Backend):
         except subprocess.TimeoutExpired:
             self.proc.kill()
             code = self.proc.wait()
-        how = f"was killed by {mp_os.signal_name(-code)}" if code < 0 else f"exited with code {code}"
+        how = describe_exit(code)
         try:
             log = Path(self.log).read_text(errors="replace").strip()[-_TAIL_CHARS:]
         except OSError:
@@ -607,20 +614,16 @@ class _DirectFork(_Backend):
             super().collect()
             now = time.monotonic()
             for pid, att in list(self.children.items()):
-                # Peek without reaping: until reaped, the pid (= the group id) is not reused,
-                # so killing the group after the exit cannot hit an unrelated process.
-                info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-                if info is None:
-                    if att.kill_at is not None and now >= att.kill_at:
-                        mp_os.killpg(pid, signal.SIGKILL)
-                        att.kill_at = now + 1.0
+                # What the step started dies with it: its group is killed, then it is reaped.
+                ended = reap_group_leader(pid)
+                if ended is None:
+                    if att.group_stop is not None:
+                        att.group_stop.advance(now)
                     continue
-                mp_os.killpg(pid, signal.SIGKILL)  # what the step started dies with it
-                _, status = os.waitpid(pid, 0)
                 self._forget(pid)
                 if self.waiting.pop(att.id, None) is None:
                     continue  # it reported through the done pipe
-                code, sig = mp_os.split_status(status)
+                code, sig = ended
                 oom = False
                 if sig == signal.SIGKILL and not att.stopping and att.oom0 is not None:
                     count = mp_os.oom_kills()
@@ -638,18 +641,15 @@ class _DirectFork(_Backend):
         with self.lock:
             if att.pid not in self.children:
                 return
-            if grace <= 0:
-                mp_os.killpg(att.pid, signal.SIGKILL)
-            else:
-                mp_os.killpg(att.pid, signal.SIGTERM)
-                att.kill_at = time.monotonic() + grace
+            if att.group_stop is None:
+                att.group_stop = GroupStop(att.pid, grace)
+            elif grace <= 0:
+                signal_process_group(att.pid, signal.SIGKILL)
 
     def close(self) -> None:
         with self.lock:
             for pid in list(self.children):
-                mp_os.killpg(pid, signal.SIGKILL)
-                with contextlib.suppress(ChildProcessError):
-                    os.waitpid(pid, 0)
+                stop_process_group(pid, 0, leader=pid)
                 self._forget(pid)
         super().close()
 
