@@ -32,7 +32,15 @@ from typing import Any
 import docker
 import docker.errors
 from runyard import ConfigError, Instance
-from runyard.plugin import RunLauncher, RunRecord, WorkerHealth, locate_storage, resolve
+from runyard.plugin import (
+    RunLauncher,
+    RunRecord,
+    WorkerHealth,
+    locate_storage,
+    make_private_dirs,
+    open_private,
+    resolve,
+)
 
 from . import _docker as d
 from .settings import LABEL_KIND, LABEL_RUN_ID, DockerLauncherConfig
@@ -126,8 +134,8 @@ class DockerRunLauncher(RunLauncher):
         if docker_host:
             env["RUNYARD_DOCKER_REAPER_HOST"] = docker_host
         logs = Path(str(self.instance_home)) / "logs"
-        logs.mkdir(parents=True, exist_ok=True)
-        with open(logs / f"docker-watch-{run_id}.log", "ab") as log:
+        make_private_dirs(logs)  # owner-only, like everything in the instance
+        with open(open_private(logs / f"docker-watch-{run_id}.log"), "ab") as log:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "runyard_docker.reaper", "--run-container", run_id, container_id],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, start_new_session=True, close_fds=True,

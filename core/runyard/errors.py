@@ -41,3 +41,13 @@ class OutputSerializationError(RunyardError):
             f"({type(cause).__name__}: {cause}); return a picklable value "
             "(plain data, or an object whose class is importable) instead"
         )
+
+
+class OutputPathError(RunyardError, ValueError):
+    """An output reference (run id, step key, stored ref) would leave the output store's root."""
+
+
+class StorageError(RunyardError):
+    """The run storage cannot be read or written: a full disk, a corrupt or empty database
+    file, a database server gone for longer than its reconnect period. The message names
+    the database and what to do."""

@@ -21,6 +21,7 @@ from .definitions import CodePointer
 from .errors import ConfigError, PluginError
 from .events import STEP_TERMINAL, Event, EventType, FailureInfo, FailureKind
 from .failures import error_class_name, failure_from_exception
+from .private import make_private_dirs, open_private
 from .procs import (
     GroupStop,
     describe_exit,
@@ -441,7 +442,9 @@ __all__ = [
     "hookimpl",
     "interrupt_thread",
     "locate_storage",
+    "make_private_dirs",
     "one_of",
+    "open_private",
     "parse_resources_tag",
     "preload_job",
     "preload_step_worker",

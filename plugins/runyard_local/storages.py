@@ -17,7 +17,8 @@ _DEFAULT_SOCKET_DIR = "/var/run/postgresql"  # libpq's default when a URL names 
 
 
 def _sqlite_path(config: SqliteConfig, home: Path) -> Path:
-    return Path(resolve(config.path) or home / "runyard.db")
+    # A relative path is relative to the instance folder (where runyard.yaml is), not the cwd.
+    return home / Path(resolve(config.path) or "runyard.db").expanduser()
 
 
 def create_sqlite_storage(config: SqliteConfig, home: Path) -> RunStorage:
@@ -41,7 +42,11 @@ def create_postgres_storage(config: PostgresConfig, home: Path) -> RunStorage:
             f"or cannot load ({e}): pip install \"runyard[postgres]\""
         ) from None
     return PostgresRunStorage(
-        config.url, connect_timeout=config.connect_timeout, schema=resolve(config.schema), name="postgres"
+        config.url,
+        connect_timeout=config.connect_timeout,
+        schema=resolve(config.schema),
+        name="postgres",
+        reconnect_timeout=config.reconnect_timeout,
     )
 
 
@@ -50,7 +55,8 @@ def locate_postgres_storage(config: PostgresConfig, home: Path) -> StorageLocati
     try:
         url = str(resolve(config.url) or "")
     except ConfigError:
-        return StorageLocation(name="postgres", label="PostgreSQL")  # an unset {env: NAME}: whoever opens it says so
+        # An unset {env: NAME}: whoever opens the storage says so.
+        return StorageLocation(name="postgres", label="PostgreSQL")
     host, port = _pg_host_port(url)
     return StorageLocation(name="postgres", label="PostgreSQL", host=host, port=port)
 
