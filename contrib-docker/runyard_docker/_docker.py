@@ -18,7 +18,7 @@ import docker
 import docker.errors
 import docker.models.containers
 from runyard import ConfigError
-from runyard.plugin import RESOURCES_TAG, EnvVar, parse_resources_tag, resolve
+from runyard.plugin import RESOURCES_TAG, EnvVar, parse_resources_tag, resolve, signal_name
 
 from .settings import (
     CLEANUP_POLICIES,
@@ -458,12 +458,6 @@ def safe_name(*parts: str) -> str:
 def describe_exit(code: int | None, oom: bool) -> str:
     if oom:
         return f"was killed for exceeding its memory limit (OOM, exit code {code})"
-    if code is not None and code > 128:
-        import signal
-
-        try:
-            name = signal.Signals(code - 128).name
-        except ValueError:
-            name = f"signal {code - 128}"
-        return f"was killed by {name} (exit code {code})"
+    if code is not None and code > 128:  # docker-init reports a signal as 128 + its number
+        return f"was killed by {signal_name(code - 128)} (exit code {code})"
     return f"exited with code {code}"
