@@ -241,6 +241,9 @@ def test_a_hook_taking_an_argument_the_spec_does_not_pass_fails_loudly(runyard_r
         "plugin 'args' (args-dist): its 'runyard_cli' takes group, which the hook does not pass "
         "(the hook passes: cli); rename or remove the argument"
     )
+    # Nothing of it stays registered: the name is free again.
+    runyard_registry.register(Provides(exec_spec("after")), name="args", distribution="args-dist")
+    assert runyard_registry.executor("after").name == "after"
 
 
 def _install_dist(site: Path, dist: str, entry_point: str, module: str, source: str) -> None:

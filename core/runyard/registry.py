@@ -165,6 +165,8 @@ class PluginRegistry:
             try:
                 self.pm.register(plugin, name=name)
             except pluggy.PluginValidationError as e:
+                if self.pm.is_registered(plugin):  # pluggy keeps what it added before the bad hook
+                    self.pm.unregister(plugin)
                 why = "; ".join(self._argument_problems(plugin)) or " ".join(str(e).split())
                 raise PluginError(f"plugin '{name}' ({distribution}): {why}") from None
         unknown = sorted(c.name for c in self.pm.get_hookcallers(plugin) or () if not c.has_spec())
