@@ -165,7 +165,7 @@ class PluginRegistry:
             try:
                 self.pm.register(plugin, name=name)
             except pluggy.PluginValidationError as e:
-                if self.pm.is_registered(plugin):  # pluggy keeps what it added before the bad hook
+                if self.pm.is_registered(plugin):  # older pluggy versions keep what they added first
                     self.pm.unregister(plugin)
                 why = "; ".join(self._argument_problems(plugin)) or " ".join(str(e).split())
                 raise PluginError(f"plugin '{name}' ({distribution}): {why}") from None
