@@ -311,3 +311,30 @@ def test_every_module_imports_on_its_own(package: str) -> None:
     )
     result = subprocess.run([sys.executable, "-c", code, *modules], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, f"modules of {package} that fail to import on their own:\n{result.stdout}"
+
+
+# -- the shape of a contrib package ---------------------------------------------------------
+
+
+def _is_hookimpl(node: ast.FunctionDef) -> bool:
+    return any(ast.unparse(d).split("(")[0] in ("hookimpl", "runyard.plugin.hookimpl") for d in node.decorator_list)
+
+
+@pytest.mark.parametrize(
+    "plugin_module", sorted(ROOT.glob("contrib-*/runyard_*/plugin.py")), ids=lambda p: p.parent.name
+)
+def test_a_contrib_plugin_module_holds_hookimpls_and_nothing_else(plugin_module: Path) -> None:
+    """Settings classes, validators and wire constants live in a module the implementation
+    imports (``settings.py``); ``plugin.py`` only implements hooks, so importing the
+    implementation never means importing the entry-point module, nor the other way round."""
+    tree = ast.parse(plugin_module.read_text())
+    extra = []
+    for node in tree.body:
+        if isinstance(node, ast.Import | ast.ImportFrom):
+            continue
+        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
+            continue  # the docstring
+        if isinstance(node, ast.FunctionDef) and _is_hookimpl(node):
+            continue
+        extra.append(f"line {node.lineno}: {ast.unparse(node).splitlines()[0]}")
+    assert not extra, f"{plugin_module.relative_to(ROOT)} holds more than hookimpls:\n" + "\n".join(extra)
