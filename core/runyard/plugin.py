@@ -35,6 +35,24 @@ from .procs import (
 from .resources import RESOURCES_TAG, parse_resources_tag
 from .storage import RunRecord, RunStatus, RunStorage, StoredEvent
 from .storage_location import StorageLocation, locate_storage
+from .trust import (
+    SIGNING_KEY_ENV,
+    STEP_WORKER_ENV,
+    RequestRefused,
+    WorkerPolicy,
+    admit_or_refuse,
+    configured_signing_key,
+    execute_trusted_step,
+    grant_for_run,
+    load_worker_policy,
+    missing_key_error,
+    new_signing_key,
+    policy_from_grant,
+    refusal_event,
+    sign_request,
+    signing_key_at,
+    verify_request,
+)
 from .validators import above, at_least, one_of
 from .worker import StepContext, StepInterrupted, StepTimedOut
 
@@ -454,4 +472,21 @@ __all__ = [
     "signal_process_group",
     "split_wait_status",
     "stop_process_group",
+    # Trust: signed step requests and workers' own allowances (runyard.trust, docs/security.md).
+    "RequestRefused",
+    "SIGNING_KEY_ENV",
+    "STEP_WORKER_ENV",
+    "WorkerPolicy",
+    "admit_or_refuse",
+    "configured_signing_key",
+    "execute_trusted_step",
+    "grant_for_run",
+    "load_worker_policy",
+    "missing_key_error",
+    "new_signing_key",
+    "policy_from_grant",
+    "refusal_event",
+    "sign_request",
+    "signing_key_at",
+    "verify_request",
 ]
