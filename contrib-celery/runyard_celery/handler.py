@@ -32,6 +32,7 @@ from runyard.plugin import (
     StepHandler,
     StepRequest,
     StepUpdate,
+    error_class_name,
     missing_key_error,
     resolve,
     sign_request,
@@ -39,7 +40,7 @@ from runyard.plugin import (
 )
 
 from .app import broker_priority, make_app
-from .plugin import PRIORITY_TAG, QUEUE_TAG, STOP_COMMAND, TASK_NAME, CeleryConfig
+from .settings import PRIORITY_TAG, QUEUE_TAG, STOP_COMMAND, TASK_NAME, CeleryConfig
 
 _POLL_MIN, _POLL_MAX = 0.001, 0.02  # backend polling interval bounds while steps are out, seconds
 _PING_EVERY = 2.0  # seconds between liveness pings of the workers running steps
@@ -415,9 +416,9 @@ class CeleryStepHandler(StepHandler):
         exc = meta.get("result")
         if isinstance(exc, dict):  # an exception Celery could not rebuild here
             name, text = str(exc.get("exc_type")), str(exc.get("exc_message"))
-            module = str(exc.get("exc_module"))
+            error_class = f"{exc.get('exc_module')}.{name}"
         else:
-            name, text, module = type(exc).__name__, str(exc), type(exc).__module__
+            name, text, error_class = type(exc).__name__, str(exc), error_class_name(exc)
         where = f" on worker {task.worker}" if task.worker else ""
         if task.stop_kind is not None:
             return FailureInfo(kind=task.stop_kind, message=f"step '{task.step}' was stopped{where}")
@@ -428,7 +429,7 @@ class CeleryStepHandler(StepHandler):
                 # Killed by a signal is its own kind (as on every executor); exited is worker_lost.
                 kind=FailureKind.SIGNAL if sig else FailureKind.WORKER_LOST,
                 message=f"step '{task.step}': the Celery pool process running it died{where}: {text}",
-                error_class=f"{module}.{name}",
+                error_class=error_class,
                 signal=int(sig.group(1)) if sig else None,
                 exit_code=int(code.group(1)) if code else None,
             )
@@ -436,12 +437,12 @@ class CeleryStepHandler(StepHandler):
             return FailureInfo(
                 kind=FailureKind.TIMEOUT,
                 message=f"step '{task.step}' was killed by Celery's hard time limit{where}: {text}",
-                error_class=f"{module}.{name}",
+                error_class=error_class,
             )
         return FailureInfo(
             kind=FailureKind.ERROR,
             message=f"step '{task.step}': the Celery task failed{where}: {name}: {text}",
-            error_class=f"{module}.{name}",
+            error_class=error_class,
             traceback=meta.get("traceback"),
         )
 

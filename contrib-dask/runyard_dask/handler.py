@@ -7,37 +7,38 @@ step request as plain JSON data and returning the attempt's events as plain JSON
 
 from __future__ import annotations
 
-import ast
 import hashlib
-import json
 import os
 import queue
 import shutil
 import tempfile
 import threading
 import time
-import traceback
 from collections.abc import Mapping
 from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any
 
 from runyard.plugin import (
+    ConfigError,
     FailureInfo,
     FailureKind,
     HandlerContext,
     StepHandler,
     StepRequest,
     StepUpdate,
+    error_class_name,
+    failure_from_exception,
     grant_for_run,
     missing_key_error,
     new_signing_key,
+    parse_resources_tag,
     resolve,
     sign_request,
     signing_key_at,
 )
 
 from . import remote
-from .plugin import DaskConfig
+from .settings import DaskConfig
 
 RESOURCE_TAGS = ("runyard/resources", "dask/resources")  # the second wins on a shared name
 _NO_WORKER_CHECK_EVERY = 1.0  # seconds between scheduler queries while a step waits for a worker
@@ -57,53 +58,24 @@ def dask_key(request: StepRequest) -> str:
 
 
 def parse_resources(step_key: str, tags: Mapping[str, str]) -> dict[str, float]:
-    """Dask worker resources a step asks for with its ``dask/resources`` tag.
-
-    runyard keeps tag values as text, so the value is a mapping written as a dict (stored
-    as its text), as JSON text (``'{"GPU": 1}'``), or as ``"GPU=1,MEMORY=4e9"``.
-    """
+    """Dask worker resources a step asks for with its ``runyard/resources`` or
+    ``dask/resources`` tag (the second wins on a shared name), in runyard's one grammar
+    (`runyard.plugin.parse_resources_tag`: a dict, JSON or ``"GPU=1,MEMORY=4e9"``).
+    Dask needs positive amounts."""
     found: dict[str, float] = {}
     for tag in RESOURCE_TAGS:
         raw = tags.get(tag)
         if raw is None:
             continue
-        found.update(_parse_resource_text(step_key, tag, raw))
+        parsed = parse_resources_tag(raw, step_key=step_key, tag=tag)
+        if not parsed or any(isinstance(v, str) or v <= 0 for v in parsed.values()):
+            raise ConfigError(
+                f"step '{step_key}': tag '{tag}' = {raw!r} is not a resource mapping Dask can use; expected "
+                "resource names with positive amounts, e.g. tags={'" + tag + "': {'GPU': 1}} or '" + tag
+                + "': 'GPU=1,MEMORY=4e9'"
+            )
+        found.update({k: float(v) for k, v in parsed.items()})
     return found
-
-
-def _parse_resource_text(step_key: str, tag: str, raw: str) -> dict[str, float]:
-    text = raw.strip()
-    value: Any = None
-    if text.startswith("{"):
-        try:
-            value = json.loads(text)
-        except ValueError:
-            try:
-                value = ast.literal_eval(text)  # str() of a dict given in @step(tags=...)
-            except (ValueError, SyntaxError):
-                value = None
-    elif text:
-        value = {}
-        for part in text.split(","):
-            name, sep, amount = part.partition("=")
-            if not sep:
-                value = None
-                break
-            try:
-                value[name.strip()] = float(amount)
-            except ValueError:
-                value = None
-                break
-    ok = isinstance(value, dict) and value and all(
-        isinstance(k, str) and k and isinstance(v, int | float) and not isinstance(v, bool) and v > 0
-        for k, v in value.items()
-    )
-    if not ok:
-        raise ValueError(
-            f"step '{step_key}': tag '{tag}' = {raw!r} is not a resource mapping; expected resource "
-            "names with positive amounts, e.g. tags={'" + tag + "': {'GPU': 1}} or '" + tag + "': 'GPU=1,MEMORY=4e9'"
-        )
-    return {k: float(v) for k, v in value.items()}
 
 
 def _load_class(path: str) -> Any:
@@ -587,30 +559,25 @@ class DaskStepHandler(StepHandler):
                 kind=FailureKind.WORKER_LOST,
                 message=f"step '{step}': the Dask worker running it died ({name}: {error}); the scheduler gives up "
                 "on a task after distributed.scheduler.allowed-failures worker deaths",
-                error_class=f"{type(error).__module__}.{type(error).__qualname__}",
+                error_class=error_class_name(error),
             )
         if name in ("CancelledError", "FutureCancelledError"):
             return FailureInfo(
                 kind=FailureKind.WORKER_LOST,
                 message=f"step '{step}': Dask canceled its task ({name}: {error})",
-                error_class=f"{type(error).__module__}.{type(error).__qualname__}",
+                error_class=error_class_name(error),
             )
         if isinstance(error, ImportError) and "runyard" in str(error):
             return FailureInfo(
                 kind=FailureKind.NOT_STARTED,
                 message=f"step '{step}' could not start on the Dask worker ({name}: {error}); install "
                 "runyard-dask (and the job's dependencies) in the workers' environment",
-                error_class=f"{type(error).__module__}.{type(error).__qualname__}",
+                error_class=error_class_name(error),
             )
         # run_step reports a failing step as events; what escapes it is a BaseException the
         # step raised (SystemExit is caught by the worker, KeyboardInterrupt is not) or an
         # error unpacking the task on the worker.
-        return FailureInfo(
-            kind=FailureKind.ERROR,
-            message=f"step '{step}' raised {name} out of the Dask task: {error}",
-            error_class=f"{type(error).__module__}.{type(error).__qualname__}",
-            traceback="".join(traceback.format_exception(error)),
-        )
+        return failure_from_exception(error, message=f"step '{step}' raised {name} out of the Dask task: {error}")
 
     def _check_queued(self, handle: _Handle) -> FailureInfo | None:
         limit = self.config.queue_timeout

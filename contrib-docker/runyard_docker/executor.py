@@ -37,7 +37,9 @@ import docker
 import docker.errors
 from runyard import ConfigError
 from runyard.plugin import (
+    RESOURCES_TAG,
     SIGNING_KEY_ENV,
+    STEP_TERMINAL,
     STEP_WORKER_ENV,
     Event,
     EventType,
@@ -54,18 +56,16 @@ from runyard.plugin import (
 )
 
 from . import _docker as d
-from .plugin import (
+from .settings import (
     IMAGE_TAG,
     LABEL_ATTEMPT_ID,
     LABEL_KIND,
     LABEL_RUN_ID,
     LABEL_STEP_KEY,
-    RESOURCES_TAG,
     DockerExecutorConfig,
 )
 
 WHERE = "executor.docker"
-_ENDINGS = (EventType.STEP_SUCCESS, EventType.STEP_FAILURE)
 _MAX_ARG = 100_000  # bytes of request passed on the command line; larger ones go in a file
 _TAIL = 1500  # characters of stderr quoted in the failure of a container that died
 _MAX_STDERR = 8 << 20  # characters of stderr kept per attempt
@@ -207,7 +207,7 @@ class DockerStepHandler(StepHandler):
                 lim = dict(self.base_limits)
                 if RESOURCES_TAG in tags:
                     where = f"step '{key}': tag '{RESOURCES_TAG}'"
-                    res = d.parse_resources(tags[RESOURCES_TAG], where)
+                    res = d.parse_resources(tags[RESOURCES_TAG], key)
                     lim.update(d.limits(res.get("memory"), res.get("cpus")))
                     if lim != self.base_limits:
                         self._probe(_StepSettings(image, lim), where)
@@ -438,7 +438,7 @@ class DockerStepHandler(StepHandler):
                                 att.pending.append(self._event(att, EventType.STEP_STDOUT, {
                                     "text": f"[runyard: stdout beyond {_MAX_STDOUT} characters is not kept]\n"}))
                             continue
-                    if ev.type in _ENDINGS:
+                    if ev.type in STEP_TERMINAL:
                         att.ending = ev  # held back until the container exits: stderr comes first
                     else:
                         if ev.type is EventType.STEP_START:
@@ -455,7 +455,7 @@ class DockerStepHandler(StepHandler):
             ev = self._parse(att, partial)
             if ev is not None:
                 with att.lock:
-                    if ev.type in _ENDINGS:
+                    if ev.type in STEP_TERMINAL:
                         att.ending = ev
                     else:
                         att.pending.append(ev)

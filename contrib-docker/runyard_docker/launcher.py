@@ -28,15 +28,22 @@ import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import docker
 import docker.errors
 from runyard import ConfigError, Instance
-from runyard.plugin import RunLauncher, RunRecord, WorkerHealth, make_private_dirs, open_private, resolve
+from runyard.plugin import (
+    RunLauncher,
+    RunRecord,
+    WorkerHealth,
+    locate_storage,
+    make_private_dirs,
+    open_private,
+    resolve,
+)
 
 from . import _docker as d
-from .plugin import LABEL_KIND, LABEL_RUN_ID, DockerLauncherConfig
+from .settings import LABEL_KIND, LABEL_RUN_ID, DockerLauncherConfig
 
 WHERE = "run_launcher.docker"
 _LOOPBACK = {"localhost", "127.0.0.1", "::1", "ip6-localhost"}
@@ -147,14 +154,12 @@ class DockerRunLauncher(RunLauncher):
         self, client: Any, instance: Instance, networks: list[str], binds: d.Binds
     ) -> None:
         """Reject storage the run container could not reach, saying why and what to do."""
-        sel = instance.sections["storage"]
-        name = sel.name if sel is not None else "sqlite"
-        config = dict(sel.config) if sel is not None else {}
-        if name == "sqlite":
-            path = Path(str(resolve(config.get("path")) or Path(self.instance_home or "") / "runyard.db")).resolve()
+        where = locate_storage(instance)
+        if where.path is not None:  # a file (SQLite): the container needs the same path
+            path = where.path
             if not d.is_local_engine(client):
                 raise ConfigError(
-                    f"{WHERE}: the run's storage is SQLite ({path}), which a container on the Docker engine at "
+                    f"{WHERE}: the run's storage is {where.label} ({path}), which a container on the Docker engine at "
                     f"{client.api.base_url} cannot reach: bind mounts name paths on the engine's machine. Use "
                     "storage: {postgres: {url: ...}} reachable from the containers, or a Docker engine on this machine"
                 )
@@ -166,9 +171,9 @@ class DockerRunLauncher(RunLauncher):
                     d.add_bind(binds, str(path.parent), "rw")
                 else:
                     raise ConfigError(
-                        f"{WHERE}.mount_home: false, but the run's SQLite storage {path} is not mounted by volumes, "
-                        "so the run worker in the container could not reach it; set mount_home: true, mount its "
-                        "directory at the same path with volumes, or use PostgreSQL storage"
+                        f"{WHERE}.mount_home: false, but the run's {where.label} storage {path} is not mounted by "
+                        "volumes, so the run worker in the container could not reach it; set mount_home: true, mount "
+                        "its directory at the same path with volumes, or use PostgreSQL storage"
                     )
             return
         home = str(Path(self.instance_home or "/").resolve())
@@ -180,21 +185,16 @@ class DockerRunLauncher(RunLauncher):
                 "in the container would not find runyard.yaml (and would use other storage); set mount_home: true "
                 "or mount it at the same path with volumes"
             )
-        if name == "postgres":
-            raw = config.get("url")
-            try:
-                url = str(resolve(raw if not isinstance(raw, Mapping) else _env(raw)))
-            except ConfigError:
-                url = ""  # the worker reports an unset variable itself
-            host = _pg_host(url)
+        host = where.host
+        if host is not None:  # a database server
             shares_host_net = bool(networks) and networks[0] == "host"
-            if (host in _LOOPBACK or host.startswith("/")) and not shares_host_net:
-                where = "a unix socket" if host.startswith("/") else f"{host}"
+            if (host in _LOOPBACK or where.is_local_socket) and not shares_host_net:
+                shown = "a unix socket" if where.is_local_socket else host
                 raise ConfigError(
-                    f"{WHERE}: the run's storage is PostgreSQL at {where}, which a container on a bridge network "
+                    f"{WHERE}: the run's storage is {where.label} at {shown}, which a container on a bridge network "
                     "cannot reach (there, 127.0.0.1 is the container itself). Set network: host in "
-                    "run_launcher.docker (and executor.docker), or give storage.postgres.url an address the "
-                    "containers can reach (for example the host's docker0 address 172.17.0.1, with PostgreSQL "
+                    f"run_launcher.docker (and executor.docker), or give storage.{where.name} an address the "
+                    "containers can reach (for example the host's docker0 address 172.17.0.1, with the server "
                     "listening on it)"
                 )
 
@@ -280,31 +280,6 @@ class DockerRunLauncher(RunLauncher):
             d.remove_containers(client, {LABEL_RUN_ID: run.run_id, LABEL_KIND: "step"})
         except docker.errors.APIError:
             pass
-
-
-def _env(raw: Mapping[str, Any]) -> Any:
-    from runyard.plugin import EnvVar
-
-    return EnvVar(str(raw.get("env")))
-
-
-def _pg_host(url: str) -> str:
-    if not url:
-        return ""
-    if "://" in url:
-        parts = urlsplit(url)
-        host = parts.hostname or ""
-        if not host:
-            from urllib.parse import parse_qs
-
-            host = (parse_qs(parts.query).get("host") or [""])[0] or "/var/run/postgresql"
-        return host
-    # key=value connection string
-    for item in url.split():
-        key, _, value = item.partition("=")
-        if key == "host":
-            return value
-    return "/var/run/postgresql"
 
 
 def _socket_path(docker_host: str | None) -> str | None:

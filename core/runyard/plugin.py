@@ -18,9 +18,23 @@ import pluggy
 
 from .config import EnvVar, resolve
 from .definitions import CodePointer
-from .events import Event, EventType, FailureInfo, FailureKind
+from .errors import ConfigError, PluginError
+from .events import STEP_TERMINAL, Event, EventType, FailureInfo, FailureKind
+from .failures import error_class_name, failure_from_exception
 from .private import make_private_dirs, open_private
+from .procs import (
+    GroupStop,
+    describe_exit,
+    interrupt_thread,
+    reap_group_leader,
+    signal_name,
+    signal_process_group,
+    split_wait_status,
+    stop_process_group,
+)
+from .resources import RESOURCES_TAG, parse_resources_tag
 from .storage import RunRecord, RunStatus, RunStorage, StoredEvent
+from .storage_location import StorageLocation, locate_storage
 from .trust import (
     SIGNING_KEY_ENV,
     STEP_WORKER_ENV,
@@ -39,10 +53,13 @@ from .trust import (
     signing_key_at,
     verify_request,
 )
+from .validators import above, at_least, one_of
 from .worker import StepContext, StepInterrupted, StepTimedOut
 
 if TYPE_CHECKING:
     from .definitions import JobDefinition
+    from .storage.postgres import PostgresRunStorage
+    from .storage.sqlite import SqliteRunStorage
 
 API_VERSION = 1
 """Major version of the plugin API. A spec declaring another version is not loaded."""
@@ -164,10 +181,14 @@ class StorageSpec(PluginSpec):
     """Registers a run storage: returned from the ``runyard_storages`` hook.
 
     ``storage`` imports to a callable ``(config, instance_home: Path) -> RunStorage``.
+    ``location`` (optional) imports to a callable ``(config, instance_home: Path) ->
+    StorageLocation`` saying where the data lives without opening the storage, for run
+    launchers that must check a worker elsewhere can reach it (see `locate_storage`).
     """
 
     storage: str
     config: type = _NoConfig
+    location: str | None = None
 
 
 @attrs.frozen(kw_only=True)
@@ -406,10 +427,34 @@ def preload_job(code_pointer: CodePointer, job_name: str, *, reload: bool = Fals
     return load_job_cached(code_pointer, job_name, reload=reload)
 
 
+def preload_step_worker() -> None:
+    """Import now everything `execute_step` needs (the step worker, the job loader, the
+    output stores), so that processes forked from this one later (a fork server's step
+    processes) start with it loaded rather than importing it in every step."""
+    from . import loader, outputs, worker  # noqa: F401
+
+
+# Run storages shipped with runyard, for plugins that wrap or register them. Loaded on
+# first use: the PostgreSQL one imports psycopg (``pip install "runyard[postgres]"``).
+_LAZY_STORAGES = {"SqliteRunStorage": ".storage.sqlite", "PostgresRunStorage": ".storage.postgres"}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY_STORAGES.get(name)
+    if module is None:
+        raise AttributeError(f"module 'runyard.plugin' has no attribute '{name}'")
+    import importlib
+
+    # Not cached here: sys.modules caches the module, and a driver that cannot load keeps
+    # raising ImportError rather than handing out a class imported before.
+    return getattr(importlib.import_module(module, __package__), name)
+
+
 __all__ = [
     "API_VERSION",
     "Capabilities",
     "CodePointer",
+    "ConfigError",
     "EnvVar",
     "Event",
     "EventType",
@@ -417,29 +462,51 @@ __all__ = [
     "ExecutorSpec",
     "FailureInfo",
     "FailureKind",
+    "GroupStop",
     "HandlerContext",
+    "PluginError",
     "PluginSpec",
+    "PostgresRunStorage",
+    "RESOURCES_TAG",
     "RunLauncher",
     "RunLauncherSpec",
     "RunRecord",
     "RunStatus",
     "RunStorage",
+    "STEP_TERMINAL",
+    "SqliteRunStorage",
     "StepContext",
     "StepHandler",
     "StepInterrupted",
     "StepRequest",
     "StepTimedOut",
     "StepUpdate",
+    "StorageLocation",
     "StorageSpec",
     "StoredEvent",
     "TagConcurrencyLimit",
     "WorkerHealth",
+    "above",
+    "at_least",
+    "describe_exit",
+    "error_class_name",
     "execute_step",
+    "failure_from_exception",
     "hookimpl",
+    "interrupt_thread",
+    "locate_storage",
     "make_private_dirs",
+    "one_of",
     "open_private",
+    "parse_resources_tag",
     "preload_job",
+    "preload_step_worker",
+    "reap_group_leader",
     "resolve",
+    "signal_name",
+    "signal_process_group",
+    "split_wait_status",
+    "stop_process_group",
     # Trust: signed step requests and workers' own allowances (runyard.trust, docs/security.md).
     "RequestRefused",
     "SIGNING_KEY_ENV",

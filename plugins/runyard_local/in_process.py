@@ -31,6 +31,7 @@ from runyard.plugin import (
     StepTimedOut,
     StepUpdate,
     execute_step,
+    interrupt_thread,
 )
 
 _MAIN = threading.main_thread().ident
@@ -240,10 +241,7 @@ class InProcessStepHandler(StepHandler):
                 signal.pthread_kill(thread, signal.SIGALRM)
             elif thread is not None:
                 self._pending = exc
-                ctypes.pythonapi.PyThreadState_SetAsyncExc(
-                    ctypes.c_ulong(thread),
-                    ctypes.py_object(StepTimedOut if kind is FailureKind.TIMEOUT else StepInterrupted),
-                )
+                interrupt_thread(thread, StepTimedOut if kind is FailureKind.TIMEOUT else StepInterrupted)
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         exc = self._pending

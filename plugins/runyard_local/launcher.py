@@ -14,7 +14,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from runyard.plugin import RunLauncher, RunRecord, WorkerHealth, make_private_dirs, open_private
+from runyard.plugin import (
+    RunLauncher,
+    RunRecord,
+    WorkerHealth,
+    make_private_dirs,
+    open_private,
+    signal_process_group,
+    stop_process_group,
+)
 
 # Workers this process started: waiting on them is the only way to learn their exit
 # status, and it keeps finished children from lingering as zombies.
@@ -86,13 +94,11 @@ class DefaultRunLauncher(RunLauncher):
         pgid = int(worker["pgid"])
         if not force and not self._alive(worker):
             return
-        try:
-            os.killpg(pgid, signal.SIGKILL if force else signal.SIGTERM)
-        except ProcessLookupError:
-            pass
         child = _children.get(int(worker["pid"]))
-        if child is not None and force:
-            child.wait(5)
+        if force:  # killed with everything in its group, and reaped when it is our child
+            stop_process_group(pgid, 0, leader=child)
+        else:  # the worker cancels the run and exits by itself
+            signal_process_group(pgid, signal.SIGTERM)
 
     def check_health(self, run: RunRecord, worker: Mapping[str, Any]) -> WorkerHealth:
         if worker.get("host") not in (None, os.uname().nodename):

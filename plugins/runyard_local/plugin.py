@@ -13,6 +13,7 @@ from runyard.plugin import (
     RunLauncherSpec,
     StorageSpec,
     hookimpl,
+    one_of,
     resolve,
 )
 
@@ -26,17 +27,9 @@ START_METHODS = ("forkserver", "fork", "spawn")
 MODES = ("multiprocess", "in_process")
 
 
-def _one_of(choices: tuple[str, ...]) -> Any:
-    def check(_: Any, attribute: attrs.Attribute, value: Any) -> None:
-        # A {env: NAME} reference is checked when the handler resolves it.
-        if isinstance(value, str) and value not in choices:
-            raise ValueError(f"{attribute.name}: expected one of {', '.join(choices)}, got {value!r}")
-
-    return check
-
-
 def _start_method() -> Any:
-    return attrs.field(default="forkserver", validator=_one_of(START_METHODS))
+    # A {env: NAME} reference is checked when the handler resolves it.
+    return attrs.field(default="forkserver", validator=one_of(*START_METHODS))
 
 
 def _terminate_grace() -> Any:
@@ -196,6 +189,7 @@ def runyard_storages() -> list[StorageSpec]:
             name="sqlite",
             api_version=API_VERSION,
             storage="runyard_local.storages:create_sqlite_storage",
+            location="runyard_local.storages:locate_sqlite_storage",
             config=SqliteConfig,
             description="SQLite database under $RUNYARD_HOME (WAL; safe for several processes).",
         )
