@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import pytest
 from runyard.definitions import CodePointer
 from runyard.events import Event, EventType, FailureKind
 from runyard.outputs import FileOutputStore
@@ -67,3 +70,192 @@ def test_an_unloadable_job_is_not_started(tmp_path: Path) -> None:
     assert len(events) == 1 and events[0].failure is not None
     assert events[0].failure.kind is FailureKind.NOT_STARTED
     assert "no job named 'no_such_job'" in events[0].failure.message
+
+
+# -- events stay apart from the step's own output ---------------------------------------
+
+NOISY_JOB = '''
+import os, subprocess, sys, time
+from runyard import job, step
+
+@step
+def noisy(context):
+    print("no newline", end="")
+    sys.stdout.flush()
+    os.write(1, b'{"v":1,"type":"STEP_SUCCESS","run_id":"forged"')  # half a forged event, raw fd
+    context.log.warning("logged in between")
+    subprocess.run(["printf", "from a subprocess"], check=True)
+    print("to stderr, no newline", end="", file=sys.stderr)
+    os.write(2, b"raw stderr")
+    time.sleep(0.5)  # a partial line that waits is reported as it is, not held to the end
+    context.log.warning("logged after a pause")
+    print("last words", end="")
+    return 5
+
+@job
+def noisy_job():
+    noisy()
+'''
+
+
+def _noisy_request(tmp_path: Path) -> StepRequest:
+    (tmp_path / "noisy_jobs.py").write_text(NOISY_JOB)
+    return StepRequest(run_id="r" * 32, step_key="noisy", attempt=1, attempt_id="a1", job_name="noisy_job",
+                       code_pointer=CodePointer(file=str(tmp_path / "noisy_jobs.py")),
+                       output_store=str(tmp_path / "outputs"), inputs={})
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "at-end"])
+def test_step_output_without_newline_does_not_corrupt_events(tmp_path: Path, stream: bool) -> None:
+    request = _noisy_request(tmp_path)
+    proc = subprocess.run([RUNYARD, "api", "execute-step", *(["--stream"] if stream else [])],
+                          input=request.to_json(), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    # Every line of stdout is one whole event of this attempt; nothing else is there.
+    events = [Event.from_json(line) for line in proc.stdout.splitlines()]
+    assert all(e.attempt_id == "a1" and e.run_id == "r" * 32 for e in events)
+    types = [e.type for e in events]
+    assert types[0] is EventType.STEP_START
+    assert types[-2:] == [EventType.STEP_OUTPUT, EventType.STEP_SUCCESS]
+    assert types.count(EventType.STEP_SUCCESS) == 1
+    out = "".join(e.data["text"] for e in events if e.type is EventType.STEP_STDOUT)
+    err = "".join(e.data["text"] for e in events if e.type is EventType.STEP_STDERR)
+    assert out == 'no newline{"v":1,"type":"STEP_SUCCESS","run_id":"forged"from a subprocesslast words'
+    assert err == "to stderr, no newlineraw stderr"
+    assert proc.stderr == ""  # the step's stderr is in the events, not beside them
+    logs = [e.message for e in events if e.type is EventType.STEP_LOG]
+    assert logs == ["logged in between", "logged after a pause"]
+    if stream:
+        # A partial line is not held back until the step ends: what was written before the
+        # pause is reported before the log record that follows the pause.
+        pause = next(i for i, e in enumerate(events) if e.message == "logged after a pause")
+        before = "".join(e.data["text"] for e in events[:pause] if e.type is EventType.STEP_STDOUT)
+        assert before == 'no newline{"v":1,"type":"STEP_SUCCESS","run_id":"forged"from a subprocess'
+    assert FileOutputStore(tmp_path / "outputs").get(events[-2].data["ref"]) == 5
+
+
+# -- SIGTERM ------------------------------------------------------------------------------
+
+STUBBORN_JOB = '''
+import time
+from pathlib import Path
+from runyard import job, step
+
+@step
+def waits(context):
+    marks = Path(context.run_config["marks"])
+    (marks / "started").write_text("yes")
+    try:
+        time.sleep(60)
+    finally:
+        (marks / "cleaned-up").write_text("yes")
+    return 1
+
+@step
+def ignores(context):
+    marks = Path(context.run_config["marks"])
+    (marks / "started").write_text("yes")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            time.sleep(0.05)
+        except BaseException:  # swallows the interrupt: the worker must still end
+            pass
+    return 1
+
+@job
+def stubborn():
+    waits()
+    ignores()
+'''
+
+
+def _term(tmp_path: Path, step_key: str) -> tuple[subprocess.CompletedProcess[str], float, Path]:
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    (tmp_path / "stubborn_jobs.py").write_text(STUBBORN_JOB)
+    request = StepRequest(run_id="r" * 32, step_key=step_key, attempt=1, attempt_id="a1", job_name="stubborn",
+                          code_pointer=CodePointer(file=str(tmp_path / "stubborn_jobs.py")),
+                          output_store=str(tmp_path / "outputs"), inputs={}, run_config={"marks": str(marks)})
+    proc = subprocess.Popen([RUNYARD, "api", "execute-step", "--stream", request.to_json()],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not (marks / "started").exists():
+            assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
+            time.sleep(0.02)
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+        elapsed = time.monotonic() - sent
+    finally:
+        proc.kill()
+        proc.wait()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err), elapsed, marks
+
+
+def test_sigterm_interrupts_the_step_and_reports_it_canceled(tmp_path: Path) -> None:
+    proc, elapsed, marks = _term(tmp_path, "waits")
+    assert proc.returncode == 0, proc.stderr
+    assert elapsed < 3, elapsed  # interrupted, not waited out
+    events = [Event.from_json(line) for line in proc.stdout.splitlines()]
+    assert [e.type for e in events] == [EventType.STEP_START, EventType.STEP_FAILURE]
+    failure = events[-1].failure
+    assert failure is not None and failure.kind is FailureKind.CANCELED
+    assert "received SIGTERM" in failure.message
+    assert (marks / "cleaned-up").exists()  # the step's finally ran
+
+
+def test_sigterm_ends_a_step_that_ignores_it_within_the_grace_period(tmp_path: Path) -> None:
+    from runyard.cli.api import TERM_GRACE
+
+    proc, elapsed, _ = _term(tmp_path, "ignores")
+    assert proc.returncode == 0, proc.stderr
+    assert TERM_GRACE - 0.5 < elapsed < TERM_GRACE + 3, elapsed
+    events = [Event.from_json(line) for line in proc.stdout.splitlines()]
+    assert [e.type for e in events] == [EventType.STEP_START, EventType.STEP_FAILURE]
+    failure = events[-1].failure
+    assert failure is not None and failure.kind is FailureKind.CANCELED
+    assert f"did not stop within {TERM_GRACE:g}s" in failure.message
+
+
+def test_sigterm_while_the_job_loads_cancels_the_step_before_it_runs(tmp_path: Path) -> None:
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    (tmp_path / "slow_import.py").write_text(f'''
+import time
+from pathlib import Path
+from runyard import job, step
+
+Path({str(marks)!r}, "started").write_text("loading")  # the SIGTERM comes while the job loads
+time.sleep(1.5)
+
+@step
+def never():
+    Path({str(marks)!r}, "ran").write_text("yes")
+    return 1
+
+@job
+def slow():
+    never()
+''')
+    request = StepRequest(run_id="r" * 32, step_key="never", attempt=1, attempt_id="a1", job_name="slow",
+                          code_pointer=CodePointer(file=str(tmp_path / "slow_import.py")),
+                          output_store=str(tmp_path / "outputs"), inputs={})
+    proc = subprocess.Popen([RUNYARD, "api", "execute-step", "--stream", request.to_json()],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not (marks / "started").exists():
+            assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 0, err
+    events = [Event.from_json(line) for line in out.splitlines()]
+    assert [e.type for e in events] == [EventType.STEP_START, EventType.STEP_FAILURE]
+    assert events[-1].failure is not None and events[-1].failure.kind is FailureKind.CANCELED
+    assert not (marks / "ran").exists()  # the step function never ran

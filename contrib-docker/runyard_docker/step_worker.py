@@ -52,6 +52,10 @@ class _Channel:
         self.write_lock = threading.Lock()
         self.read_lock = threading.Lock()
         sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+        # End any partial line written to stdout before the worker took it over (interpreter
+        # start-up, a sitecustomize): the first event then starts a line of its own. The
+        # executor skips blank lines.
+        self._write("\n")
         threading.Thread(target=self._forward, name="runyard-stdout", daemon=True).start()
 
     def emit(self, ev: Event) -> None:

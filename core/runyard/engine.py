@@ -154,16 +154,33 @@ class Engine:
         ready: deque[tuple[str, int]] = deque((k, 1) for k, n in remaining.items() if n == 0)
         self._remaining = remaining
         self._ready = ready
+        error: BaseException | None = None
         try:
             self.handler.setup()
             self._loop()
+        except BaseException as e:
+            error = e
+            raise
         finally:
             try:
                 self._stop_all(FailureKind.CANCELED)
             finally:
-                self.handler.teardown()
-                self._flush()
+                self._teardown(error)
         return EngineResult(self.states, self.outputs, self._canceled)
+
+    def _teardown(self, error: BaseException | None) -> None:
+        """Call the handler's teardown, also after `setup` raised. When the run is already
+        failing, a teardown that raises too (a handler whose setup never got to create what
+        teardown releases) is recorded as an ENGINE event and the original error goes on:
+        it is the one that says what is wrong (an unset variable, an unreachable cluster)."""
+        try:
+            self.handler.teardown()
+        except Exception as e:
+            if error is None:
+                raise
+            self._emit(EventType.ENGINE, message=f"teardown failed: {type(e).__name__}: {e}")
+        finally:
+            self._flush()
 
     # -- loop -----------------------------------------------------------------------
 

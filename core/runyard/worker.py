@@ -276,3 +276,173 @@ def _append_captured(events: list[Event], base: dict[str, Any], out: io.StringIO
         text = buf.getvalue()
         if text:
             events.append(Event(type=kind, data={"text": text}, **base))
+
+
+# -- the command-line step worker's event stream ---------------------------------------
+
+_ENDINGS = (EventType.STEP_OUTPUT, EventType.STEP_SUCCESS, EventType.STEP_FAILURE)
+
+
+class FdEventStream:
+    """Keeps the events of ``runyard api execute-step`` apart from the step's own output.
+
+    On `open`, the process's stdout (fd 1) becomes the *event* stream, reached only
+    through a private duplicate of it, and fds 1 and 2 are pointed at pipes. Whatever
+    the step writes there (Python prints, C extensions, subprocesses it starts) is read
+    back and reported as STEP_STDOUT/STEP_STDERR events, so a line on the event stream is
+    always one whole JSON event: a step printing ``no newline`` or half a JSON object
+    cannot run into the next event line. Call `execute_step` with ``capture_output=False``
+    and ``on_event=stream.emit``.
+
+    ``live``: write each event line as it is emitted; otherwise all at `close`.
+    """
+
+    def __init__(self, base: dict[str, Any], *, live: bool) -> None:
+        self.base = base
+        self.live = live
+        self.lock = threading.Lock()
+        self.ended = False
+        self._held: list[str] = []
+        self._pending = {EventType.STEP_STDOUT: "", EventType.STEP_STDERR: ""}
+        self._decoders = {t: _utf8_decoder() for t in self._pending}
+        self._fds: dict[EventType, int] = {}
+        self._closing = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def open(self) -> None:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:  # a closed or odd stream must not stop the step
+                pass
+        self.events_fd = os.dup(1)
+        self.stderr_fd = os.dup(2)  # the worker's own stderr, for what comes after the ending
+        for fd, kind in ((1, EventType.STEP_STDOUT), (2, EventType.STEP_STDERR)):
+            read, write = os.pipe()
+            os.dup2(write, fd)
+            os.close(write)
+            os.set_blocking(read, False)
+            self._fds[kind] = read
+        try:
+            sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+        except Exception:
+            pass
+        # Wakes the forwarder at `close`, so it is gone before its descriptors are closed
+        # (without waiting out a select timeout on every step).
+        self._wake_read, self._wake_write = os.pipe()
+        self._thread = threading.Thread(target=self._forward, name="runyard-output", daemon=True)
+        self._thread.start()
+
+    def emit(self, ev: Event) -> None:
+        """Write one event (``on_event`` of `execute_step`). Output the step wrote before
+        its output and ending is reported first, so the events keep the order it happened in."""
+        if ev.type in _ENDINGS:
+            for stream in (sys.stdout, sys.stderr):
+                try:
+                    stream.flush()
+                except Exception:
+                    pass
+            self._drain(final=True)
+        with self.lock:
+            if self.ended:
+                return  # an ending was written already (see `end`): nothing may follow it
+            if ev.type in (EventType.STEP_SUCCESS, EventType.STEP_FAILURE):
+                self.ended = True
+            self._put(ev.to_json() + "\n")
+
+    def end(self, failure: FailureInfo) -> bool:
+        """Write a STEP_FAILURE unless an ending was written; True if this one was."""
+        self._drain(final=True)
+        with self.lock:
+            if self.ended:
+                return False
+            self.ended = True
+            self._put(_failure_event(self.base, failure).to_json() + "\n")
+            return True
+
+    def close(self) -> None:
+        """Stop forwarding, write held events, and point fd 1 at the worker's stderr (so a
+        thread the step left behind cannot write into the event stream) and fd 2 back."""
+        self._closing.set()
+        os.write(self._wake_write, b"x")
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=2)
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:
+                pass
+        late = self._drain(final=True, report=False)
+        with self.lock:
+            if self._held:
+                self._write("".join(self._held))
+                self._held = []
+        os.dup2(self.stderr_fd, 1)
+        os.dup2(self.stderr_fd, 2)
+        if late:
+            self._write_fd(self.stderr_fd, late)
+        for fd in (*self._fds.values(), self._wake_read, self._wake_write, self.events_fd):
+            os.close(fd)
+
+    # -- internals --
+
+    def _put(self, line: str) -> None:  # called with the lock held
+        if self.live:
+            self._write(line)
+        else:
+            self._held.append(line)
+
+    def _write(self, text: str) -> None:
+        self._write_fd(self.events_fd, text)
+
+    @staticmethod
+    def _write_fd(fd: int, text: str) -> None:
+        data = text.encode()
+        while data:
+            data = data[os.write(fd, data):]
+
+    def _drain(self, *, final: bool, report: bool = True) -> str:
+        """Report what the step wrote: whole lines, or everything when ``final`` or when
+        nothing new came (a prompt or progress bar without a newline is not held back)."""
+        leftover = ""
+        for kind, fd in self._fds.items():
+            chunks = []
+            with self.lock:
+                while True:
+                    try:
+                        chunk = os.read(fd, 65536)
+                    except (BlockingIOError, OSError):
+                        break
+                    if not chunk:
+                        break
+                    chunks.append(chunk)
+                text = self._pending[kind] + self._decoders[kind].decode(b"".join(chunks), final=final)
+                cut = len(text) if final or not chunks else text.rfind("\n") + 1
+                out, self._pending[kind] = text[:cut], text[cut:]
+                if not out:
+                    continue
+                if not report or self.ended:
+                    leftover += out
+                    continue
+                self._put(Event(type=kind, data={"text": out}, **self.base).to_json() + "\n")
+        return leftover
+
+    def _forward(self) -> None:
+        import select
+
+        while not self._closing.is_set():
+            try:
+                select.select([*self._fds.values(), self._wake_read], [], [], 0.2)
+            except (OSError, ValueError):
+                return
+            if self._closing.is_set():
+                return
+            late = self._drain(final=False)
+            if late:  # written after the ending: kept, on the worker's stderr
+                self._write_fd(self.stderr_fd, late)
+
+
+def _utf8_decoder() -> Any:
+    import codecs
+
+    return codecs.getincrementaldecoder("utf-8")(errors="replace")

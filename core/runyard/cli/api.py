@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import click
 
@@ -25,33 +26,95 @@ def execute_step(request: str | None, stream: bool) -> None:
 
     Exit status is 0 when the step ran (whether it succeeded or failed: the events say
     which) and 2 when the request is malformed. With --stream, each event line is
-    printed and flushed as the step emits it.
+    printed and flushed as the step emits it. Stdout carries events only: what the step
+    writes to fds 1 and 2 comes back as STEP_STDOUT/STEP_STDERR events. SIGTERM stops
+    the step: its ending is a STEP_FAILURE of kind CANCELED, and the worker exits 0
+    within 5 seconds.
 
     \b
     Example:
       runyard api execute-step '{"run_id": "r1", "step_key": "emit", ...}'
     """
-    from ..plugin import Event, StepRequest
-    from ..plugin import execute_step as run
+    from ..plugin import StepRequest
 
     raw = request if request is not None else sys.stdin.read()
     try:
         req = StepRequest.from_json(raw)
     except Exception as e:
         raise click.UsageError(f"malformed step request: {type(e).__name__}: {e}") from e
-    if stream:
-        # The real stream: while the step runs, sys.stdout is the step's capture buffer.
-        out = sys.__stdout__ or sys.stdout
+    _serve(req, live=stream)
 
-        def emit(ev: Event) -> None:
-            out.write(ev.to_json() + "\n")
-            out.flush()
 
-        run(req, on_event=emit)
-        return
-    for ev in run(req):
-        sys.stdout.write(ev.to_json() + "\n")
-    sys.stdout.flush()
+# How long a step has after SIGTERM to end before the worker reports it CANCELED and exits.
+TERM_GRACE = 5.0
+
+
+def _serve(req: Any, *, live: bool) -> None:
+    """Run the step with its output kept off the event stream (`FdEventStream`), and stop it
+    cleanly on SIGTERM: the step is interrupted (StepInterrupted raised in it), its ending
+    is a STEP_FAILURE of kind CANCELED, and the worker exits 0 within TERM_GRACE seconds
+    even if the step ignores the interrupt."""
+    import os
+    import signal
+    import threading
+
+    from ..events import EventType, FailureInfo, FailureKind
+    from ..plugin import execute_step as run
+    from ..worker import FdEventStream, StepInterrupted
+
+    base = {"run_id": req.run_id, "step_key": req.step_key, "attempt": req.attempt, "attempt_id": req.attempt_id}
+    events = FdEventStream(base, live=live)
+    state = {"running": False, "writing": False, "pending": False, "termed": False}
+    message = f"step '{req.step_key}' was stopped: its step worker received SIGTERM"
+
+    def emit(ev: Any) -> None:
+        if ev.type in (EventType.STEP_OUTPUT, EventType.STEP_SUCCESS, EventType.STEP_FAILURE):
+            state["running"] = False  # the step is over: a SIGTERM now changes nothing
+        state["writing"] = True
+        try:
+            events.emit(ev)
+        finally:
+            state["writing"] = False
+        if ev.type is EventType.STEP_START:
+            state["running"] = True
+        if state["pending"] and state["running"]:
+            state["pending"] = False
+            raise StepInterrupted(FailureKind.CANCELED, message)
+
+    def give_up() -> None:
+        # The step did not end within the grace period (blocked in C code, or it caught
+        # the interrupt): report it canceled and end the process, threads and all.
+        if events.end(FailureInfo(kind=FailureKind.CANCELED, message=f"{message} and did not stop within "
+                                  f"{TERM_GRACE:g}s; the worker exited")):
+            events.close()
+        os._exit(0)
+
+    def on_term(signum: int, frame: Any) -> None:
+        if state["termed"]:
+            # A second SIGTERM: stop waiting. From a thread, since this handler may have
+            # interrupted the main thread while it held the event stream's lock.
+            threading.Thread(target=give_up, daemon=True).start()
+            return
+        state["termed"] = True
+        timer = threading.Timer(TERM_GRACE, give_up)
+        timer.daemon = True
+        timer.start()
+        if state["running"] and not state["writing"]:
+            raise StepInterrupted(FailureKind.CANCELED, message)
+        state["pending"] = True  # delivered once the step starts or the event line is written
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    events.open()
+    try:
+        try:
+            run(req, capture_output=False, on_event=emit)
+        except StepInterrupted as e:  # delivered between two statements of execute_step
+            state["running"] = False
+            events.end(FailureInfo(kind=e.kind, message=str(e)))
+        state["running"] = False
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        events.close()
 
 
 @api.command("execute-run")

@@ -64,7 +64,8 @@ def _run_options(fn):  # type: ignore[no-untyped-def]
 
 @job.command("execute")
 @_run_options
-@click.option("--steps", help="Run only these steps (comma-separated keys or globs); needs --parent.")
+@click.option("--steps", help="Run only these steps (comma-separated keys or globs); add --parent when they "
+              "read outputs of steps left out.")
 @click.option("--parent", "parent_run_id", help="Run whose outputs unselected upstream steps read.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def execute(pointer, job_name, config_path, executor, tags, steps, parent_run_id, as_json) -> None:  # type: ignore[no-untyped-def]

@@ -101,7 +101,12 @@ class ThreadPoolStepHandler(StepHandler):
         )
 
     def teardown(self) -> None:
+        # The engine calls teardown even when setup raised (an unset {env: NAME}), before
+        # the pool existed: release only what was acquired, so the run reports setup's error.
+        pool = getattr(self, "_pool", None)
+        if pool is None:
+            return
         # Normally every future is done by now. After a cancel, do not block the run's end
         # on threads that cannot be stopped; they finish in the background (and the
         # interpreter waits for them before it exits).
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        pool.shutdown(wait=False, cancel_futures=True)

@@ -44,7 +44,7 @@ def runyard_executors() -> list[ExecutorSpec]:
             ),
             description="Steps on a thread pool in the run's own process (I/O-bound steps).",
             # The plugin API this was written against: a runyard with another one refuses to
-            # load the spec instead of failing at run time. (Left unset, it always matches.)
+            # load the spec instead of failing at run time. Required, and written as a literal.
             api_version=1,
         )
     ]

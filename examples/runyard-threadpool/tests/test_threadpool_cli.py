@@ -119,9 +119,9 @@ def test_job_runs_on_threadpool_named_in_runyard_yaml(home: Path, tmp_path: Path
     job_file = write_job(tmp_path, "fan_job.py", FAN_JOB)
 
     proc = run_cli("job", "execute", "-f", str(job_file), home=home, cwd=tmp_path)
-    # Only the exit status is checked, not the summary line: see test_threadpool_output.py
-    # for how concurrent steps leave the process's sys.stdout redirected.
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    # Concurrent steps capture their prints per thread, so the CLI's own stdout still works.
+    assert "SUCCESS" in proc.stdout, proc.stdout
 
     run, events, outputs = only_run(home)
     assert run.executor == "threadpool"
@@ -150,6 +150,25 @@ def test_config_values_can_come_from_the_environment(home: Path, tmp_path: Path)
 
     _, _, outputs = only_run(home)
     assert all(t.startswith("yard-worker") for t in outputs["combine"]["threads"]), outputs
+
+
+def test_an_unset_variable_read_in_setup_exits_2_with_one_line(home: Path, tmp_path: Path) -> None:
+    # setup() raises (resolve of an unset {env: NAME}); the engine still calls teardown,
+    # which must not hide that error behind its own (an AttributeError on the missing pool).
+    write_config(home, {"thread_name_prefix": {"env": "YARD_UNSET_PREFIX"}})
+    job_file = write_job(tmp_path, "fan_job.py", FAN_JOB)
+    env = {k: v for k, v in os.environ.items() if k != "YARD_UNSET_PREFIX"}
+    proc = subprocess.run([runyard_exe(), "job", "execute", "-f", str(job_file)],
+                          env={**env, "RUNYARD_HOME": str(home)}, cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: ") and "YARD_UNSET_PREFIX" in lines[0] and "not set" in lines[0]
+    assert "AttributeError" not in proc.stderr
+    run, events, _ = only_run(home)
+    assert run.status is RunStatus.FAILURE
+    assert not [e for e in events if e.type is EventType.STEP_START]  # no step ran
 
 
 def test_step_timeout_is_rejected_before_the_run(home: Path, tmp_path: Path) -> None:
