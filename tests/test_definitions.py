@@ -436,3 +436,76 @@ def test_threads_loading_one_job_file_at_once_all_get_the_job(tmp_path: Path) ->
     for t in threads:
         t.join(10)
     assert results == ["slow"] * 4
+
+
+# Names become file names (RUN_ID/STEP_KEY in the output store), so the grammar is checked
+# where a name is defined, before any run: `alias("../../../../tmp/x")` once wrote to /tmp/x.
+BAD_NAMES = ["../../../../tmp/x", "a/b", "..", ".hidden", "", "a b", "a\nb", "x" * 101, "1st", "é", "a\\b", "a\0b"]
+
+
+@pytest.mark.parametrize("bad", BAD_NAMES)
+def test_alias_with_a_bad_name_is_refused_at_definition(bad: str) -> None:
+    with pytest.raises(DefinitionError) as e:
+
+        @job
+        def traverse() -> None:
+            add.alias(bad)(1)
+
+    assert f"step 'add': alias {bad!r} is not a valid name" in str(e.value)
+    assert "starts with a letter or '_'" in str(e.value) and "rename it" in str(e.value)
+
+
+@pytest.mark.parametrize("bad", BAD_NAMES)
+def test_graph_job_keys_built_from_data_are_checked(bad: str) -> None:
+    with pytest.raises(DefinitionError) as e:
+        graph_job("from_data", {"ok": (emit, {"value": 1}), bad: (emit, {"value": 2})})
+    assert str(e.value).startswith("graph_job 'from_data': step key ")
+
+
+@pytest.mark.parametrize("bad", ["../x", "a/b", "my job"])
+def test_job_and_step_names_are_checked(bad: str) -> None:
+    with pytest.raises(DefinitionError, match="job name"):
+        job(name=bad)(lambda: add(1))
+    with pytest.raises(DefinitionError, match="step name"):
+        step(name=bad)(lambda: 1)
+    with pytest.raises(DefinitionError, match="job name"):
+        graph_job(bad, {"e": (emit, {"value": 1})})
+
+
+def test_a_lambda_step_needs_a_name() -> None:
+    with pytest.raises(DefinitionError) as e:
+        step(lambda: 1)
+    assert str(e.value).startswith("step name (give one with @step(name=...)) '<lambda>' is not a valid name")
+    assert step(name="one")(lambda: 1).name == "one"
+
+
+def test_the_alias_is_checked_even_outside_a_job_body() -> None:
+    with pytest.raises(DefinitionError, match="step 'add': alias '../x' is not a valid name"):
+        add.alias("../x")
+
+
+@pytest.mark.parametrize("good", ["a", "_a", "A1", "load.csv", "load-2", "x" * 100, "double_2"])
+def test_good_names_pass(good: str) -> None:
+    @job(name=good)
+    def body() -> None:
+        add.alias(good)(1)
+
+    assert list(body.nodes) == [good]
+    assert list(graph_job(good, {good: (emit, {"value": 1})}).nodes) == [good]
+
+
+def test_repeated_calls_get_suffixed_keys_that_stay_valid() -> None:
+    @job
+    def fan_out() -> None:
+        for i in range(3):
+            add(i)
+
+    assert list(fan_out.nodes) == ["add", "add_2", "add_3"]
+
+    long = step(name="s" * 100)(lambda: 1)
+    with pytest.raises(DefinitionError, match="step key 's{100}_2' is not a valid name"):
+
+        @job
+        def too_long() -> None:
+            long()
+            long()

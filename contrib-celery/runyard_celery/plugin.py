@@ -61,7 +61,8 @@ class CeleryConfig(ExecutorConfig):
     the broker at once) and ``tag_concurrency_limits``. Workers started with ``runyard celery
     worker`` read the same section of ``runyard.yaml``.
 
-    ``broker``: Celery broker URL (``redis://host:6379/0``, ``amqp://user:pass@host:5672/vhost``).
+    ``broker``: Celery broker URL (``redis://host:6379/0``, ``amqp://user:pass@host:5672/vhost``);
+    required: with no default, steps never go to a broker nobody chose (see docs/backends/celery.md).
     ``backend``: result backend URL; default: the broker's URL when it is Redis. Required with
     an AMQP broker (``rpc://`` is refused: its results reach only the process that sent the task).
     ``include``: modules a worker imports at start (job modules, so that the first step of a
@@ -82,7 +83,10 @@ class CeleryConfig(ExecutorConfig):
     worker that should stop it died.
     """
 
-    broker: str = "redis://127.0.0.1:6379/0"
+    broker: str = attrs.field(metadata={"required": (
+        "add the URL of the Celery broker your workers use, e.g. `broker: redis://127.0.0.1:6379/0` "
+        "or `broker: amqp://user:password@host:5672/vhost` (or {env: NAME})"
+    )})
     backend: str | None = None
     include: list[str] = attrs.field(factory=list)
     default_queue: str = "runyard"

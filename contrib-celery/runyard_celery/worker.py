@@ -15,13 +15,19 @@ from .app import make_app
 from .plugin import CeleryConfig
 
 
-def instance_config() -> CeleryConfig:
-    """The celery executor's settings in $RUNYARD_HOME/runyard.yaml, or the defaults."""
+def instance_config(broker: str | None = None) -> CeleryConfig:
+    """The celery executor's settings in $RUNYARD_HOME/runyard.yaml, or the defaults with
+    ``broker`` (the --broker option): there is no default broker to fall back on."""
     instance = Instance.from_env()
     selection = instance.sections.get("executor")
     if selection is not None and selection.name == "celery":
         return instance.plugin_config("executor", selection)
-    return CeleryConfig()
+    if broker is None:
+        raise ConfigError(
+            f"{instance.config_source}: executor.celery.broker is not set and no --broker was given: "
+            "say which broker to consume, e.g. --broker redis://127.0.0.1:6379/0, or set executor.celery.broker"
+        )
+    return CeleryConfig(broker=broker)
 
 
 def run_worker(
@@ -35,7 +41,7 @@ def run_worker(
     loglevel: str,
 ) -> None:
     try:
-        cfg = instance_config()
+        cfg = instance_config(broker)
         broker_url = broker or resolve(cfg.broker) or ""
         app = make_app(
             broker=broker_url,

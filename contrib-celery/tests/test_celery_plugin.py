@@ -83,6 +83,25 @@ def test_unusable_backend_is_a_config_error(
                     run_config={"execution": {"celery": settings}})
 
 
+@pytest.mark.parametrize("written", ["executor: celery\n", "executor:\n  celery: {default_queue: q}\n"])
+def test_a_missing_broker_is_a_config_error_not_a_silent_default(tmp_path: Path, written: str) -> None:
+    """Without `broker`, steps once went to redis://127.0.0.1:6379/0 unasked: whoever runs a
+    Redis there (another user, a container) received every step's run config."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "runyard.yaml").write_text(written)
+    env = {**os.environ, "RUNYARD_HOME": str(home)}
+    for cmd in (["instance", "validate"], ["job", "execute", "-m", "celery_test_jobs", "-j", "chain_job"]):
+        proc = subprocess.run([RUNYARD, *cmd], capture_output=True, text=True, timeout=60,
+                              env={**env, "PYTHONPATH": str(HERE)})
+        assert proc.returncode == 2, proc.stdout + proc.stderr
+        assert "executor.celery.broker: required key 'broker' is missing; add the URL" in proc.stderr
+        assert "broker: redis://127.0.0.1:6379/0" in proc.stderr  # the fix, as an example
+    worker = subprocess.run([RUNYARD, "celery", "worker"], capture_output=True, text=True, timeout=60,
+                            env={**env, "RUNYARD_HOME": str(tmp_path / "empty-home")})
+    assert worker.returncode == 2 and "executor.celery.broker is not set and no --broker was given" in worker.stderr
+
+
 def test_plugin_list_shows_the_executor_from_its_distribution() -> None:
     out = subprocess.run([RUNYARD, "plugin", "list", "--json"], capture_output=True, text=True, check=True).stdout
     assert "runyard-celery" in out

@@ -35,7 +35,7 @@ from urllib.parse import urlsplit
 import docker
 import docker.errors
 from runyard import ConfigError, Instance
-from runyard.plugin import RunLauncher, RunRecord, WorkerHealth, resolve
+from runyard.plugin import RunLauncher, RunRecord, WorkerHealth, make_private_dirs, open_private, resolve
 
 from . import _docker as d
 from .plugin import LABEL_KIND, LABEL_RUN_ID, DockerLauncherConfig
@@ -129,8 +129,8 @@ class DockerRunLauncher(RunLauncher):
         if docker_host:
             env["RUNYARD_DOCKER_REAPER_HOST"] = docker_host
         logs = Path(str(self.instance_home)) / "logs"
-        logs.mkdir(parents=True, exist_ok=True)
-        with open(logs / f"docker-watch-{run_id}.log", "ab") as log:
+        make_private_dirs(logs)  # owner-only, like everything in the instance
+        with open(open_private(logs / f"docker-watch-{run_id}.log"), "ab") as log:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "runyard_docker.reaper", "--run-container", run_id, container_id],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, start_new_session=True, close_fds=True,
@@ -298,9 +298,10 @@ class DockerRunLauncher(RunLauncher):
         if path is None:
             return
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            make_private_dirs(path.parent)  # owner-only: the message carries the run's output
             tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({"status": health.status.value, "message": health.message}))
+            with open(open_private(tmp, os.O_WRONLY | os.O_TRUNC), "w") as f:
+                f.write(json.dumps({"status": health.status.value, "message": health.message}))
             tmp.replace(path)
         except OSError:
             pass  # a read-only home: later checks say the container vanished

@@ -114,6 +114,16 @@ def converter() -> cattrs.Converter:
     return conv
 
 
+def _field_hint(exc: BaseException, name: str | None) -> str:
+    """A config field's ``metadata={"required": "..."}``: what to write when it is missing."""
+    cls = getattr(exc, "cl", None)
+    if name is None or cls is None or not attrs.has(cls):
+        return ""
+    field = attrs.fields_dict(cls).get(name)
+    hint = field.metadata.get("required") if field is not None else None
+    return f"; {hint}" if hint else ""
+
+
 def _problems(exc: BaseException, path: str) -> list[str]:
     """Flatten cattrs' exception tree into ``path: message`` lines."""
     from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError, IterableValidationError
@@ -132,7 +142,8 @@ def _problems(exc: BaseException, path: str) -> list[str]:
             index = getattr(note, "index", None)
             sub_path = f"{path}.{name}" if name is not None else f"{path}[{index}]"
             sub_path = sub_path.lstrip(".")
-            out.extend(_problems(sub, sub_path))
+            hint = _field_hint(exc, name) if isinstance(sub, KeyError) else ""
+            out.extend(p + hint for p in _problems(sub, sub_path))
         for sub in without:
             out.extend(_problems(sub, path))
         return out
@@ -182,22 +193,11 @@ def unstructure(obj: Any) -> Any:
     return obj
 
 
-def load_yaml(path: Path) -> Any:
-    """Read a YAML file; malformed YAML is a ConfigError with the file and line."""
-    import yaml
+def load_yaml(path: Path, *, what: str = "configuration file") -> Any:
+    """Read a YAML file within bounds; any problem is a ConfigError naming the file."""
+    from .yamlfile import load_yaml_file
 
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: file not found") from None
-    try:
-        return yaml.safe_load(text)
-    except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark or e.context_mark
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        raise ConfigError(f"{where}: malformed YAML: {e.problem or e.context}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: malformed YAML: {e}") from None
+    return load_yaml_file(path, what=what)
 
 
 @attrs.frozen

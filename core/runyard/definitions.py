@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextvars
 import inspect
 import random
+import re
 import sys
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -20,6 +21,29 @@ import attrs
 
 from .errors import DefinitionError
 from .events import FailureKind
+
+NAME_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
+"""What a step name, step key (alias, `graph_job` key) or job name may be."""
+
+MAX_NAME_LENGTH = 100
+"""Longest name: keys become file names in output stores, with room for a suffix."""
+
+NAME_RULE = (
+    f"a name starts with a letter or '_', holds only ASCII letters, digits, '_', '.' and '-', "
+    f"and is at most {MAX_NAME_LENGTH} characters"
+)
+
+
+def check_name(name: Any, what: str) -> str:
+    """Return ``name`` if it follows `NAME_RULE`; else a DefinitionError naming it and ``what`` it is.
+
+    Keys name output files (``RUN_ID/STEP_KEY``), tags and selections, so a key such as
+    ``../../tmp/x`` or ``a/b`` must never get as far as a run.
+    """
+    if isinstance(name, str) and len(name) <= MAX_NAME_LENGTH and NAME_PATTERN.fullmatch(name):
+        return name
+    shown = repr(name) if len(repr(name)) <= 120 else repr(name)[:117] + "..."
+    raise DefinitionError(f"{what} {shown} is not a valid name: {NAME_RULE}; rename it")
 
 
 @attrs.frozen(kw_only=True)
@@ -104,6 +128,7 @@ class _JobBuilder:
 
     def add(self, step: StepDefinition, alias: str | None, args: tuple, kwargs: dict) -> StepOutput:
         if alias is not None:
+            check_name(alias, f"job '{self.job_name}': step alias")
             if alias in self.nodes:
                 raise DefinitionError(
                     f"job '{self.job_name}': two step calls are named '{alias}'; "
@@ -117,6 +142,7 @@ class _JobBuilder:
                 n += 1
                 key = f"{step.name}_{n + 1}"
             self._counts[step.name] = n
+            check_name(key, f"job '{self.job_name}': step key")  # a long name's suffix may pass the limit
         inputs = step.bind_inputs(self.job_name, key, args, kwargs)
         self.nodes[key] = StepNode(key=key, step=step, inputs=inputs)
         return StepOutput(key)
@@ -154,7 +180,9 @@ class StepDefinition:
         timeout: float | None = None,
     ) -> None:
         self.fn = fn
-        self.name = name or fn.__name__
+        self.name = check_name(
+            name or getattr(fn, "__name__", None), "step name (give one with @step(name=...))"
+        )
         self.description = description or inspect.getdoc(fn)
         self.retry = retry
         self.tags = {str(k): str(v) for k, v in (tags or {}).items()}
@@ -176,6 +204,7 @@ class StepDefinition:
 
     def alias(self, name: str) -> Callable[..., StepOutput]:
         """Name this call of the step: ``add.alias("first")(x)`` gets the key ``first``."""
+        check_name(name, f"step '{self.name}': alias")
 
         def call(*args: Any, **kwargs: Any) -> StepOutput:
             builder = _current_builder.get()
@@ -283,7 +312,7 @@ class JobDefinition:
         tags: Mapping[str, str] | None = None,
         code_pointer: CodePointer | None = None,
     ) -> None:
-        self.name = name
+        self.name = check_name(name, "job name")
         self.nodes = dict(nodes)
         self.description = description
         self.executor = executor
@@ -294,6 +323,8 @@ class JobDefinition:
             raise DefinitionError(f"job '{name}' calls no steps; call at least one step in its body")
         if executor_config is not None and executor is None:
             raise DefinitionError(f"job '{name}': executor_config needs executor= to say which executor it configures")
+        for key in self.nodes:  # also keys built from data by graph_job
+            check_name(key, f"job '{name}': step key")
         _check_graph(name, self.nodes)
 
     def __repr__(self) -> str:
@@ -416,6 +447,9 @@ def graph_job(
     wrapped in `StepOutput`, a list of them (fan-in), or a constant. Useful when the graph
     comes from data; cycles and unknown upstream keys are rejected here.
     """
+    check_name(name, "job name")
+    for key in steps:
+        check_name(key, f"graph_job '{name}': step key")
     nodes = {
         key: StepNode(key=key, step=s, inputs=s.bind_inputs(name, key, (), dict(inputs)))
         for key, (s, inputs) in steps.items()

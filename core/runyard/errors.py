@@ -41,3 +41,7 @@ class OutputSerializationError(RunyardError):
             f"({type(cause).__name__}: {cause}); return a picklable value "
             "(plain data, or an object whose class is importable) instead"
         )
+
+
+class OutputPathError(RunyardError, ValueError):
+    """An output reference (run id, step key, stored ref) would leave the output store's root."""

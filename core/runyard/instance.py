@@ -11,11 +11,12 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from .config import Selection, load_yaml, parse_selection, structure
+from .config import Selection, parse_selection, structure
 from .errors import ConfigError
 from .outputs import MemoryOutputStore, OutputStore, open_output_store
 from .registry import Kind, PluginRegistry, default_registry
 from .storage import RunStorage
+from .yamlfile import beside, load_yaml_file
 
 SECTIONS: tuple[Kind, ...] = ("storage", "run_launcher", "executor")
 TOP_LEVEL_KEYS = (*SECTIONS, "outputs")
@@ -47,7 +48,7 @@ class Instance:
             raw = dict(config)
         elif self.home is not None and (self.home / CONFIG_FILE).exists():
             self.config_source = str(self.home / CONFIG_FILE)
-            raw = load_yaml(self.home / CONFIG_FILE) or {}
+            raw = load_yaml_file(self.home / CONFIG_FILE, what="instance config") or {}
         else:
             self.config_source = str(self.home / CONFIG_FILE) if self.home else "instance config"
             raw = {}
@@ -67,7 +68,7 @@ class Instance:
                 f"{self.config_source}: outputs: expected a path or URL string "
                 f"(like /shared/runyard-outputs or s3://bucket/prefix), got {type(outputs).__name__}"
             )
-        self._outputs_url = outputs
+        self._outputs_url = beside(self.home, outputs)  # relative to runyard.yaml's folder
 
     @classmethod
     def from_env(cls, *, registry: PluginRegistry | None = None) -> Instance:

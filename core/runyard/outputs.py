@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from .errors import ConfigError, OutputSerializationError
+from .errors import ConfigError, OutputPathError, OutputSerializationError
+from .private import make_private_dirs, write_private
 
 
 class OutputStore(ABC):
@@ -41,6 +42,37 @@ class OutputStore(ABC):
         return True
 
 
+def _component(value: str, what: str) -> str:
+    """``value`` if it is one plain path component: the caller joins it under the store's root."""
+    if (
+        not isinstance(value, str)
+        or value in ("", ".", "..")
+        or "/" in value
+        or "\\" in value
+        or "\0" in value
+        or len(value) > 255
+    ):
+        raise OutputPathError(
+            f"output store: {what} {value!r} is not a plain name (no '/', '\\', '..', NUL, empty or over "
+            "255 characters), so an output under it could land outside the store; the run or step is refused"
+        )
+    return value
+
+
+def make_ref(run_id: str, step_key: str) -> str:
+    """The reference of a step's output: ``RUN_ID/STEP_KEY``, each checked to be one component."""
+    return f"{_component(run_id, 'run id')}/{_component(step_key, 'step key')}"
+
+
+def check_ref(ref: str) -> str:
+    """``ref`` if it is a relative path of plain components (what `make_ref` builds)."""
+    if not isinstance(ref, str) or not ref:
+        raise OutputPathError(f"output store: reference {ref!r} is empty or not a string")
+    for part in ref.split("/"):
+        _component(part, f"reference {ref!r}: part")
+    return ref
+
+
 def _dumps(step_key: str, value: Any) -> bytes:
     try:
         return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
@@ -55,20 +87,31 @@ class FileOutputStore(OutputStore):
         self.base = Path(base).resolve()
         self.url = self.base.as_uri()
 
+    def _path(self, ref: str) -> Path:
+        """Where ``ref`` lives; refused unless it is under the root once symlinks are followed."""
+        path = self.base / check_ref(ref)
+        real = path.resolve()
+        if not real.is_relative_to(self.base) or real == self.base:
+            raise OutputPathError(
+                f"output store {self.base}: reference {ref!r} resolves to {real}, outside the store "
+                "(a symbolic link?); refused"
+            )
+        return path
+
     def put(self, run_id: str, step_key: str, value: Any) -> str:
         data = _dumps(step_key, value)
-        ref = f"{run_id}/{step_key}"
-        path = self.base / ref
-        path.parent.mkdir(parents=True, exist_ok=True)
+        ref = make_ref(run_id, step_key)
+        path = self._path(ref)
+        make_private_dirs(path.parent)
         # Write then rename, so a reader in another process never sees half a file.
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-        tmp.write_bytes(data)
+        write_private(tmp, data)  # owner-only whatever the umask: unpickling it runs code
         os.replace(tmp, path)
         return ref
 
     def get(self, ref: str) -> Any:
         try:
-            data = (self.base / ref).read_bytes()
+            data = self._path(ref).read_bytes()
         except FileNotFoundError:
             raise KeyError(ref) from None
         return pickle.loads(data)
@@ -89,7 +132,7 @@ class MemoryOutputStore(OutputStore):
         MemoryOutputStore._stores[self.url] = self
 
     def put(self, run_id: str, step_key: str, value: Any) -> str:
-        ref = f"{run_id}/{step_key}"
+        ref = make_ref(run_id, step_key)
         self._values[ref] = value
         return ref
 
@@ -115,14 +158,14 @@ class FsspecOutputStore(OutputStore):
 
     def put(self, run_id: str, step_key: str, value: Any) -> str:
         data = _dumps(step_key, value)
-        ref = f"{run_id}/{step_key}"
+        ref = make_ref(run_id, step_key)
         with self._fs.open(f"{self._root}/{ref}", "wb") as f:
             f.write(data)
         return ref
 
     def get(self, ref: str) -> Any:
         try:
-            with self._fs.open(f"{self._root}/{ref}", "rb") as f:
+            with self._fs.open(f"{self._root}/{check_ref(ref)}", "rb") as f:
                 return pickle.loads(f.read())
         except FileNotFoundError:
             raise KeyError(ref) from None

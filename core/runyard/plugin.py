@@ -22,6 +22,7 @@ import pluggy
 from .config import EnvVar, resolve
 from .definitions import CodePointer
 from .events import Event, EventType, FailureInfo, FailureKind
+from .private import make_private_dirs, open_private
 from .storage import RunRecord, RunStatus, RunStorage, StoredEvent
 from .worker import StepContext, StepInterrupted, StepTimedOut
 
@@ -529,6 +530,8 @@ __all__ = [
     "execute_run",
     "execute_step",
     "hookimpl",
+    "make_private_dirs",
+    "open_private",
     "preload_job",
     "resolve",
 ]

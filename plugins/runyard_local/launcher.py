@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from runyard.plugin import RunLauncher, RunRecord, WorkerHealth
+from runyard.plugin import RunLauncher, RunRecord, WorkerHealth, make_private_dirs, open_private
 
 # Workers this process started: waiting on them is the only way to learn their exit
 # status, and it keeps finished children from lingering as zombies.
@@ -53,8 +53,8 @@ class DefaultRunLauncher(RunLauncher):
         log = self._log_path(run)
         out: Any = subprocess.DEVNULL
         if log is not None:
-            log.parent.mkdir(parents=True, exist_ok=True)
-            out = open(log, "ab")  # noqa: SIM115 - handed to the child, closed below
+            make_private_dirs(log.parent)  # owner-only: a run's output is its owner's business
+            out = open(open_private(log), "ab")  # noqa: SIM115 - handed to the child, closed below
         try:
             proc = subprocess.Popen(
                 self.worker_command(run),

@@ -15,7 +15,8 @@ if TYPE_CHECKING:
 
 
 def create_sqlite_storage(config: SqliteConfig, home: Path) -> SqliteRunStorage:
-    return SqliteRunStorage(resolve(config.path) or home / "runyard.db")
+    # A relative path is relative to the instance folder (where runyard.yaml is), not the cwd.
+    return SqliteRunStorage(home / Path(resolve(config.path) or "runyard.db").expanduser())
 
 
 def create_postgres_storage(config: PostgresConfig, home: Path) -> PostgresRunStorage:

@@ -10,9 +10,9 @@ from typing import Any
 
 import click
 
-from ..config import load_yaml
 from ..definitions import CodePointer
 from ..errors import ConfigError
+from ..yamlfile import load_yaml_file
 
 
 def code_pointer_options(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -41,7 +41,7 @@ def parse_tags(values: tuple[str, ...]) -> dict[str, str]:
 def load_run_config(path: str | None) -> dict[str, Any]:
     if not path:
         return {}
-    data = load_yaml(Path(path))
+    data = load_yaml_file(Path(path), what="run config")
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -13,6 +13,7 @@ from typing import Any
 import attrs
 
 from ..events import Event, EventType
+from ..private import create_private_file, make_private_dirs
 from . import RunRecord, RunStatus, RunStorage, StoredEvent
 
 _SCHEMA = """
@@ -55,7 +56,9 @@ class SqliteRunStorage(RunStorage):
             # One shared connection: every thread must see the same in-memory database.
             self._shared = self._connect()
         else:
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            # Owner-only whatever the umask; SQLite gives the -wal and -shm files the same mode.
+            make_private_dirs(Path(self.path).parent)
+            create_private_file(self.path)
         self._init_schema()
 
     def _init_schema(self) -> None:

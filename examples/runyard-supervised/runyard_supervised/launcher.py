@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from runyard import ConfigError
-from runyard.plugin import RunLauncher, RunRecord, WorkerHealth
+from runyard.plugin import RunLauncher, RunRecord, WorkerHealth, make_private_dirs, open_private
 
 from ._proc import alive, kill_group, start_time
 from .plugin import SupervisedConfig
@@ -40,8 +40,8 @@ class SupervisedRunLauncher(RunLauncher):
     def launch(self, run: RunRecord) -> dict[str, Any]:
         if self.instance_home is None:
             raise ConfigError("run_launcher.supervised: the instance has no RUNYARD_HOME to keep run state in")
-        folder = Path(self.instance_home) / "supervised"
-        folder.mkdir(parents=True, exist_ok=True)
+        # Owner-only, like everything in the instance: a run's output is its owner's business.
+        folder = make_private_dirs(Path(self.instance_home) / "supervised")
         state, log = folder / f"{run.run_id}.json", folder / f"{run.run_id}.log"
         settings = {
             "nice": self.config.nice,
@@ -49,7 +49,7 @@ class SupervisedRunLauncher(RunLauncher):
             "max_runtime": self.config.max_runtime,
             "terminate_grace": self.config.terminate_grace,
         }
-        with open(log, "ab") as out:
+        with open(open_private(log), "ab") as out:
             proc = subprocess.Popen(
                 # This interpreter, not a command on PATH: the venv's bin need not be on it.
                 [sys.executable, "-m", "runyard_supervised.supervisor", run.run_id, str(state), json.dumps(settings)],

@@ -21,12 +21,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+from runyard.plugin import open_private
+
 from ._proc import describe_exit, kill_group, start_time
 
 
 def write_state(path: Path, state: dict[str, Any]) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(state))
+    with open(open_private(tmp, os.O_WRONLY | os.O_TRUNC), "w") as f:  # owner-only, like the instance
+        f.write(json.dumps(state))
     tmp.replace(path)  # readers never see half a record
 
 
