@@ -548,3 +548,82 @@ def test_ctrl_c_cancels_job_execute(home: Path, tmp_path: Path) -> None:
     assert out.splitlines()[-1].endswith("(1 failed, 1 skipped)")
     (run,) = Instance(home).storage.list_runs()
     assert run.status is RunStatus.CANCELED
+
+
+# -- run ids: empty and ambiguous prefixes, deleting several runs ------------------------------
+
+
+def _add_finished_runs(home: Path, *run_ids: str) -> None:
+    from runyard.storage import RunRecord
+
+    storage = Instance(home).storage
+    for run_id in run_ids:
+        storage.add_run(RunRecord(run_id=run_id, job_name="solo", status=RunStatus.SUCCESS, ended_at=time.time()))
+
+
+RUN_ID_COMMANDS = [["show"], ["logs"], ["wait"], ["cancel"], ["reexecute"], ["delete"], ["delete", "--force"]]
+
+
+@pytest.mark.parametrize("command", RUN_ID_COMMANDS)
+@pytest.mark.parametrize("run_id", ["", "  "])
+def test_an_empty_run_id_is_refused_by_every_command(home: Path, command: list[str], run_id: str) -> None:
+    _add_finished_runs(home, "a" * 32)
+    proc = ry(home, "run", command[0], run_id, *command[1:])
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "the run id is empty" in proc.stderr and "Traceback" not in proc.stderr
+    assert [r.run_id for r in Instance(home).storage.list_runs()] == ["a" * 32]  # nothing deleted
+
+
+@pytest.mark.parametrize("command", RUN_ID_COMMANDS)
+def test_an_ambiguous_prefix_is_refused_and_lists_the_matches(home: Path, command: list[str]) -> None:
+    first, second, other = "abc1" + "0" * 28, "abc2" + "0" * 28, "ffff" + "0" * 28
+    _add_finished_runs(home, first, second, other)
+    proc = ry(home, "run", command[0], "abc", *command[1:])
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "prefix 'abc' matches 2 runs" in proc.stderr
+    assert first in proc.stderr and second in proc.stderr and other not in proc.stderr
+    assert len(Instance(home).storage.list_runs()) == 3
+    # A unique prefix still works, and a full id is taken as it is.
+    assert ry(home, "run", "show", "abc2").returncode == 0
+    assert ry(home, "run", "show", first).returncode == 0
+
+
+def test_deleting_several_runs_needs_yes_without_a_terminal(home: Path) -> None:
+    ids = ["1" * 32, "2" * 32, "3" * 32]
+    _add_finished_runs(home, *ids)
+    proc = ry(home, "run", "delete", "1111", "2222")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "refusing to delete 2 runs without confirmation; pass --yes" in proc.stderr
+    assert len(Instance(home).storage.list_runs()) == 3
+    # One bad id among several deletes nothing.
+    proc = ry(home, "run", "delete", "1111", "nope", "--yes")
+    assert proc.returncode == 2 and "no run 'nope'" in proc.stderr
+    assert len(Instance(home).storage.list_runs()) == 3
+    proc = ry(home, "run", "delete", "1111", "2222", "--yes")
+    assert proc.returncode == 0, proc.stderr
+    assert [r.run_id for r in Instance(home).storage.list_runs()] == ["3" * 32]
+    # One run needs no confirmation; the same run named twice is one run.
+    proc = ry(home, "run", "delete", "3333", "3" * 32)
+    assert proc.returncode == 0, proc.stderr
+    assert Instance(home).storage.list_runs() == []
+
+
+def test_deleting_several_runs_asks_on_a_terminal(home: Path) -> None:
+    _add_finished_runs(home, "1" * 32, "2" * 32)
+    leader, follower = pty.openpty()
+    env = {**os.environ, "RUNYARD_HOME": str(home)}
+    proc = subprocess.Popen([str(RUNYARD), "run", "delete", "1111", "2222"], env=env, stdin=follower,
+                            stdout=follower, stderr=subprocess.PIPE, cwd=home.parent)
+    os.close(follower)
+    out = b""
+    deadline = time.monotonic() + 30
+    while b"22222222222222222222222222222222  solo  SUCCESS" not in out:
+        assert time.monotonic() < deadline and proc.poll() is None, out
+        if select.select([leader], [], [], 0.1)[0]:
+            out += os.read(leader, 65536)
+    os.write(leader, b"n\n")
+    assert proc.wait(timeout=30) == 2
+    os.close(leader)
+    assert b"about to delete 2 runs" in out
+    assert "delete them?" in proc.stderr.read().decode()  # readline prompts on stderr
+    assert len(Instance(home).storage.list_runs()) == 2

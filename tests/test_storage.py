@@ -529,11 +529,12 @@ def test_postgres_reconnects_after_the_server_drops_its_connections(pg_url: str,
     storage.close()
 
 
-def test_postgres_reads_retry_on_a_connection_found_dead(
+def test_postgres_calls_retry_on_a_connection_found_dead(
     pg_url: str, pg_schema: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # When the drop is only found by using the connection, a read is repeated on a new
-    # one; a write is not (it may have committed), but the next write reconnects.
+    # one; a write too, once the new connection shows it did not commit (never twice).
+    # With reconnect_timeout 0 the write's error is raised as it was.
     import psycopg
     from runyard.storage import postgres
 
@@ -545,10 +546,19 @@ def test_postgres_reads_retry_on_a_connection_found_dead(
     assert storage.get_run(run.run_id) == run
     _terminate_runyard_connections(pg_url)
     time.sleep(0.2)
+    storage.store_events(_events(run.run_id))
+    assert len(storage.get_events(run.run_id)) == 7
+    _terminate_runyard_connections(pg_url)
+    time.sleep(0.2)
+    assert storage.set_run_status(run.run_id, RunStatus.STARTED, only_from=[RunStatus.QUEUED])
+    assert storage.get_run(run.run_id).status is RunStatus.STARTED  # type: ignore[union-attr]
+    storage.reconnect_timeout = 0  # type: ignore[attr-defined]
+    _terminate_runyard_connections(pg_url)
+    time.sleep(0.2)
     with pytest.raises(psycopg.OperationalError):
         storage.store_events(_events(run.run_id))
     storage.store_events(_events(run.run_id))
-    assert len(storage.get_events(run.run_id)) == 7
+    assert len(storage.get_events(run.run_id)) == 14
     storage.close()
 
 

@@ -45,3 +45,9 @@ class OutputSerializationError(RunyardError):
 
 class OutputPathError(RunyardError, ValueError):
     """An output reference (run id, step key, stored ref) would leave the output store's root."""
+
+
+class StorageError(RunyardError):
+    """The run storage cannot be read or written: a full disk, a corrupt or empty database
+    file, a database server gone for longer than its reconnect period. The message names
+    the database and what to do."""

@@ -102,11 +102,22 @@ class FileOutputStore(OutputStore):
         data = _dumps(step_key, value)
         ref = make_ref(run_id, step_key)
         path = self._path(ref)
-        make_private_dirs(path.parent)
-        # Write then rename, so a reader in another process never sees half a file.
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-        write_private(tmp, data)  # owner-only whatever the umask: unpickling it runs code
-        os.replace(tmp, path)
+        try:
+            make_private_dirs(path.parent)
+            # Write then rename, so a reader in another process never sees half a file.
+            write_private(tmp, data)  # owner-only whatever the umask: unpickling it runs code
+            os.replace(tmp, path)
+        except OSError as e:
+            # A partial file left behind (a full disk) would keep the disk full for the
+            # next run too; the OS error (ENOSPC, EDQUOT, EACCES) is what the user must see.
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
+            raise OSError(
+                e.errno, f"could not write the output of step '{step_key}' ({len(data)} bytes): {e.strerror}", str(path)
+            ) from e
         return ref
 
     def get(self, ref: str) -> Any:

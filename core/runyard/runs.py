@@ -29,15 +29,34 @@ class RunNotFound(RunyardError):
     pass
 
 
+class AmbiguousRunId(RunyardError):
+    """A run-id prefix that names no single run: empty, or shared by several runs."""
+
+
 def get_run(instance: Instance, run_id: str) -> RunRecord:
-    run = instance.storage.get_run(run_id)
-    if run is None:
-        # Accept a unique prefix, as `run list` shows shortened ids.
-        matches = [r for r in instance.storage.list_runs(limit=10_000) if r.run_id.startswith(run_id)]
-        if len(matches) == 1:
-            return matches[0]
-        raise RunNotFound(f"no run '{run_id}' in {instance.home}; `runyard run list` shows the runs")
-    return run
+    """The run whose id is ``run_id`` or, failing that, the one run whose id starts with it.
+
+    An empty prefix or one that several runs share is refused (never "the first match"):
+    a command acting on the wrong run (``run delete``) cannot be undone.
+    """
+    prefix = run_id.strip()
+    if not prefix:
+        raise AmbiguousRunId("the run id is empty; give a run id or a unique prefix (`runyard run list` shows them)")
+    run = instance.storage.get_run(prefix)
+    if run is not None:
+        return run
+    # Accept a unique prefix, as `run list` shows shortened ids.
+    matches = [r for r in instance.storage.list_runs(limit=-1) if r.run_id.startswith(prefix)]
+    if len(matches) == 1:
+        return matches[0]
+    if matches:
+        shown = "\n".join(f"  {r.run_id}  {r.job_name}  {r.status.value}" for r in matches[:20])
+        more = f"\n  … and {len(matches) - 20} more" if len(matches) > 20 else ""
+        raise AmbiguousRunId(
+            f"run id prefix '{prefix}' matches {len(matches)} runs; give more characters of the one you mean:\n"
+            f"{shown}{more}"
+        )
+    raise RunNotFound(f"no run '{prefix}' in {instance.home}; `runyard run list` shows the runs")
 
 
 def _event(run: RunRecord | str, type: EventType, message: str = "", **data: Any) -> Event:
@@ -93,6 +112,12 @@ def launcher_selection(instance: Instance) -> tuple[Selection, Any]:
 
 
 def get_launcher(instance: Instance, name: str | None = None) -> tuple[str, RunLauncher]:
+    from . import cli_worker
+
+    if name == cli_worker.LAUNCHER:
+        # The run executes in a `runyard job execute` process, which recorded itself as
+        # its worker: no launcher started it, but it is checked and stopped like one.
+        return name, cli_worker.ExecutingProcess(None, str(instance.home) if instance.home else None)
     sel, config = launcher_selection(instance)
     if name is not None and name != sel.name:
         # The run was launched with another launcher than the instance now names.

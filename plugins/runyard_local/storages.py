@@ -32,5 +32,9 @@ def create_postgres_storage(config: PostgresConfig, home: Path) -> PostgresRunSt
             f"or cannot load ({e}): pip install \"runyard[postgres]\""
         ) from None
     return PostgresRunStorage(
-        config.url, connect_timeout=config.connect_timeout, schema=resolve(config.schema), name="postgres"
+        config.url,
+        connect_timeout=config.connect_timeout,
+        schema=resolve(config.schema),
+        name="postgres",
+        reconnect_timeout=config.reconnect_timeout,
     )

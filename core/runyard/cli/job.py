@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
+import threading
 import time
 from typing import Any
 
@@ -71,40 +73,98 @@ def _run_options(fn):  # type: ignore[no-untyped-def]
 def execute(pointer, job_name, config_path, executor, tags, steps, parent_run_id, as_json) -> None:  # type: ignore[no-untyped-def]
     """Execute a job in this process and wait for it.
 
-    The engine runs here, steps wherever its executor puts them; Ctrl-C cancels the
-    run. On a terminal it shows live progress; otherwise it prints a line per step that
-    finished, failed, was retried or skipped, then a summary. Exit status: 0 if the run
-    succeeded, 1 if it failed or was canceled, 2 for usage or configuration errors.
+    The engine runs here, steps wherever its executor puts them. This process is the
+    run's worker: `runyard run cancel` stops it, and if it dies the run is marked FAILURE
+    when next looked at. Ctrl-C cancels the run; a second Ctrl-C abandons it at once,
+    killing the steps' processes. On a terminal it shows live progress; otherwise it
+    prints a line per step that finished, failed, was retried or skipped, then a summary.
+    Exit status: 0 if the run succeeded, 1 if it failed or was canceled, 2 for usage or
+    configuration errors.
 
     \b
     Examples:
       runyard job execute -f examples/hello.py
       runyard job execute -m my_pkg.jobs -j nightly --executor in_process --tag team=data
     """
+    from .. import cli_worker
     from ..engine import Cancellation
+    from ..events import Event, EventType
     from ..execution import execute_job
     from ..instance import Instance
     from ..loader import load_job
+    from ..runs import UNFINISHED
+    from ..storage import RunStatus
     from ._progress import Progress, summary_line, use_live
 
     run_config = load_run_config(config_path)
     tag_map = parse_tags(tags)
     instance = Instance.from_env()
     job_def, loc = load_job(pointer, job_name)
+    storage = instance.storage  # opened now: a damaged database fails before anything runs
     cancellation = Cancellation()
+    run_ids: list[str] = []  # the run's id, once it is recorded
+    # Orphans of the steps' processes (a daemonized grandchild) are adopted by this process,
+    # so that none outlives the run.
+    cli_worker.become_subreaper()
 
-    def on_interrupt(signum: int, frame: Any) -> None:
-        # The first Ctrl-C cancels the run cleanly (steps stopped, the rest skipped); a
-        # second one stops waiting for that.
+    def record(status: RunStatus, only_from: Any, event: EventType, message: str) -> None:
+        if run_ids and storage.set_run_status(run_ids[0], status, only_from=only_from):
+            storage.store_events([Event(type=event, run_id=run_ids[0], message=message)])
+
+    def in_background(fn: Any, *args: Any, wait: float | None = None) -> None:
+        # A signal handler interrupts the main thread anywhere, maybe inside the storage's
+        # own lock: it must not write to storage itself.
+        t = threading.Thread(target=_quietly, args=(fn, *args), daemon=True)
+        t.start()
+        if wait is not None:
+            t.join(wait)
+
+    def abandon() -> None:
+        killed = cli_worker.kill_descendants()
+        in_background(
+            record, RunStatus.CANCELED, UNFINISHED, EventType.RUN_CANCELED,
+            f"run abandoned (interrupted twice): {len(killed)} step process(es) killed", wait=2.0,
+        )
+        where = f"run {run_ids[0]}" if run_ids else "the run"
+        click.echo(f"\nabandoned {where}; {len(killed)} step process(es) killed", file=sys.__stderr__)
+        sys.__stdout__.flush()
+        os._exit(1)  # at once: no waiting for steps to wind down
+
+    def on_signal(signum: int, frame: Any) -> None:
+        # The first Ctrl-C (or the SIGTERM of `runyard run cancel`) cancels the run cleanly:
+        # steps stopped, the rest skipped, CANCELED. A second one abandons it at once.
         if cancellation.requested:
-            raise KeyboardInterrupt
+            abandon()
         # To the real stderr: during an in-process step sys.stderr captures the step's output.
-        click.echo("canceling the run (Ctrl-C again to abandon it)", file=sys.__stderr__)
+        why = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        click.echo(f"canceling the run ({why}; Ctrl-C again to abandon it)", file=sys.__stderr__)
+        in_background(
+            record, RunStatus.CANCELING, [RunStatus.STARTING, RunStatus.STARTED], EventType.RUN_CANCELING,
+            f"cancel requested ({why})",
+        )
+        # Last: stopping an in-process step raises inside it, which may be right here.
         cancellation.cancel()
+
+    def on_events(events: Any) -> None:
+        if not run_ids:
+            for ev in events:
+                if ev.type is EventType.RUN_START:
+                    # This process is the run's worker: whoever looks at the run notices if
+                    # it dies, and `runyard run cancel` reaches it (SIGTERM).
+                    run_ids.append(ev.run_id)
+                    os.environ[cli_worker.RUN_MARKER] = ev.run_id  # inherited by every step process
+                    storage.store_events([Event(
+                        type=EventType.RUN_LAUNCHED, run_id=ev.run_id,
+                        message="executing in a `runyard job execute` process",
+                        data={"launcher": cli_worker.LAUNCHER, "worker": cli_worker.this_process()},
+                    )])
+                    break
+        if progress is not None:
+            progress.feed(events)
 
     started = time.monotonic()
     progress = None if as_json else Progress(live=use_live(), label=job_def.name, started=started)
-    previous = signal.signal(signal.SIGINT, on_interrupt)
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         result = execute_job(
             job_def,
@@ -116,23 +176,29 @@ def execute(pointer, job_name, config_path, executor, tags, steps, parent_run_id
             parent_run_id=parent_run_id,
             tags=tag_map,
             cancellation=cancellation,
-            on_events=progress.feed if progress is not None else None,
+            on_events=on_events,
         )
-    except KeyboardInterrupt:
-        if progress is not None:
-            progress.close()
-        click.echo("interrupted", err=True)
-        sys.exit(1)
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for s, h in previous.items():
+            signal.signal(s, h)
         if progress is not None:
             progress.close()
+        left = cli_worker.kill_descendants()
+        if left:
+            click.echo(f"warning: killed {len(left)} process(es) the run's steps left running", err=True)
     elapsed = time.monotonic() - started
     if as_json:
         echo_json({"run_id": result.run_id, "status": result.status.value, "steps": dict(result.step_states)})
     else:
         click.echo(summary_line(result.run_id, result.status.value, elapsed, result.step_states))
     sys.exit(0 if result.success else 1)
+
+
+def _quietly(fn: Any, *args: Any) -> None:
+    try:
+        fn(*args)
+    except Exception as e:  # reported, not raised: the thread's caller has moved on
+        click.echo(f"warning: could not record the run's state: {e}", file=sys.__stderr__)
 
 
 @job.command("launch")

@@ -41,11 +41,24 @@ def _instance() -> Instance:
     return Instance.from_env()
 
 
+def _observe(instance: Instance, run: RunRecord) -> RunRecord:
+    """``run`` after noticing a dead worker; if the storage cannot record that (a full
+    disk), the run as stored, with a warning: looking at runs must keep working."""
+    from ..errors import StorageError
+    from ..runs import check_run
+
+    try:
+        return check_run(instance, run)
+    except StorageError as e:
+        click.echo(f"warning: run {run.run_id} could not be checked: {e}", err=True)
+        return run
+
+
 def _checked(instance: Instance, run_id: str) -> RunRecord:
     """The run (by id or unique prefix), after noticing a dead worker."""
-    from ..runs import check_run, get_run
+    from ..runs import get_run
 
-    return check_run(instance, get_run(instance, run_id))
+    return _observe(instance, get_run(instance, run_id))
 
 
 def _when(ts: float | None) -> str:
@@ -80,14 +93,14 @@ def list_runs(statuses: tuple[str, ...], limit: int, as_json: bool) -> None:
       runyard run list
       runyard run list --status failure --limit 5 --json
     """
-    from ..runs import ACTIVE, check_run
+    from ..runs import ACTIVE
     from ..storage import RunStatus
     from ._runs import run_dict
 
     instance = _instance()
     storage = instance.storage
     for r in storage.list_runs(limit=10_000, statuses=ACTIVE):
-        check_run(instance, r)
+        _observe(instance, r)
     wanted = [RunStatus(s.upper()) for s in statuses] or None
     runs = storage.list_runs(limit=limit, statuses=wanted)
     if as_json:
@@ -352,27 +365,46 @@ def reexecute(run_id: str, from_failure: bool, steps: str | None, wait_: bool, a
 
 
 @run.command("delete")
-@click.argument("run_id")
-@click.option("--force", is_flag=True, help="Delete an unfinished run too (it is canceled first).")
-def delete(run_id: str, force: bool) -> None:
-    """Delete a finished run and its events. Its step outputs are kept.
+@click.argument("run_ids", metavar="RUN_ID...", nargs=-1, required=True)
+@click.option("--force", is_flag=True, help="Delete unfinished runs too (they are canceled first).")
+@click.option("--yes", is_flag=True, help="Do not ask before deleting more than one run.")
+def delete(run_ids: tuple[str, ...], force: bool, yes: bool) -> None:
+    """Delete finished runs and their events. Their step outputs are kept.
 
+    Each RUN_ID is a run id or a unique prefix; an empty or ambiguous one is refused.
+    Deleting more than one run asks first on a terminal; elsewhere it needs --yes.
     An unfinished run is refused unless --force, which cancels it first.
 
     \b
-    Example:
+    Examples:
       runyard run delete 3f2c9a1b04de
+      runyard run delete 3f2c9a1b04de 77e0c1d2a3b4 --yes
     """
     from ..errors import RunyardError
     from ..runs import cancel_run
+    from ._runs import fail
 
     instance = _instance()
-    r = _checked(instance, run_id)
-    if not r.status.is_finished:
-        if not force:
-            raise RunyardError(
-                f"run {r.run_id} is {r.status.value}: cancel it first (runyard run cancel {r.run_id}) or pass --force"
-            )
-        cancel_run(instance, r.run_id, grace=2.0)
-    instance.storage.delete_run(r.run_id)
-    click.echo(f"deleted run {r.run_id}")
+    # Resolve every id before deleting anything: one bad id deletes nothing.
+    runs: dict[str, RunRecord] = {}
+    for run_id in run_ids:
+        r = _checked(instance, run_id)
+        runs.setdefault(r.run_id, r)
+    unfinished = [r for r in runs.values() if not r.status.is_finished]
+    if unfinished and not force:
+        r = unfinished[0]
+        raise RunyardError(
+            f"run {r.run_id} is {r.status.value}: cancel it first (runyard run cancel {r.run_id}) or pass --force"
+        )
+    if len(runs) > 1 and not yes:
+        listing = "\n".join(f"  {r.run_id}  {r.job_name}  {r.status.value}" for r in runs.values())
+        if not (sys.stdin.isatty() and sys.stdout.isatty()):
+            fail(f"refusing to delete {len(runs)} runs without confirmation; pass --yes to delete:\n{listing}", 2)
+        click.echo(f"about to delete {len(runs)} runs:\n{listing}")
+        if not click.confirm("delete them?", default=False):
+            fail("nothing deleted", 2)
+    for r in runs.values():
+        if not r.status.is_finished:
+            cancel_run(instance, r.run_id, grace=2.0)
+        instance.storage.delete_run(r.run_id)
+        click.echo(f"deleted run {r.run_id}")

@@ -34,7 +34,7 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg.pq import TransactionStatus
 
 from ..config import EnvVar, resolve
-from ..errors import ConfigError
+from ..errors import ConfigError, StorageError
 from ..events import Event, EventType
 from . import RunRecord, RunStatus, RunStorage, StoredEvent
 
@@ -125,6 +125,18 @@ def _redact(text: str, url: str) -> str:
     return text
 
 
+class _ConnectFailed(ConfigError):
+    """The server could not be reached (down, restarting, refusing connections)."""
+
+
+class _ConnectionLost(Exception):
+    """A connection broke while in use (the server restarted, or terminated it)."""
+
+    def __init__(self, cause: psycopg.OperationalError) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
 class PostgresRunStorage(RunStorage):
     """Runs and events in PostgreSQL; safe for many threads and processes at once.
 
@@ -136,6 +148,12 @@ class PostgresRunStorage(RunStorage):
     Connections are pooled per process: a thread takes an idle one or opens a new one,
     and gives it back after each call. A process forked from one that used the storage
     opens its own connections and leaves the parent's alone.
+
+    Once connected, a lost connection (a server restart, a failover, an administrator
+    terminating it) is retried for ``reconnect_timeout`` seconds before a call fails, so a
+    run outlives a short outage. A write whose connection broke after it may have reached
+    the server is checked on the new connection before it is repeated: nothing is written
+    twice.
     """
 
     def __init__(
@@ -145,9 +163,12 @@ class PostgresRunStorage(RunStorage):
         connect_timeout: float = 10,
         schema: str | None = None,
         name: str = "postgres",
+        reconnect_timeout: float = 30.0,
     ) -> None:
         self._url = url
         self.connect_timeout = connect_timeout
+        self.reconnect_timeout = reconnect_timeout
+        self._connected_once = False  # the first connection is not retried: a bad url fails fast
         self.schema = schema
         self.name = name  # the storage's name in runyard.yaml, for messages
         self._pid = os.getpid()
@@ -169,6 +190,7 @@ class PostgresRunStorage(RunStorage):
         ).format(events=self._events)
         with self._connection() as conn:
             self._init_schema(conn)
+        self._connected_once = True
 
     def __repr__(self) -> str:
         return f"<PostgresRunStorage {self.target}{f' schema {self.schema}' if self.schema else ''}>"
@@ -216,7 +238,7 @@ class PostgresRunStorage(RunStorage):
             reason = " ".join(_redact(str(e), url).split()) or type(e).__name__
             if not reason.endswith((".", "?", "!")):
                 reason += "."
-            raise ConfigError(
+            raise _ConnectFailed(
                 f"storage '{self.name}': cannot connect to PostgreSQL at {describe_target(url)} "
                 f"(connect_timeout {self.connect_timeout:g}s): {reason} Check that the server is running "
                 f"and reachable from this machine or container, and the url under storage.{self.name} "
@@ -278,17 +300,53 @@ class PostgresRunStorage(RunStorage):
         for conn, _ in idle:
             conn.close()
 
+    def _call(self, fn: Any, *, verify: Any = None) -> Any:
+        """``fn(conn)`` on a pooled connection, retried while the server is out of reach.
+
+        Connection losses are retried for ``reconnect_timeout`` seconds (once the storage has
+        connected at all). Reads and idempotent writes are simply repeated. A write that is
+        not idempotent passes ``verify(conn) -> (done, value)``: after a loss, it says on the
+        new connection whether the write took effect, so that it is not made twice.
+        """
+        deadline: float | None = None
+        delay = 0.05
+        unsure = False  # a write may have reached the server before its connection broke
+        while True:
+            try:
+                with self._connection() as conn:
+                    try:
+                        if unsure:
+                            done, value = verify(conn)
+                            if done:
+                                return value
+                            unsure = False
+                        return fn(conn)
+                    except psycopg.OperationalError as e:
+                        if not conn.broken:
+                            raise
+                        unsure = unsure or verify is not None
+                        raise _ConnectionLost(e) from e
+            except (_ConnectionLost, _ConnectFailed) as e:
+                if not self._connected_once or self.reconnect_timeout <= 0:
+                    if isinstance(e, _ConnectionLost):
+                        raise e.cause from None
+                    raise
+                now = time.monotonic()
+                if deadline is None:
+                    deadline = now + self.reconnect_timeout
+                if now >= deadline:
+                    reason = " ".join(str(e).split())
+                    raise StorageError(
+                        f"storage '{self.name}': lost the connection to PostgreSQL at {self.target} and could "
+                        f"not get it back within {self.reconnect_timeout:g}s ({reason}). Check the server; "
+                        f"storage.{self.name}.reconnect_timeout in runyard.yaml sets how long to keep trying"
+                    ) from None
+                time.sleep(min(delay, deadline - now))
+                delay = min(delay * 2, 1.0)
+
     def _read(self, query: sql.Composable, params: Sequence[Any]) -> list[tuple[Any, ...]]:
-        """Run a query and fetch its rows, once more on a new connection if the first broke:
-        reads are safe to repeat (writes are not: the first may have committed)."""
-        for attempt in (1, 2):
-            with self._connection() as conn:
-                try:
-                    return conn.execute(query, params).fetchall()
-                except psycopg.OperationalError:
-                    if attempt == 2 or not conn.broken:
-                        raise
-        raise AssertionError("unreachable")
+        """Run a query and fetch its rows (reads are safe to repeat after a lost connection)."""
+        return self._call(lambda conn: conn.execute(query, params).fetchall())
 
     def _init_schema(self, conn: psycopg.Connection) -> None:
         # Check first: a role that may only read and write existing tables must not need
@@ -334,8 +392,12 @@ class PostgresRunStorage(RunStorage):
         for k in _JSON_COLUMNS:
             d[k] = json.dumps(d[k], default=str) if d[k] is not None else None
         d["status"] = run.status.value
-        with self._connection() as conn:
-            conn.execute(self._insert_run, [d[c] for c in _RUN_COLUMNS])
+
+        def inserted(conn: psycopg.Connection) -> tuple[bool, None]:
+            found = conn.execute(sql.SQL("SELECT 1 FROM {} WHERE run_id = %s").format(self._runs), (run.run_id,))
+            return found.fetchone() is not None, None
+
+        self._call(lambda conn: conn.execute(self._insert_run, [d[c] for c in _RUN_COLUMNS]), verify=inserted)
 
     @staticmethod
     def _row_to_run(row: Sequence[Any]) -> RunRecord:
@@ -380,13 +442,24 @@ class PostgresRunStorage(RunStorage):
             # re-check the condition against the new status, so only one racer wins.
             query += sql.SQL(" AND status = ANY(%s::text[])")
             params.append([s.value for s in only_from])
-        with self._connection() as conn:
-            return conn.execute(query, params).rowcount > 0
+
+        def applied(conn: psycopg.Connection) -> tuple[bool, bool]:
+            # The update may have committed before the connection broke: if the run now has
+            # the status asked for, it did (a racer setting the very same status is rare,
+            # and would end the run the same way).
+            row = conn.execute(sql.SQL("SELECT status FROM {} WHERE run_id = %s").format(self._runs),
+                               (run_id,)).fetchone()
+            return row is not None and row[0] == status.value, True
+
+        return bool(self._call(lambda conn: conn.execute(query, params).rowcount > 0, verify=applied))
 
     def delete_run(self, run_id: str) -> None:
-        with self._connection() as conn, conn.transaction():
-            conn.execute(sql.SQL("DELETE FROM {} WHERE run_id = %s").format(self._events), (run_id,))
-            conn.execute(sql.SQL("DELETE FROM {} WHERE run_id = %s").format(self._runs), (run_id,))
+        def delete(conn: psycopg.Connection) -> None:
+            with conn.transaction():
+                conn.execute(sql.SQL("DELETE FROM {} WHERE run_id = %s").format(self._events), (run_id,))
+                conn.execute(sql.SQL("DELETE FROM {} WHERE run_id = %s").format(self._runs), (run_id,))
+
+        self._call(delete)  # deleting twice is harmless
 
     # -- events --------------------------------------------------------------------------
 
@@ -394,15 +467,29 @@ class PostgresRunStorage(RunStorage):
         if not events:
             return
         rows = [(e.run_id, e.step_key, e.type.value, e.timestamp, e.to_json()) for e in events]
-        with self._connection() as conn, conn.transaction():
-            # Ids come from a sequence when rows are inserted, but transactions commit in
-            # any order. Taking the run's lock until commit makes its ids increase in
-            # commit order, as in SQLite, so tailing with after_id misses nothing.
-            # Sorted, so that writers of several runs at once cannot deadlock.
-            for run_id in sorted({e.run_id for e in events}):
-                conn.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (_LOCK_RUN_EVENTS, run_id))
-            with conn.cursor() as cur:
-                cur.executemany(self._insert_event, rows)
+
+        def insert(conn: psycopg.Connection) -> None:
+            with conn.transaction():
+                # Ids come from a sequence when rows are inserted, but transactions commit in
+                # any order. Taking the run's lock until commit makes its ids increase in
+                # commit order, as in SQLite, so tailing with after_id misses nothing.
+                # Sorted, so that writers of several runs at once cannot deadlock.
+                for run_id in sorted({e.run_id for e in events}):
+                    conn.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (_LOCK_RUN_EVENTS, run_id))
+                with conn.cursor() as cur:
+                    cur.executemany(self._insert_event, rows)
+
+        def committed(conn: psycopg.Connection) -> tuple[bool, None]:
+            # The batch is one transaction: its last event (exact body, timestamp included)
+            # is there only if the whole batch committed.
+            last = rows[-1]
+            found = conn.execute(
+                sql.SQL("SELECT 1 FROM {} WHERE run_id = %s AND body = %s LIMIT 1").format(self._events),
+                (last[0], last[4]),
+            )
+            return found.fetchone() is not None, None
+
+        self._call(insert, verify=committed)
 
     def get_events(
         self,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import sqlite3
 import threading
 import time
@@ -12,6 +14,7 @@ from typing import Any
 
 import attrs
 
+from ..errors import StorageError
 from ..events import Event, EventType
 from ..private import create_private_file, make_private_dirs
 from . import RunRecord, RunStatus, RunStorage, StoredEvent
@@ -58,8 +61,60 @@ class SqliteRunStorage(RunStorage):
         else:
             # Owner-only whatever the umask; SQLite gives the -wal and -shm files the same mode.
             make_private_dirs(Path(self.path).parent)
-            create_private_file(self.path)
+            self._create_or_check()
         self._init_schema()
+
+    def _create_or_check(self) -> None:
+        """Create a missing database whole, or refuse an existing file that is not one.
+
+        A new database is built under a temporary name and linked into place, so the real
+        path never exists empty: a zero-length file there is then damage (a full disk,
+        a truncated copy), never a database being created, and is reported rather than
+        silently taken for a new, empty history.
+        """
+        path = Path(self.path)
+        if not path.exists():
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.new")
+            try:
+                create_private_file(tmp)  # the mode survives the link into place
+                conn = sqlite3.connect(tmp, isolation_level=None)
+                try:
+                    conn.execute("PRAGMA journal_mode=WAL")  # recorded in the file's header
+                    conn.executescript(_SCHEMA)
+                finally:
+                    conn.close()
+                try:
+                    os.link(tmp, path)
+                except FileExistsError:
+                    pass  # another process created it first: use theirs
+                except OSError:
+                    # A filesystem without hard links: a rename is atomic too, though two
+                    # processes creating the database at the same moment both "win".
+                    if not path.exists():
+                        os.replace(tmp, path)
+            except (OSError, sqlite3.Error) as e:
+                raise StorageError(f"cannot create the run database {self.path}: {e}") from e
+            finally:
+                for leftover in (tmp, Path(f"{tmp}-wal"), Path(f"{tmp}-shm")):
+                    leftover.unlink(missing_ok=True)
+            return
+        try:
+            size = path.stat().st_size
+        except OSError as e:
+            raise StorageError(f"cannot open the run database {self.path}: {e}") from e
+        if size == 0 and not Path(f"{self.path}-wal").exists():
+            raise StorageError(
+                f"the run database {self.path} is an empty file (0 bytes), not a database: it was truncated "
+                "or never written completely (a full disk?). Restore it from a backup, or move it away "
+                f"(mv {self.path} {self.path}.broken) to start a new, empty run history"
+            )
+
+    def _damaged(self, e: sqlite3.Error) -> StorageError:
+        return StorageError(
+            f"the run database {self.path} cannot be read: {e}. Check the file's permissions and its disk; "
+            "if it is damaged or not a database, restore it from a backup, or move it away "
+            f"(mv {self.path} {self.path}.broken) to start a new, empty run history"
+        )
 
     def _init_schema(self) -> None:
         # Several processes may open a new database at once; switching it to WAL and
@@ -69,16 +124,21 @@ class SqliteRunStorage(RunStorage):
             try:
                 conn = self._conn()
                 with self._lock:
-                    conn.executescript(_SCHEMA)
+                    if getattr(self._local, "degraded", None):
+                        conn.execute("SELECT count(*) FROM runs").fetchall()  # readable, at least
+                    else:
+                        conn.executescript(_SCHEMA)
                 return
             except sqlite3.OperationalError as e:
                 if "locked" not in str(e) or time.monotonic() > deadline:
-                    raise
+                    raise self._damaged(e) from e
                 stale = getattr(self._local, "conn", None)
                 if stale is not None and not self._memory:
                     stale.close()
                 self._local.conn = None
                 time.sleep(0.05)
+            except sqlite3.DatabaseError as e:
+                raise self._damaged(e) from e
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
@@ -90,27 +150,104 @@ class SqliteRunStorage(RunStorage):
             conn.execute("PRAGMA synchronous=NORMAL")
         return conn
 
+    def _connect_read_only(self, why: sqlite3.Error) -> sqlite3.Connection:
+        """A connection that only reads, for when the disk is too full to open the database
+        normally (WAL needs its -shm and -wal files): the history stays readable."""
+        uri = Path(self.path).resolve().as_uri()
+        last: sqlite3.Error = why
+        # "immutable" reads the file as it is, without the -shm file: right once every
+        # writer is gone, which is the case when nothing can be written any more.
+        for mode in ("mode=ro", "immutable=1"):
+            try:
+                conn = sqlite3.connect(f"{uri}?{mode}", uri=True, timeout=30, isolation_level=None,
+                                       check_same_thread=False)
+                conn.execute("SELECT count(*) FROM sqlite_master").fetchall()
+                return conn
+            except sqlite3.Error as e:
+                last = e
+        raise self._damaged(last) from why
+
+    def _space_hint(self) -> str:
+        try:
+            free = shutil.disk_usage(Path(self.path).parent).free
+        except OSError:
+            return ""
+        return f" (the disk holding it is full: {free} bytes free)" if free < 1 << 20 else ""
+
     def _conn(self) -> sqlite3.Connection:
         if self._memory:
             return self._shared
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            conn = self._local.conn = self._connect()
+            try:
+                conn = self._connect()
+                self._local.degraded = None
+            except sqlite3.OperationalError as e:
+                if "locked" in str(e):
+                    raise
+                conn = self._connect_read_only(e)
+                self._local.degraded = f"{e}{self._space_hint()}"
+            self._local.conn = conn
         return conn
 
     def _write(self, sql: str, params: Sequence[Any] | Iterable[Sequence[Any]], many: bool = False) -> int:
-        conn = self._conn()
-        with self._lock:
-            # BEGIN IMMEDIATE takes the write lock up front, so concurrent writers queue on
-            # the busy timeout instead of failing with "database is locked" mid-transaction.
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                cur = conn.executemany(sql, params) if many else conn.execute(sql, params)
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
+        def body(conn: sqlite3.Connection) -> int:
+            cur = conn.executemany(sql, params) if many else conn.execute(sql, params)
             return cur.rowcount
+
+        return self._transaction(body)
+
+    def _transaction(self, body: Any) -> Any:
+        conn = self._conn()
+        degraded = None if self._memory else getattr(self._local, "degraded", None)
+        if degraded:
+            # Opened read-only (a full disk): try a normal connection again, space may be back.
+            conn.close()
+            self._local.conn = None
+            try:
+                conn = self._local.conn = self._connect()
+                self._local.degraded = None
+            except sqlite3.Error as e:
+                raise StorageError(
+                    f"cannot write to the run database {self.path}: {e}{self._space_hint()}; "
+                    "free space on its disk, then try again"
+                ) from e
+        with self._lock:
+            try:
+                # BEGIN IMMEDIATE takes the write lock up front, so concurrent writers queue on
+                # the busy timeout instead of failing with "database is locked" mid-transaction.
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    result = body(conn)
+                    conn.execute("COMMIT")
+                except BaseException:
+                    # SQLite may have rolled back on its own (SQLITE_FULL, SQLITE_IOERR): a
+                    # ROLLBACK then fails with "cannot rollback", which must not hide the
+                    # error that matters.
+                    if conn.in_transaction:
+                        try:
+                            conn.execute("ROLLBACK")
+                        except sqlite3.Error:
+                            pass
+                    raise
+            except sqlite3.IntegrityError:
+                raise  # the caller's mistake (a duplicate run id), not the storage's
+            except sqlite3.OperationalError as e:
+                raise StorageError(
+                    f"cannot write to the run database {self.path}: {e}{self._space_hint()}; "
+                    "free space on its disk (or fix what the error says), then try again"
+                ) from e
+            except sqlite3.DatabaseError as e:
+                raise self._damaged(e) from e
+            return result
+
+    def _query(self, sql: str, params: Sequence[Any]) -> list[Any]:
+        try:
+            return self._conn().execute(sql, params).fetchall()
+        except sqlite3.DatabaseError as e:
+            if isinstance(e, sqlite3.OperationalError) and "locked" in str(e):
+                raise
+            raise self._damaged(e) from e
 
     def add_run(self, run: RunRecord) -> None:
         d = attrs.asdict(run, recurse=False)
@@ -130,10 +267,8 @@ class SqliteRunStorage(RunStorage):
         return RunRecord(**d)
 
     def get_run(self, run_id: str) -> RunRecord | None:
-        row = self._conn().execute(
-            f"SELECT {', '.join(_RUN_COLUMNS)} FROM runs WHERE run_id = ?", (run_id,)
-        ).fetchone()
-        return self._row_to_run(row) if row else None
+        rows = self._query(f"SELECT {', '.join(_RUN_COLUMNS)} FROM runs WHERE run_id = ?", (run_id,))
+        return self._row_to_run(rows[0]) if rows else None
 
     def list_runs(self, *, limit: int = 50, statuses: Iterable[RunStatus] | None = None) -> list[RunRecord]:
         sql = f"SELECT {', '.join(_RUN_COLUMNS)} FROM runs"
@@ -144,7 +279,7 @@ class SqliteRunStorage(RunStorage):
             params += st
         sql += " ORDER BY created_at DESC LIMIT ?"
         params.append(limit)
-        return [self._row_to_run(r) for r in self._conn().execute(sql, params).fetchall()]
+        return [self._row_to_run(r) for r in self._query(sql, params)]
 
     def set_run_status(
         self, run_id: str, status: RunStatus, *, only_from: Iterable[RunStatus] | None = None
@@ -193,16 +328,15 @@ class SqliteRunStorage(RunStorage):
             sql += f" AND type IN ({', '.join('?' * len(ts))})"
             params += ts
         sql += " ORDER BY id"
-        rows = self._conn().execute(sql, params).fetchall()
+        rows = self._query(sql, params)
         return [StoredEvent(i, Event.from_json(body)) for i, body in rows]
 
     def delete_run(self, run_id: str) -> None:
-        conn = self._conn()
-        with self._lock:
-            conn.execute("BEGIN IMMEDIATE")
+        def body(conn: sqlite3.Connection) -> None:
             conn.execute("DELETE FROM events WHERE run_id = ?", (run_id,))
             conn.execute("DELETE FROM runs WHERE run_id = ?", (run_id,))
-            conn.execute("COMMIT")
+
+        self._transaction(body)
 
     def close(self) -> None:
         conn = getattr(self._local, "conn", None)
