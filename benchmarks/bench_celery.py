@@ -282,6 +282,8 @@ def main() -> None:
     home.mkdir()
     (home / "runyard.yaml").write_text(
         f"executor:\n  celery:\n    broker: {REDIS}\n    default_queue: {queue}-runyard\n")
+    # Requests are signed: this process (the engine) and the runyard worker share the key.
+    os.environ.setdefault("RUNYARD_SIGNING_KEY", uuid.uuid4().hex + uuid.uuid4().hex)
     env = env_with(work, RUNYARD_HOME=str(home))
     host = socket.gethostname()
     # Log level WARNING for both, as in production: at INFO a worker logs every task's result.

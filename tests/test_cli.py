@@ -346,7 +346,10 @@ def test_api_execute_step_runs_one_step(home: Path, tmp_path: Path) -> None:
         run_id="r1", step_key="emit", attempt=1, attempt_id="a1", job_name="solo",
         code_pointer=CodePointer(file=str(f)), output_store=str(outputs), inputs={},
     )
-    proc = run(home, "api", "execute-step", stdin=request.to_json())
+    # Unsigned: allowed only because no key is configured and the caller says so (see
+    # tests/test_step_worker_trust.py for what is refused).
+    proc = run(home, "api", "execute-step", "--allow-unsigned", "--code-location", str(tmp_path),
+               "--output-store", str(outputs), stdin=request.to_json())
     assert proc.returncode == 0, proc.stderr
     events = [json.loads(line) for line in proc.stdout.splitlines()]
     assert [e["type"] for e in events] == ["STEP_START", "STEP_STDOUT", "STEP_OUTPUT", "STEP_SUCCESS"]

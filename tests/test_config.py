@@ -82,7 +82,7 @@ def test_unknown_top_level_key_lists_allowed_keys(runyard_make_instance: Callabl
     with pytest.raises(ConfigError) as e:
         runyard_make_instance({"executor": "in_process", "exector": "in_process"})
     assert str(e.value).endswith(
-        f"{CONFIG_FILE}: unknown key 'exector' (allowed keys: storage, run_launcher, executor, outputs)"
+        f"{CONFIG_FILE}: unknown key 'exector' (allowed keys: storage, run_launcher, executor, outputs, step_worker)"
     )
 
 
@@ -407,5 +407,5 @@ def test_instance_validate_ok_and_unparseable(runyard_home: Path) -> None:
     assert bad.returncode == 2
     assert bad.stderr.strip() == (
         f"error: {runyard_home.resolve() / CONFIG_FILE}: unknown key 'bogus' "
-        "(allowed keys: storage, run_launcher, executor, outputs)"
+        "(allowed keys: storage, run_launcher, executor, outputs, step_worker)"
     )

@@ -15,7 +15,7 @@ import pytest
 from runyard.definitions import CodePointer
 from runyard.events import Event, EventType, FailureKind
 from runyard.outputs import FileOutputStore
-from runyard.plugin import StepRequest
+from runyard.plugin import StepRequest, sign_request
 
 RUNYARD = str(Path(sys.executable).parent / "runyard")
 
@@ -27,10 +27,23 @@ def _request(store: FileOutputStore, step_key: str, inputs: dict, job_name: str 
     )
 
 
+KEY = "a-key-for-the-protocol-tests-0123456789"
+
+
+def _trusted(request: StepRequest) -> tuple[list[str], str, dict[str, str]]:
+    """Options, signed payload and environment with which execute-step runs ``request``
+    (a job file's folder or the kit's module as code location, its output store)."""
+    where = str(Path(request.code_pointer.file).parent) if request.code_pointer.file else "runyard.testing"
+    options = ["--code-location", where, "--output-store", request.output_store]
+    return options, json.dumps(sign_request(request, KEY.encode())), {**os.environ, "RUNYARD_SIGNING_KEY": KEY}
+
+
 def _run(request: StepRequest, via_stdin: bool) -> list[Event]:
-    args = [RUNYARD, "api", "execute-step"] + ([] if via_stdin else [request.to_json()])
-    proc = subprocess.run(args, input=request.to_json() if via_stdin else None,
-                          capture_output=True, text=True, timeout=60)
+    payload = json.dumps(sign_request(request, KEY.encode()))
+    args = [RUNYARD, "api", "execute-step", "--code-location", "runyard.testing",
+            "--output-store", request.output_store] + ([] if via_stdin else [payload])
+    proc = subprocess.run(args, input=payload if via_stdin else None, capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "RUNYARD_SIGNING_KEY": KEY})
     assert proc.returncode == 0, proc.stderr
     return [Event.from_json(line) for line in proc.stdout.splitlines()]
 
@@ -108,8 +121,9 @@ def _noisy_request(tmp_path: Path) -> StepRequest:
 @pytest.mark.parametrize("stream", [True, False], ids=["stream", "at-end"])
 def test_step_output_without_newline_does_not_corrupt_events(tmp_path: Path, stream: bool) -> None:
     request = _noisy_request(tmp_path)
-    proc = subprocess.run([RUNYARD, "api", "execute-step", *(["--stream"] if stream else [])],
-                          input=request.to_json(), capture_output=True, text=True, timeout=60)
+    options, payload, env = _trusted(request)
+    proc = subprocess.run([RUNYARD, "api", "execute-step", *options, *(["--stream"] if stream else [])],
+                          input=payload, capture_output=True, text=True, timeout=60, env=env)
     assert proc.returncode == 0, proc.stderr
     # Every line of stdout is one whole event of this attempt; nothing else is there.
     events = [Event.from_json(line) for line in proc.stdout.splitlines()]
@@ -177,8 +191,9 @@ def _term(tmp_path: Path, step_key: str) -> tuple[subprocess.CompletedProcess[st
     request = StepRequest(run_id="r" * 32, step_key=step_key, attempt=1, attempt_id="a1", job_name="stubborn",
                           code_pointer=CodePointer(file=str(tmp_path / "stubborn_jobs.py")),
                           output_store=str(tmp_path / "outputs"), inputs={}, run_config={"marks": str(marks)})
-    proc = subprocess.Popen([RUNYARD, "api", "execute-step", "--stream", request.to_json()],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    options, payload, env = _trusted(request)
+    proc = subprocess.Popen([RUNYARD, "api", "execute-step", *options, "--stream", payload],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         deadline = time.monotonic() + 30
         while not (marks / "started").exists():
@@ -242,8 +257,9 @@ def slow():
     request = StepRequest(run_id="r" * 32, step_key="never", attempt=1, attempt_id="a1", job_name="slow",
                           code_pointer=CodePointer(file=str(tmp_path / "slow_import.py")),
                           output_store=str(tmp_path / "outputs"), inputs={})
-    proc = subprocess.Popen([RUNYARD, "api", "execute-step", "--stream", request.to_json()],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    options, payload, env = _trusted(request)
+    proc = subprocess.Popen([RUNYARD, "api", "execute-step", *options, "--stream", payload],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         deadline = time.monotonic() + 30
         while not (marks / "started").exists():

@@ -1,10 +1,17 @@
 """The Celery application both sides build from the same settings, and runyard's one task.
 
 The run worker (the engine's process) sends tasks with it; ``runyard celery worker`` runs
-them. Messages and results are JSON only: the task's single argument is a step request
-(`runyard.plugin.StepRequest.to_dict`), its result the attempt's events as dicts. Step
+them. Messages and results are JSON only: the task's single argument is a signed step
+request (`runyard.plugin.sign_request`), its result the attempt's events as dicts. Step
 outputs never travel through Celery: the worker writes them to the output store named in
-the request, and downstream steps read them from there.
+the request (one of the worker's own output stores), and downstream steps read them there.
+
+The app knows runyard's task and nothing else: Celery's built-in tasks (``celery.accumulate``,
+``celery.chord_unlock``, ``celery.map``, ``celery.starmap``, ``celery.chunks``,
+``celery.group``, ``celery.chain``, ``celery.chord``, ``celery.backend_cleanup``) and any
+task a module imported at start defines are never registered, so a worker rejects a message
+naming one as an unregistered task. Several of them call other tasks named in their JSON
+arguments, or delete results; none is needed by runyard.
 """
 
 from __future__ import annotations
@@ -17,10 +24,17 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from celery import Celery
+from celery.app.registry import TaskRegistry
 from celery.worker import state as worker_state
 from celery.worker.control import control_command, ok
 from runyard import ConfigError
-from runyard.plugin import StepInterrupted, StepRequest, execute_step
+from runyard.plugin import (
+    StepInterrupted,
+    WorkerPolicy,
+    execute_trusted_step,
+    load_worker_policy,
+    refusal_event,
+)
 
 from .plugin import STOP_COMMAND, TASK_NAME
 
@@ -87,6 +101,15 @@ def default_backend(broker: str, backend: str | None, *, key: str = "executor.ce
     )
 
 
+class _RunyardTasksOnly(TaskRegistry):
+    """A task registry that keeps runyard's task only: whatever else registers itself (Celery's
+    built-ins at finalization, a ``@shared_task`` in an included module) is left out."""
+
+    def __setitem__(self, name: str, task: Any) -> None:
+        if name == TASK_NAME:
+            super().__setitem__(name, task)
+
+
 def make_app(
     *,
     broker: str,
@@ -97,7 +120,7 @@ def make_app(
 ) -> Celery:
     """The Celery app for these settings, with runyard's task registered."""
     app = Celery("runyard", broker=broker, backend=default_backend(broker, backend), include=list(include),
-                 set_as_current=False)
+                 set_as_current=False, tasks=_RunyardTasksOnly())
     conf: dict[str, Any] = {**RELIABILITY, "task_default_queue": default_queue}
     user = dict(config_source or {})
     if "broker_transport_options" in user:
@@ -113,15 +136,33 @@ def _interrupt(signum: int, frame: Any) -> None:
     raise StepInterrupted(message=f"step stopped by signal {signal.Signals(signum).name} on its Celery worker")
 
 
-def _run_step(task: Any, request: Mapping[str, Any]) -> dict[str, Any]:
+# What this worker runs: set by `runyard celery worker` before the pool forks, from the
+# worker's own settings (runyard.yaml, its options), never from a message.
+_policy: WorkerPolicy | None = None
+
+
+def set_worker_policy(policy: WorkerPolicy) -> None:
+    global _policy
+    _policy = policy
+
+
+def _run_step(task: Any, request: Any) -> dict[str, Any]:
     """Run one step attempt in this pool process; the events are the result (JSON).
 
+    The request runs only if signed with this worker's key and inside its allowance;
+    otherwise the result is one STEP_FAILURE saying why, and nothing was imported or read.
     SIGTERM (sent by `stop_step`) raises StepInterrupted in the step, so its ``finally``
     blocks run and the attempt reports a failure; the pool process lives on.
     """
+    policy = _policy
+    if policy is None:  # a worker started some other way than `runyard celery worker`
+        try:
+            policy = load_worker_policy()
+        except Exception as e:
+            return {"events": [refusal_event(request, f"this worker's trust settings are invalid: {e}").to_dict()]}
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
-        events = execute_step(StepRequest.from_dict(request))
+        events = execute_trusted_step(request, policy)
     finally:
         signal.signal(signal.SIGTERM, previous)
     return {"events": [ev.to_dict() for ev in events]}

@@ -32,7 +32,10 @@ from runyard.plugin import (
     StepHandler,
     StepRequest,
     StepUpdate,
+    missing_key_error,
     resolve,
+    sign_request,
+    signing_key_at,
 )
 
 from .app import broker_priority, make_app
@@ -87,6 +90,11 @@ class CeleryStepHandler(StepHandler):
 
     def setup(self) -> None:
         cfg = self.config
+        # Workers run signed requests only: without a key no step could run, so say so now.
+        key = signing_key_at(self.context.instance_home)
+        if key is None:
+            raise missing_key_error("executor celery")
+        self._key = key
         self.broker = resolve(cfg.broker) or ""
         backend = resolve(cfg.backend)
         self.default_queue = resolve(cfg.default_queue) or "runyard"
@@ -189,7 +197,7 @@ class CeleryStepHandler(StepHandler):
         with self._lock:
             self._tasks[task.task_id] = task
         try:
-            self.app.send_task(TASK_NAME, args=[request.to_dict()], **options)
+            self.app.send_task(TASK_NAME, args=[sign_request(request, self._key)], **options)
         except BaseException:
             with self._lock:
                 self._tasks.pop(task.task_id, None)

@@ -146,17 +146,26 @@ def runyard_cli(cli: Any) -> None:
     @click.option("-I", "--include", multiple=True, help="Module to import at start (repeatable), e.g. a job module.")
     @click.option("-n", "--hostname", default=None, help="Worker node name (default: runyard@%h plus a suffix).")
     @click.option("-l", "--loglevel", default="WARNING", show_default=True, help="Celery log level.")
+    @click.option("--code-location", "code_locations", multiple=True, metavar="DIR_OR_MODULE",
+                  help="Directory or module whose jobs this worker may run (repeatable; default: "
+                  "step_worker.code_locations in runyard.yaml, else the --include modules).")
+    @click.option("--output-store", "output_stores", multiple=True, metavar="URL",
+                  help="Output store this worker may read and write (repeatable; default: "
+                  "step_worker.output_stores in runyard.yaml, else its outputs: setting).")
     def worker(queues: tuple[str, ...], concurrency: int | None, broker: str | None, backend: str | None,
-               include: tuple[str, ...], hostname: str | None, loglevel: str) -> None:
+               include: tuple[str, ...], hostname: str | None, loglevel: str, code_locations: tuple[str, ...],
+               output_stores: tuple[str, ...]) -> None:
         """Start a Celery worker that runs the steps of any runyard job it can import.
 
         Settings come from the celery executor's section of $RUNYARD_HOME/runyard.yaml, and the
-        options here override them. Jobs are loaded from each step's code pointer, so the
-        job's file or module must be importable here, and the output store reachable.
+        options here override them. A step runs only if its request is signed with the key in
+        RUNYARD_SIGNING_KEY (or step_worker.signing_key) and its job and output store are among
+        this worker's code locations and output stores; others fail, saying why (docs/security.md).
 
         \b
         Example:
-          runyard celery worker -q runyard,gpu --concurrency 4
+          RUNYARD_SIGNING_KEY=... runyard celery worker -q runyard,gpu --concurrency 4 \\
+              --code-location /srv/jobs --output-store s3://bucket/runyard
         """
         from .worker import run_worker  # imports Celery: only when a worker starts
 
@@ -168,4 +177,6 @@ def runyard_cli(cli: Any) -> None:
             include=list(include),
             hostname=hostname,
             loglevel=loglevel,
+            code_locations=list(code_locations),
+            output_stores=list(output_stores),
         )

@@ -1,4 +1,5 @@
-"""``runyard celery worker``: a Celery worker that runs runyard steps of any job it can import."""
+"""``runyard celery worker``: a Celery worker that runs runyard steps, from its own code locations
+and output stores only, for requests signed with its key (see docs/security.md)."""
 
 from __future__ import annotations
 
@@ -9,16 +10,16 @@ from typing import Any
 
 import click
 from runyard import ConfigError, Instance
-from runyard.plugin import resolve
+from runyard.plugin import load_worker_policy, missing_key_error, resolve
 
-from .app import make_app
+from .app import make_app, set_worker_policy
 from .plugin import CeleryConfig
 
 
-def instance_config(broker: str | None = None) -> CeleryConfig:
+def instance_config(broker: str | None = None, instance: Instance | None = None) -> CeleryConfig:
     """The celery executor's settings in $RUNYARD_HOME/runyard.yaml, or the defaults with
     ``broker`` (the --broker option): there is no default broker to fall back on."""
-    instance = Instance.from_env()
+    instance = instance or Instance.from_env()
     selection = instance.sections.get("executor")
     if selection is not None and selection.name == "celery":
         return instance.plugin_config("executor", selection)
@@ -39,16 +40,42 @@ def run_worker(
     include: list[str],
     hostname: str | None,
     loglevel: str,
+    code_locations: list[str] | None = None,
+    output_stores: list[str] | None = None,
 ) -> None:
     try:
-        cfg = instance_config(broker)
+        instance = Instance.from_env()
+        cfg = instance_config(broker, instance)
+        modules = [*(resolve(m) or "" for m in cfg.include), *include]
+        # Decided here, before anything is received: what this worker will load and read.
+        policy = load_worker_policy(
+            instance=instance,
+            code_locations=code_locations or (),
+            output_stores=output_stores or (),
+            default_code_locations=modules,  # the job modules it imports at start
+        )
+        if policy.signing_key is None:
+            raise ConfigError(str(missing_key_error("runyard celery worker")))
+        if not policy.code_locations:
+            raise ConfigError(
+                "runyard celery worker: no code locations: this worker would refuse every step. Name the "
+                "directories or modules whose jobs it may run with --code-location DIR_OR_MODULE (repeatable), "
+                "`step_worker: {code_locations: [...]}` in runyard.yaml, or executor.celery.include "
+                "(see docs/security.md)"
+            )
+        if not policy.output_stores:
+            raise ConfigError(
+                "runyard celery worker: no output stores: give --output-store URL (the run's outputs: setting) "
+                "or `step_worker: {output_stores: [...]}` in runyard.yaml (see docs/security.md)"
+            )
+        set_worker_policy(policy)
         broker_url = broker or resolve(cfg.broker) or ""
         app = make_app(
             broker=broker_url,
             # The configured backend whatever the broker: the engine reads results there, and
             # one written elsewhere (the broker's Redis, say) would leave its step PENDING.
             backend=backend or resolve(cfg.backend),
-            include=[*(resolve(m) or "" for m in cfg.include), *include],
+            include=modules,
             default_queue=resolve(cfg.default_queue) or "runyard",
             config_source=cfg.config_source,
         )

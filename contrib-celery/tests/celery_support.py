@@ -36,6 +36,18 @@ DIE_WITH_PYTEST = ["setpriv", "--pdeathsig", "TERM"]
 HERE = Path(__file__).resolve().parent
 
 
+# Both sides read the step signing key from the environment: the tests' engine (this process)
+# and the workers it starts (they inherit it).
+SIGNING_KEY = os.environ.setdefault("RUNYARD_SIGNING_KEY", f"runyard-celery-tests-{SESSION}-{uuid.uuid4().hex}")
+# What the tests' workers may run: the test job modules, with outputs anywhere under pytest's
+# temporary folder (each test's instance keeps its outputs in its own tmp_path).
+CODE_LOCATIONS = ("celery_test_jobs", "runyard.testing")
+
+
+def trust_args(output_root: Path) -> tuple[str, ...]:
+    return (*(a for m in CODE_LOCATIONS for a in ("--code-location", m)), "--output-store", str(output_root))
+
+
 def queue(name: str) -> str:
     """A queue name unique to this test session."""
     return f"ryt-{SESSION}-{name}"

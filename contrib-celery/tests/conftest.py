@@ -20,6 +20,7 @@ from celery_support import (  # noqa: E402
     executor_config,
     queue,
     require_broker,
+    trust_args,
     write_home,
 )
 
@@ -27,7 +28,7 @@ os.environ.setdefault("RYT_CELERY_OTHER_QUEUE", queue("other"))
 
 
 @pytest.fixture
-def start_worker(tmp_path: Path) -> Iterator[Any]:
+def start_worker(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """``start_worker(broker, queues, concurrency=2)``: a ready worker, stopped at teardown."""
     workers: list[Worker] = []
 
@@ -35,7 +36,7 @@ def start_worker(tmp_path: Path) -> Iterator[Any]:
               args: tuple[str, ...] = (), **extra: Any) -> Worker:
         require_broker(broker)
         home = write_home(tmp_path / f"worker-home-{len(workers)}", executor_config(broker, queues[0], **extra))
-        w = Worker(home, queues, concurrency=concurrency, args=args)
+        w = Worker(home, queues, concurrency=concurrency, args=(*trust_args(tmp_path_factory.getbasetemp()), *args))
         workers.append(w)
         return w.wait_ready() if wait else w
 
@@ -53,7 +54,8 @@ def session_workers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[s
             require_broker(broker)
             home = write_home(tmp_path_factory.mktemp(f"celery-{broker}"),
                               executor_config(broker, queue(f"{broker}-main")))
-            workers[broker] = Worker(home, [queue(f"{broker}-main")], concurrency=4)
+            workers[broker] = Worker(home, [queue(f"{broker}-main")], concurrency=4,
+                                     args=trust_args(tmp_path_factory.getbasetemp()))
         for w in workers.values():
             w.wait_ready()
         yield workers

@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 import redis
 from celery import Celery
-from celery_support import BROKERS, queue, wait_until
+from celery_support import BROKERS, SIGNING_KEY, queue, wait_until
 from kombu import Connection
-from runyard.plugin import CodePointer, FailureKind, HandlerContext, StepRequest
+from runyard.plugin import CodePointer, FailureKind, HandlerContext, StepRequest, sign_request, verify_request
 from runyard_celery.app import make_app
 from runyard_celery.handler import CeleryStepHandler
 from runyard_celery.plugin import TASK_NAME, CeleryConfig
@@ -83,8 +83,8 @@ def test_task_message_is_json_and_carries_only_the_step_request(tmp_path: Path, 
     msg = messages[0]
     assert msg["content_type"] == "application/json"
     args, kwargs, _embed = json.loads(msg["body"])
-    assert args == [request.to_dict()] and kwargs == {}
-    assert StepRequest.from_dict(args[0]) == request
+    assert args == [sign_request(request, SIGNING_KEY.encode())] and kwargs == {}
+    assert verify_request(args[0], SIGNING_KEY.encode()) == request
     # runyard's priority 7 (0 lowest .. 9 highest) as each broker orders it.
     if broker == "redis":
         assert msg["properties"]["priority"] == 2 and msg["priority_key"].endswith(b"\x06\x162")
@@ -102,7 +102,8 @@ def test_pickled_message_is_refused_by_the_worker(tmp_path: Path, session_worker
     pickler.conf.update(task_serializer="pickle", accept_content=["pickle", "json"])
     try:
         pickled_id = f"pickled-{uuid.uuid4().hex}"
-        pickler.send_task(TASK_NAME, args=[request.to_dict()], queue=main, task_id=pickled_id, serializer="pickle")
+        pickler.send_task(TASK_NAME, args=[sign_request(request, SIGNING_KEY.encode())], queue=main,
+                          task_id=pickled_id, serializer="pickle")
         # The worker logs the refused body (where the run id shows) and the reason.
         wait_until(lambda: request.run_id in worker.log.read_text(errors="replace"), 20,
                    "the worker to see the pickled message")
@@ -116,7 +117,7 @@ def test_pickled_message_is_refused_by_the_worker(tmp_path: Path, session_worker
     # The same request as JSON runs: the refusal was about the serializer, nothing else.
     app = make_app(broker=BROKERS["redis"]["broker"], backend=BROKERS["redis"]["backend"])
     try:
-        result = app.send_task(TASK_NAME, args=[request.to_dict()], queue=main)
+        result = app.send_task(TASK_NAME, args=[sign_request(request, SIGNING_KEY.encode())], queue=main)
         wait_until(lambda: result.state == "SUCCESS", 30, "the JSON task to succeed")
         assert result.result["events"][-1]["type"] == "STEP_SUCCESS"
         assert marker.exists()

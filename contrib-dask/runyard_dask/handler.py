@@ -24,7 +24,12 @@ from runyard.plugin import (
     StepHandler,
     StepRequest,
     StepUpdate,
+    grant_for_run,
+    missing_key_error,
+    new_signing_key,
     resolve,
+    sign_request,
+    signing_key_at,
 )
 
 from . import remote
@@ -183,6 +188,14 @@ class DaskStepHandler(StepHandler):
     # -- setup / teardown -------------------------------------------------------------
 
     def setup(self) -> None:
+        # Every request is signed. A scheduler at `address` serves workers started by someone
+        # else, who must share the key; a cluster (or local scheduler) of this run's own gets a
+        # key made for the run, and its allowance, from the engine (see _grant).
+        key = signing_key_at(self.context.instance_home)
+        if key is None and self.config.address is not None:
+            raise missing_key_error("executor.dask.address")
+        self._key = key if key is not None else new_signing_key().encode()
+        self._granted: tuple[str, str, dict[str, Any]] | None = None
         try:
             if self.config.local_scheduler is not None:
                 self._setup_local()
@@ -307,6 +320,7 @@ class DaskStepHandler(StepHandler):
             self._pool = ProcessPoolExecutor(max_workers=n, mp_context=multiprocessing.get_context(method))
 
     def teardown(self) -> None:
+        remote.drop_grant(self.context.run_id)  # installed in this process by a local scheduler
         if self._fetcher is not None:
             self._done_queue.put(None)
             self._fetcher.join(_RESULT_TIMEOUT)
@@ -344,8 +358,10 @@ class DaskStepHandler(StepHandler):
         resources = parse_resources(request.step_key, request.tags)
         key = dask_key(request)
         handle = _Handle(request, key, resources)
-        payload = request.to_dict()
+        payload = sign_request(request, self._key)
         grace = self.config.interrupt_grace
+        if self._granted is None and self.config.address is None:
+            self._grant(request)
         if self._client is not None:
             if request.timeout is not None or self.config.queue_timeout is not None:
                 handle.track_start = True
@@ -367,6 +383,16 @@ class DaskStepHandler(StepHandler):
             handle.future = self._launcher.submit(self._compute_local, payload, key, grace)
         handle.future.add_done_callback(lambda _f, h=handle: self._on_done(h))
         return handle
+
+    def _grant(self, request: StepRequest) -> None:
+        """Give the workers this run started itself its key and allowance (its job's code
+        location and its output store), before its first step goes out."""
+        grant = (request.run_id, self._key.decode(), grant_for_run(request))
+        if self._client is not None:
+            from .grant import TrustGrant
+
+            self._client.register_plugin(TrustGrant(*grant), name=f"runyard-trust-{request.run_id}")
+        self._granted = grant
 
     def _submit_pending(self) -> None:
         pending, self._pending = self._pending, []
@@ -399,7 +425,7 @@ class DaskStepHandler(StepHandler):
     def _compute_local(self, payload: dict[str, Any], key: str, grace: float) -> dict[str, Any]:
         import dask
 
-        task = dask.delayed(remote.run_step, pure=False)(payload, key, grace, dask_key_name=key)
+        task = dask.delayed(remote.run_local_step, pure=False)(self._granted, payload, key, grace, dask_key_name=key)
         # The scheduler's function, not its name: given a name, dask imports distributed to
         # look for a default Client, which this mode is meant to do without.
         kwargs: dict[str, Any] = {"scheduler": _local_get(self.config.local_scheduler)}

@@ -10,6 +10,12 @@ or cancel (`interrupt`) raises `StepInterrupted` in the step's thread; if the st
 blocked in a C call (``time.sleep``, a socket read) the exception only lands when the
 call returns, so the task stops waiting after ``grace`` seconds and gives its worker
 thread back to Dask, leaving the step's thread to end in the background.
+
+A request runs only if it is signed and inside the allowance of this process (see
+docs/security.md): for workers of a cluster the run started itself, the allowance the engine
+installed (`install_grant`, through a worker plugin); for any other worker, its own
+configuration (`runyard.plugin.load_worker_policy`: RUNYARD_SIGNING_KEY, runyard.yaml's
+``step_worker`` section or RUNYARD_STEP_WORKER).
 """
 
 from __future__ import annotations
@@ -19,17 +25,21 @@ import ctypes
 import queue
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from runyard.plugin import (
     Event,
     EventType,
     StepInterrupted,
-    StepRequest,
     StepTimedOut,
+    WorkerPolicy,
+    admit_or_refuse,
     execute_step,
+    load_worker_policy,
+    policy_from_grant,
     preload_job,
+    refusal_event,
 )
 
 # Steps running in this process, by Dask key.
@@ -91,14 +101,73 @@ class _Running:
         self.events: list[Event] | None = None
 
 
+# Allowances installed by the engine that started this worker, by run id; this process's own.
+_grants: dict[str, WorkerPolicy] = {}
+_own: list[WorkerPolicy | str] = []
+
+
+def install_grant(run_id: str, key: str, grant: Mapping[str, Any]) -> None:
+    """Accept the requests of run ``run_id`` signed with ``key`` within ``grant`` (its code
+    location and output store): called by the engine on the workers it started itself."""
+    with _lock:
+        _grants[run_id] = policy_from_grant(key.encode(), grant, source=f"the engine of run {run_id}")
+
+
+def drop_grant(run_id: str) -> None:
+    with _lock:
+        _grants.pop(run_id, None)
+
+
+def _policy_for(request: Any) -> WorkerPolicy | str:
+    """The policy for a request, or why there is none (reported as its refusal)."""
+    run_id = request.get("run_id") if isinstance(request, Mapping) else None
+    with _lock:
+        granted = _grants.get(run_id) if isinstance(run_id, str) else None
+        if granted is not None:
+            return granted
+        if not _own:
+            try:
+                _own.append(load_worker_policy())
+            except Exception as e:
+                _own.append(f"this Dask worker has no valid runyard step-worker settings: {e}")
+        return _own[0]
+
+
+def run_local_step(grant: tuple[str, str, dict[str, Any]], request: dict[str, Any], key: str,
+                   grace: float = 1.0) -> dict[str, Any]:
+    """`run_step` under dask's local schedulers: the engine's own processes, which get the
+    run's allowance along with the task (``grant``: run id, key, allowance). Refused inside a
+    distributed worker, where only the engine's worker plugin may install one."""
+    dist_worker = sys.modules.get("distributed.worker")
+    if dist_worker is not None:
+        try:
+            dist_worker.get_worker()
+        except ValueError:
+            pass
+        else:
+            event = refusal_event(request, "run_local_step is for dask's local schedulers only")
+            return {"events": [event.to_dict()], "abandoned": False, "interrupted": None}
+    install_grant(*grant)
+    return run_step(request, key, grace)
+
+
 def run_step(request: dict[str, Any], key: str, grace: float = 1.0, start_topic: str | None = None) -> dict[str, Any]:
     """The Dask task: run one attempt and return ``{"events": [...], "abandoned": bool,
     "interrupted": kind or None}`` (events as dicts).
 
+    The request runs only if this process's policy admits it (signature, code location,
+    output store); otherwise the events are one STEP_FAILURE saying why.
+
     With ``start_topic``, the task first tells the run's client that it started, as a
     distributed event on that topic (message: ``key``), so the step's timeout counts from
     here rather than from its submission."""
-    req = StepRequest.from_dict(request)
+    policy = _policy_for(request)
+    if isinstance(policy, str):
+        return {"events": [refusal_event(request, policy).to_dict()], "abandoned": False, "interrupted": None}
+    admitted = admit_or_refuse(policy, request)
+    if isinstance(admitted, Event):
+        return {"events": [admitted.to_dict()], "abandoned": False, "interrupted": None}
+    req = admitted
     with _lock:
         if key in _early:
             kind = _early.pop(key)

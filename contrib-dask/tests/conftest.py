@@ -23,6 +23,16 @@ import pytest
 
 BIN = Path(sys.executable).parent
 START_TIMEOUT = 90.0  # seconds; the machine is shared and slow at times
+# The engine (this process) and the workers started with the `dask` command share the step
+# signing key through the environment, as in a real deployment (docs/security.md).
+SIGNING_KEY = os.environ.setdefault("RUNYARD_SIGNING_KEY", f"runyard-dask-tests-{os.getpid()}-{time.time_ns()}")
+
+
+def trust_env(tmp_root: Path) -> dict[str, str]:
+    """What the tests' CLI workers may run: job files and outputs under pytest's tmp folder,
+    and the kit's job module."""
+    grant = {"code_locations": [str(tmp_root), "runyard.testing"], "output_stores": [str(tmp_root)]}
+    return {"RUNYARD_STEP_WORKER": json.dumps(grant)}
 
 
 def free_port() -> int:
@@ -119,7 +129,10 @@ def _kill_group(p: subprocess.Popen[bytes], sig: int) -> None:
 def start_cli_cluster(workdir: Path, *, env: dict[str, str] | None = None,
                       workers: tuple[tuple[str, str | None], ...] = (("w1", None), ("w2", None))) -> CliCluster:
     workdir.mkdir(parents=True, exist_ok=True)
-    cluster = CliCluster(workdir, env=env)
+    # Everything under the folder of pytest's tmp folders (pytest-of-USER/pytest-N).
+    root = next((p for p in workdir.parents if p.name.startswith("pytest-") and p.parent.name.startswith("pytest-of")),
+                workdir.parent)
+    cluster = CliCluster(workdir, env={**trust_env(root), **(env or {})})
     try:
         cluster.start_scheduler()
         for name, resources in workers:

@@ -502,13 +502,18 @@ def both():
 
 
 def test_run_step_gives_its_thread_back_after_grace_and_later_steps_are_unharmed(tmp_path: Path) -> None:
+    from runyard.plugin import StepRequest, sign_request
     from runyard_dask import remote
 
     path = write_job(tmp_path, SLEEPER, "sleeper_jobs.py")
+    key = "a-key-for-this-test-only-0123456789"
+    # What the engine's worker plugin does on the workers of a cluster of its own.
+    remote.install_grant("r", key, {"code_locations": [str(tmp_path)], "output_stores": [str(tmp_path / "out")]})
 
     def request(step: str, attempt_id: str) -> dict[str, Any]:
-        return {"run_id": "r", "step_key": step, "attempt": 1, "attempt_id": attempt_id, "job_name": "both",
-                "code_pointer": {"file": str(path)}, "output_store": str(tmp_path / "out"), "inputs": {}}
+        return sign_request(StepRequest.from_dict({
+            "run_id": "r", "step_key": step, "attempt": 1, "attempt_id": attempt_id, "job_name": "both",
+            "code_pointer": {"file": str(path)}, "output_store": str(tmp_path / "out"), "inputs": {}}), key.encode())
 
     out: dict[str, Any] = {}
     t = threading.Thread(target=lambda: out.update(remote.run_step(request("sleeper", "a1"), "k-sleep", 0.2)))

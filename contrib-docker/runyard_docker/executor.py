@@ -10,6 +10,10 @@ OOM kill, SIGNAL for an exit code of 128+N, NOT_STARTED when the worker never st
 the step, WORKER_LOST otherwise). `terminate` stops the container (SIGTERM, SIGKILL after
 ``terminate_grace``). Finished containers are removed according to ``cleanup``.
 
+Each request is signed with a key made for the run, and each container is told (in its
+environment) that key and its allowance: the run's code location and output store; the
+step worker refuses anything else (see docs/security.md).
+
 Outputs travel through the run's output store: a file store's directory is bind-mounted
 at the same path in every step container, so references resolve identically; an fsspec
 store is reached by URL. A job loaded from a file has that file's directory bind-mounted
@@ -19,6 +23,7 @@ store is reached by URL. A job loaded from a file has that file's directory bind
 from __future__ import annotations
 
 import io
+import json
 import os
 import subprocess
 import sys
@@ -32,6 +37,8 @@ import docker
 import docker.errors
 from runyard import ConfigError
 from runyard.plugin import (
+    SIGNING_KEY_ENV,
+    STEP_WORKER_ENV,
     Event,
     EventType,
     FailureInfo,
@@ -39,8 +46,11 @@ from runyard.plugin import (
     StepHandler,
     StepRequest,
     StepUpdate,
+    grant_for_run,
+    new_signing_key,
     preload_job,
     resolve,
+    sign_request,
 )
 
 from . import _docker as d
@@ -115,6 +125,8 @@ class DockerStepHandler(StepHandler):
         self.job_error: ConfigError | None = None
         self.reaper: subprocess.Popen[bytes] | None = None
         self.stopping = threading.Event()
+        # The containers of this run are started here, so the run needs no configured key.
+        self.signing_key = new_signing_key()
 
     def setup(self) -> None:
         cfg = self.config
@@ -283,12 +295,15 @@ class DockerStepHandler(StepHandler):
 
     def _create(self, att: _Attempt) -> Any:
         req = att.request
-        payload = req.to_json()
+        payload = json.dumps(sign_request(req, self.signing_key.encode()), separators=(",", ":"))
         in_file = len(payload.encode()) > _MAX_ARG
         arg = "@/tmp/runyard-step-request.json" if in_file else payload
         labels = d.base_labels(self.config, "step", req.run_id, self.context.instance_home)
         labels.update({LABEL_STEP_KEY: req.step_key, LABEL_ATTEMPT_ID: req.attempt_id})
         kwargs = self._args(att.settings, labels, ["python3", "-m", "runyard_docker.step_worker", arg])
+        # The worker's key and allowance come from here, its starter, never from the request.
+        kwargs["environment"].update({SIGNING_KEY_ENV: self.signing_key,
+                                      STEP_WORKER_ENV: json.dumps(grant_for_run(req))})
         kwargs["name"] = d.safe_name("runyard-step", req.run_id[:8], req.step_key, str(req.attempt),
                                      req.attempt_id[:6])
         container = self.client.containers.create(**kwargs)

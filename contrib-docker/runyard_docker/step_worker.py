@@ -17,13 +17,20 @@ in the container regularly; once it has been seen, a watchdog thread ends the wo
 so the container, whose init then stops every process in it) when its content has not
 changed for that long: the run worker died, or lost the engine.
 
-Exit status: 0 when the step ran (the events say how it went), 2 for a malformed request,
-3 when the heartbeat stopped.
+The request runs only if it is signed with the key in ``RUNYARD_SIGNING_KEY`` and inside
+the allowance in ``RUNYARD_STEP_WORKER`` (or the image's runyard.yaml ``step_worker``
+section): the executor sets both for each container it starts, with a key made for the run
+and the run's code location and output store. Otherwise nothing is imported or unpickled,
+and the one event printed is a STEP_FAILURE saying why (see docs/security.md).
+
+Exit status: 0 when the step ran or was refused (the events say how it went), 2 for a
+malformed request, 3 when the heartbeat stopped.
 """
 
 from __future__ import annotations
 
 import codecs
+import json
 import os
 import select
 import sys
@@ -31,7 +38,7 @@ import threading
 import time
 from typing import Any
 
-from runyard.plugin import Event, EventType, StepRequest, execute_step
+from runyard.plugin import Event, EventType, admit_or_refuse, execute_step, load_worker_policy, refusal_event
 
 _ENDINGS = (EventType.STEP_OUTPUT, EventType.STEP_SUCCESS, EventType.STEP_FAILURE)
 
@@ -150,10 +157,20 @@ def main(argv: list[str] | None = None) -> int:
         if raw.startswith("@"):
             with open(raw[1:]) as f:
                 raw = f.read()
-        request = StepRequest.from_json(raw)
+        payload = json.loads(raw)
     except Exception as e:
         print(f"malformed step request: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
+    try:
+        policy = load_worker_policy()
+    except Exception as e:
+        admitted: Any = refusal_event(payload, f"this container's step-worker settings are invalid: {e}")
+    else:
+        admitted = admit_or_refuse(policy, payload)
+    if isinstance(admitted, Event):  # refused: the reason is the attempt's ending
+        sys.stdout.write(admitted.to_json() + "\n")
+        return 0
+    request = admitted
     base = {
         "run_id": request.run_id,
         "step_key": request.step_key,

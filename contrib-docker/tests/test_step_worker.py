@@ -4,13 +4,16 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
-from runyard.plugin import CodePointer, Event, EventType, StepRequest, execute_step
+from runyard.plugin import CodePointer, Event, EventType, StepRequest, execute_step, grant_for_run, sign_request
+
+KEY = "a-key-for-the-step-worker-tests-0123456789"
 
 JOB = '''
 import os, sys, time
@@ -35,10 +38,19 @@ def waiting():
 '''
 
 
+def signed(request: StepRequest) -> str:
+    return json.dumps(sign_request(request, KEY.encode()))
+
+
 @pytest.fixture
-def request_for(tmp_path: Path) -> Any:
+def request_for(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
     jobs = tmp_path / "jobs.py"
     jobs.write_text(JOB)
+    # The key and allowance the executor gives a step container (the workers here inherit them).
+    monkeypatch.setenv("RUNYARD_SIGNING_KEY", KEY)
+    monkeypatch.setenv("RUNYARD_STEP_WORKER", json.dumps(grant_for_run(StepRequest(
+        run_id="r1", step_key="waits", attempt=1, attempt_id="a1", job_name="waiting",
+        code_pointer=CodePointer(file=str(jobs)), output_store=str(tmp_path / "out"), inputs={}))))
 
     def make(go: Path) -> StepRequest:
         return StepRequest(run_id="r1", step_key="waits", attempt=1, attempt_id="a1", job_name="waiting",
@@ -67,7 +79,7 @@ def test_on_event_sees_each_event_as_it_is_emitted(request_for: Any, tmp_path: P
                                      ["-m", "runyard_docker.step_worker"]])
 def test_worker_prints_events_while_the_step_runs(request_for: Any, tmp_path: Path, command: list[str]) -> None:
     go = tmp_path / "go"
-    proc = subprocess.Popen([sys.executable, *command, request_for(go).to_json()], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, *command, signed(request_for(go))], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None
@@ -105,7 +117,7 @@ def test_worker_stops_itself_when_the_heartbeat_stops(request_for: Any, tmp_path
     beat.write_text("0")
     env = {**os.environ, "RUNYARD_DOCKER_HEARTBEAT": str(beat), "RUNYARD_DOCKER_HEARTBEAT_TIMEOUT": "1.5"}
     # The step waits 30 s for a go file that never comes.
-    request = request_for(tmp_path / "go").to_json()
+    request = signed(request_for(tmp_path / "go"))
     proc = subprocess.Popen([sys.executable, "-m", "runyard_docker.step_worker", request],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     try:

@@ -19,7 +19,7 @@ from .storage import RunStorage
 from .yamlfile import beside, load_yaml_file
 
 SECTIONS: tuple[Kind, ...] = ("storage", "run_launcher", "executor")
-TOP_LEVEL_KEYS = (*SECTIONS, "outputs")
+TOP_LEVEL_KEYS = (*SECTIONS, "outputs", "step_worker")  # step_worker: see trust.py
 CONFIG_FILE = "runyard.yaml"
 
 
@@ -69,6 +69,8 @@ class Instance:
                 f"(like /shared/runyard-outputs or s3://bucket/prefix), got {type(outputs).__name__}"
             )
         self._outputs_url = beside(self.home, outputs)  # relative to runyard.yaml's folder
+        # What step workers of this instance accept (runyard.trust.StepWorkerSettings).
+        self.step_worker_config: Any = raw.get("step_worker")
 
     @classmethod
     def from_env(cls, *, registry: PluginRegistry | None = None) -> Instance:

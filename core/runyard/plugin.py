@@ -24,6 +24,24 @@ from .definitions import CodePointer
 from .events import Event, EventType, FailureInfo, FailureKind
 from .private import make_private_dirs, open_private
 from .storage import RunRecord, RunStatus, RunStorage, StoredEvent
+from .trust import (
+    SIGNING_KEY_ENV,
+    STEP_WORKER_ENV,
+    RequestRefused,
+    WorkerPolicy,
+    admit_or_refuse,
+    configured_signing_key,
+    execute_trusted_step,
+    grant_for_run,
+    load_worker_policy,
+    missing_key_error,
+    new_signing_key,
+    policy_from_grant,
+    refusal_event,
+    sign_request,
+    signing_key_at,
+    verify_request,
+)
 from .worker import StepContext, StepInterrupted, StepTimedOut
 
 if TYPE_CHECKING:
@@ -534,4 +552,21 @@ __all__ = [
     "open_private",
     "preload_job",
     "resolve",
+    # Trust: signed step requests and workers' own allowances (runyard.trust, docs/security.md).
+    "RequestRefused",
+    "SIGNING_KEY_ENV",
+    "STEP_WORKER_ENV",
+    "WorkerPolicy",
+    "admit_or_refuse",
+    "configured_signing_key",
+    "execute_trusted_step",
+    "grant_for_run",
+    "load_worker_policy",
+    "missing_key_error",
+    "new_signing_key",
+    "policy_from_grant",
+    "refusal_event",
+    "sign_request",
+    "signing_key_at",
+    "verify_request",
 ]

@@ -21,27 +21,57 @@ def api() -> None:
 @api.command("execute-step")
 @click.argument("request", required=False)
 @click.option("--stream", is_flag=True, help="Print each event as soon as it is emitted, not when the step ends.")
-def execute_step(request: str | None, stream: bool) -> None:
-    """Run one step attempt from a JSON StepRequest (argument or stdin); print events as JSON lines.
+@click.option("--code-location", "code_locations", multiple=True, metavar="DIR_OR_MODULE",
+              help="Directory or module whose jobs may run (repeatable; default: RUNYARD_STEP_WORKER, else "
+              "step_worker.code_locations in runyard.yaml).")
+@click.option("--output-store", "output_stores", multiple=True, metavar="URL",
+              help="Output store the step may read and write (repeatable; default: RUNYARD_STEP_WORKER, else "
+              "step_worker.output_stores, else the instance's outputs).")
+@click.option("--allow-unsigned", is_flag=True,
+              help="Run a request without a signature when no signing key is configured (a request you made "
+              "yourself, on this host); code locations and output stores still apply.")
+def execute_step(request: str | None, stream: bool, code_locations: tuple[str, ...],
+                 output_stores: tuple[str, ...], allow_unsigned: bool) -> None:
+    """Run one step attempt from a signed JSON StepRequest (argument or stdin); print events as JSON lines.
 
-    Exit status is 0 when the step ran (whether it succeeded or failed: the events say
-    which) and 2 when the request is malformed. With --stream, each event line is
-    printed and flushed as the step emits it. Stdout carries events only: what the step
+    The request must carry a valid signature for the key in RUNYARD_SIGNING_KEY (or
+    step_worker.signing_key), and name a job in one of this worker's code locations and an
+    output store among its output stores; otherwise nothing is loaded and the one event
+    printed is a STEP_FAILURE saying why (see docs/security.md).
+
+    Exit status is 0 when the step ran or was refused (the events say which), and 2 when
+    the request is malformed or the worker's settings are wrong. With --stream, each event
+    line is printed and flushed as the step emits it. Stdout carries events only: what the step
     writes to fds 1 and 2 comes back as STEP_STDOUT/STEP_STDERR events. SIGTERM stops
     the step: its ending is a STEP_FAILURE of kind CANCELED, and the worker exits 0
     within 5 seconds.
 
     \b
     Example:
-      runyard api execute-step '{"run_id": "r1", "step_key": "emit", ...}'
+      runyard api execute-step --code-location ./jobs '{"run_id": "r1", ..., "signature": "hmac-sha256:..."}'
     """
-    from ..plugin import StepRequest
+    import json
+
+    from ..errors import ConfigError
+    from ..plugin import Event, StepRequest, admit_or_refuse, load_worker_policy
 
     raw = request if request is not None else sys.stdin.read()
     try:
-        req = StepRequest.from_json(raw)
+        payload = json.loads(raw)
+        # Only its shape is checked here (nothing is loaded): trust is decided below.
+        StepRequest.from_dict({k: v for k, v in payload.items() if k != "signature"})
     except Exception as e:
         raise click.UsageError(f"malformed step request: {type(e).__name__}: {e}") from e
+    try:
+        policy = load_worker_policy(code_locations=code_locations, output_stores=output_stores,
+                                    require_signature=not allow_unsigned)
+    except ConfigError as e:
+        raise click.UsageError(str(e)) from e
+    req = admit_or_refuse(policy, payload)
+    if isinstance(req, Event):  # refused: nothing was imported or read
+        sys.stdout.write(req.to_json() + "\n")
+        sys.stdout.flush()
+        return
     _serve(req, live=stream)
 
 
