@@ -75,4 +75,4 @@ def test_the_page_s_launcher_passes_the_kit(installed: tuple[Path, Path]) -> Non
     done = subprocess.run([sys.executable, "-m", "pytest", "tests", "-q", "-p", "no:cacheprovider"], cwd=project,
                           capture_output=True, text=True, env=env_with(site), timeout=600)
     assert done.returncode == 0, done.stdout[-5000:] + done.stderr[-3000:]
-    assert "5 passed" in done.stdout, done.stdout
+    assert "6 passed" in done.stdout, done.stdout

@@ -26,12 +26,13 @@ FINISHED = "test_health_and_terminate_of_a_finished_run"
 CANCEL = "test_cancel_from_another_process_ends_the_run_canceled"
 TERMINATE = "test_terminate_is_idempotent_and_force_leaves_nothing"
 KILLED = "test_killed_worker_is_reported_dead_with_the_reason"
+FORCE = "test_force_terminate_of_a_running_worker_leaves_nothing"
 
 # mutant -> (the kit test that must fail, a fragment its failure message must contain)
 MUTANTS = {
     "kit_noop_terminate": (CANCEL, "did not make the worker cancel its step"),
     "kit_force_only": (TERMINATE, "terminate without force must make the worker cancel the run"),
-    "kit_pid_only": (TERMINATE, "the step's child process still running after terminate(force=True)"),
+    "kit_pid_only": (FORCE, "the step's child process still running after terminate(force=True) of a running"),
     "kit_raises_when_gone": (FINISHED, "ProcessLookupError"),
     "kit_memory_only": (CANCEL, "did not make the worker cancel its step"),
     "kit_always_running": (FINISHED, "but check_health says running"),
@@ -90,7 +91,7 @@ def run_kit(site: Path, where: Path, launcher: str, tests: list[str] | None) -> 
 @pytest.mark.slow
 def test_the_unbroken_control_passes_the_whole_kit(mutant_site: Path, tmp_path: Path) -> None:
     results = run_kit(mutant_site, tmp_path / "control", "kit_control", None)
-    assert set(results) == {LAUNCH, FINISHED, CANCEL, TERMINATE, KILLED}
+    assert set(results) == {LAUNCH, FINISHED, CANCEL, TERMINATE, FORCE, KILLED}
     assert all(v is None for v in results.values()), results
 
 

@@ -20,7 +20,8 @@ The kit launches real runs through runyard's own run machinery (the same calls a
 - ``runyard run cancel``, from another process, ends the run CANCELED by the worker
   itself (its step is recorded canceled) within the grace period, and afterwards nothing
   the run started still runs (a step and a child process it spawned stop beating);
-- ``terminate`` is idempotent, and safe on a finished run;
+- ``terminate`` is idempotent, and safe on a finished run; with ``force`` on a running
+  worker it stops everything the run started, though the worker had no chance to;
 - a worker killed with SIGKILL is reported DEAD, with a reason naming the signal, the run
   ends FAILURE with that reason, and what the worker left running is stopped.
 
@@ -374,6 +375,20 @@ class RunLauncherConformance:
         self.assert_nothing_running(launched, "after terminate(force=True)")
         launcher.terminate(launched.refresh(), launched.worker)
         assert launched.refresh().status is RunStatus.CANCELED
+
+    def test_force_terminate_of_a_running_worker_leaves_nothing(self, instance: Instance, scratch: Path) -> None:
+        # No polite request first: the worker gets no chance to clean up after its steps,
+        # so whatever they started must be stopped by the launcher itself.
+        launched = self.start(instance, scratch, "kit_heartbeat_job")
+        self.wait_until_started(launched)
+        self.assert_beating(scratch)
+        launcher = self.launcher_object(instance, launched)
+        launcher.terminate(launched.refresh(), launched.worker, force=True)
+        self.assert_nothing_running(launched, "after terminate(force=True) of a running worker")
+        health = self.health_when_not_running(instance, launched, self.health_timeout)
+        assert health.is_gone, f"the worker was killed, but check_health says {health}"
+        run = self.wait_for_end(launched, self.health_timeout)
+        assert run.status is RunStatus.FAILURE, launched.story()  # its worker died before it ended
 
     def test_killed_worker_is_reported_dead_with_the_reason(self, instance: Instance, scratch: Path) -> None:
         launched = self.start(instance, scratch, "kit_killed_job")
