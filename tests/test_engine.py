@@ -538,3 +538,85 @@ def test_unserializable_output_fails_the_step_naming_key_and_type(runyard_instan
     assert lock is not None and lock.kind is FailureKind.ERROR
     assert "step 'make_lock'" in lock.message and "lock" in lock.message
     assert lock.error_class == "runyard.errors.OutputSerializationError"
+
+
+# -- a stopped attempt is waited for once, within one bounded drain ------------------------
+
+
+class NeverStopsHandler(StepHandler):
+    """A broken handler: its steps never end and `terminate` does nothing (a fake: the
+    point is an attempt the engine cannot get rid of)."""
+
+    def launch(self, request: StepRequest) -> _Handle:
+        return _Handle(request)
+
+    def poll(self, handle: _Handle) -> StepUpdate:
+        return StepUpdate.running()
+
+    def terminate(self, handle: _Handle, kind: FailureKind) -> None:
+        pass
+
+    def wait(self, timeout: float) -> None:
+        time.sleep(min(timeout, 0.01))
+
+
+@step
+def forever() -> int:  # never called: NeverStopsHandler does not run steps
+    return 0
+
+
+@job
+def forever_job():  # type: ignore[no-untyped-def]
+    double(forever())
+
+
+@step(timeout=0.3)
+def forever_timed() -> int:
+    return 0
+
+
+@job
+def forever_timed_job():  # type: ignore[no-untyped-def]
+    double(forever_timed())
+
+
+def _gave_up(result: Any) -> list[Event]:
+    return [e for e in result.events if e.type is EventType.ENGINE and e.data.get("gave_up")]
+
+
+def test_cancel_drains_a_stopped_attempt_once_not_twice(
+    runyard_instance: Instance, runyard_registry: PluginRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from runyard import engine
+
+    monkeypatch.setattr(engine, "DRAIN_TIMEOUT", 1.0)
+    _register(runyard_registry, "stuck", "tests.test_engine:NeverStopsHandler", can_terminate=True)
+    cancellation = engine.Cancellation()
+    threading.Timer(0.3, cancellation.cancel).start()
+    started = time.monotonic()
+    result = execute_job(forever_job, instance=runyard_instance, executor="stuck", cancellation=cancellation)
+    elapsed = time.monotonic() - started
+    assert result.status is RunStatus.CANCELED
+    # 0.3 s running + one 1 s drain; the old engine drained again after the cancel (2.3 s).
+    assert 1.2 <= elapsed < 2.0, elapsed
+    (gave_up,) = _gave_up(result)
+    assert gave_up.step_key == "forever"
+    assert "gave up waiting for stopped step 'forever'" in gave_up.message
+
+
+def test_timed_out_attempt_is_given_up_once_after_its_drain(
+    runyard_instance: Instance, runyard_registry: PluginRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from runyard import engine
+
+    monkeypatch.setattr(engine, "DRAIN_TIMEOUT", 1.0)
+    _register(runyard_registry, "stuck2", "tests.test_engine:NeverStopsHandler", enforces_timeouts=True,
+              can_terminate=True)
+    started = time.monotonic()
+    result = execute_job(forever_timed_job, instance=runyard_instance, executor="stuck2")
+    elapsed = time.monotonic() - started
+    failure = result.failure_for("forever_timed")
+    assert failure is not None and failure.kind is FailureKind.TIMEOUT
+    assert 1.2 <= elapsed < 2.0, elapsed  # the 0.3 s timeout, then one 1 s drain
+    assert len(_gave_up(result)) == 1
+

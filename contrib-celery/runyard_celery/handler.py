@@ -425,7 +425,8 @@ class CeleryStepHandler(StepHandler):
             sig = re.search(r"signal (\d+)", text)
             code = re.search(r"exitcode (-?\d+)", text)
             return FailureInfo(
-                kind=FailureKind.WORKER_LOST,
+                # Killed by a signal is its own kind (as on every executor); exited is worker_lost.
+                kind=FailureKind.SIGNAL if sig else FailureKind.WORKER_LOST,
                 message=f"step '{task.step}': the Celery pool process running it died{where}: {text}",
                 error_class=f"{module}.{name}",
                 signal=int(sig.group(1)) if sig else None,

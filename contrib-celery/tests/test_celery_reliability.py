@@ -191,7 +191,7 @@ def test_pool_process_killed_mid_step_is_retried(
     assert result.output_for("killed_once") == 2
     first = [e for e in result.events if e.type is EventType.STEP_FAILURE and e.attempt == 1]
     assert len(first) == 1 and first[0].failure is not None
-    assert first[0].failure.kind is FailureKind.WORKER_LOST
+    assert first[0].failure.kind is FailureKind.SIGNAL
     assert first[0].failure.signal == signal.SIGKILL
     assert [e.data["next_attempt"] for e in result.events if e.type is EventType.STEP_RETRY] == [2]
 
@@ -206,7 +206,7 @@ def test_pool_process_killed_without_retries_fails_the_step(
     result: ExecutionResult = box["result"]
     assert result.status is RunStatus.FAILURE
     failure = result.failure_for("killed")
-    assert failure is not None and failure.kind is FailureKind.WORKER_LOST
+    assert failure is not None and failure.kind is FailureKind.SIGNAL and failure.signal == signal.SIGKILL
     assert "pool process running it died" in failure.message
     assert result.step_states["add_one"] == "skipped"
 

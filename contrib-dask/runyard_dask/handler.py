@@ -8,8 +8,12 @@ step request as plain JSON data and returning the attempt's events as plain JSON
 from __future__ import annotations
 
 import ast
+import hashlib
 import json
+import os
 import queue
+import shutil
+import tempfile
 import threading
 import time
 import traceback
@@ -172,6 +176,7 @@ class DaskStepHandler(StepHandler):
         self._cluster: Any = None
         self._launcher: ThreadPoolExecutor | None = None
         self._pool: Executor | None = None
+        self._stop_dir: str | None = None  # local processes scheduler: stop requests as files
         self._changed = threading.Event()
         self._done_queue: queue.SimpleQueue[_Handle | None] = queue.SimpleQueue()  # tasks over, not yet read
         self._fetcher: threading.Thread | None = None
@@ -318,6 +323,9 @@ class DaskStepHandler(StepHandler):
 
             method = dask.config.get("multiprocessing.context", "spawn")
             self._pool = ProcessPoolExecutor(max_workers=n, mp_context=multiprocessing.get_context(method))
+            # A step in a pool process is out of reach of interrupt(): terminate asks it to
+            # stop through a file that its task watches (remote.run_step).
+            self._stop_dir = tempfile.mkdtemp(prefix="runyard-dask-stop-")
 
     def teardown(self) -> None:
         remote.drop_grant(self.context.run_id)  # installed in this process by a local scheduler
@@ -351,6 +359,9 @@ class DaskStepHandler(StepHandler):
             for proc in procs:
                 if proc.is_alive():
                     proc.terminate()
+        if self._stop_dir is not None:
+            shutil.rmtree(self._stop_dir, ignore_errors=True)
+            self._stop_dir = None
 
     # -- launch / poll / wait / terminate -----------------------------------------------
 
@@ -425,7 +436,9 @@ class DaskStepHandler(StepHandler):
     def _compute_local(self, payload: dict[str, Any], key: str, grace: float) -> dict[str, Any]:
         import dask
 
-        task = dask.delayed(remote.run_local_step, pure=False)(self._granted, payload, key, grace, dask_key_name=key)
+        task = dask.delayed(remote.run_local_step, pure=False)(
+            self._granted, payload, key, grace, stop_file=self._stop_file(key), dask_key_name=key
+        )
         # The scheduler's function, not its name: given a name, dask imports distributed to
         # look for a default Client, which this mode is meant to do without.
         kwargs: dict[str, Any] = {"scheduler": _local_get(self.config.local_scheduler)}
@@ -433,6 +446,11 @@ class DaskStepHandler(StepHandler):
             kwargs["pool"] = self._pool
         (result,) = dask.compute(task, **kwargs)
         return result
+
+    def _stop_file(self, key: str) -> str | None:
+        if self._stop_dir is None:
+            return None
+        return os.path.join(self._stop_dir, hashlib.sha256(key.encode()).hexdigest()[:32])
 
     def _on_done(self, handle: _Handle) -> None:
         if self._client is not None:
@@ -657,4 +675,8 @@ class DaskStepHandler(StepHandler):
         else:
             future.cancel()
             remote.interrupt(handle.key, kind.value)  # reaches threads, not the processes scheduler's children
+            stop_file = self._stop_file(handle.key)
+            if stop_file is not None:  # ...which watch for this file instead
+                with open(stop_file, "w") as f:
+                    f.write(kind.value)
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextvars
 import ctypes
+import os
 import queue
 import sys
 import threading
@@ -101,6 +102,16 @@ class _Running:
         self.events: list[Event] | None = None
 
 
+def _stop_requested(stop_file: str | None) -> str | None:
+    if stop_file is None or not os.path.exists(stop_file):
+        return None
+    try:
+        with open(stop_file) as f:
+            return f.read().strip() or "canceled"
+    except OSError:
+        return "canceled"
+
+
 # Allowances installed by the engine that started this worker, by run id; this process's own.
 _grants: dict[str, WorkerPolicy] = {}
 _own: list[WorkerPolicy | str] = []
@@ -134,7 +145,7 @@ def _policy_for(request: Any) -> WorkerPolicy | str:
 
 
 def run_local_step(grant: tuple[str, str, dict[str, Any]], request: dict[str, Any], key: str,
-                   grace: float = 1.0) -> dict[str, Any]:
+                   grace: float = 1.0, stop_file: str | None = None) -> dict[str, Any]:
     """`run_step` under dask's local schedulers: the engine's own processes, which get the
     run's allowance along with the task (``grant``: run id, key, allowance). Refused inside a
     distributed worker, where only the engine's worker plugin may install one."""
@@ -148,10 +159,13 @@ def run_local_step(grant: tuple[str, str, dict[str, Any]], request: dict[str, An
             event = refusal_event(request, "run_local_step is for dask's local schedulers only")
             return {"events": [event.to_dict()], "abandoned": False, "interrupted": None}
     install_grant(*grant)
-    return run_step(request, key, grace)
+    return run_step(request, key, grace, stop_file=stop_file)
 
 
-def run_step(request: dict[str, Any], key: str, grace: float = 1.0, start_topic: str | None = None) -> dict[str, Any]:
+def run_step(
+    request: dict[str, Any], key: str, grace: float = 1.0, start_topic: str | None = None,
+    stop_file: str | None = None,
+) -> dict[str, Any]:
     """The Dask task: run one attempt and return ``{"events": [...], "abandoned": bool,
     "interrupted": kind or None}`` (events as dicts).
 
@@ -160,7 +174,11 @@ def run_step(request: dict[str, Any], key: str, grace: float = 1.0, start_topic:
 
     With ``start_topic``, the task first tells the run's client that it started, as a
     distributed event on that topic (message: ``key``), so the step's timeout counts from
-    here rather than from its submission."""
+    here rather than from its submission.
+
+    With ``stop_file``, the handler asks for a stop by creating that file (holding the
+    kind): the way to reach a step in a process of dask's local ``processes`` scheduler,
+    where the handler's `interrupt` call cannot."""
     policy = _policy_for(request)
     if isinstance(policy, str):
         return {"events": [refusal_event(request, policy).to_dict()], "abandoned": False, "interrupted": None}
@@ -168,6 +186,9 @@ def run_step(request: dict[str, Any], key: str, grace: float = 1.0, start_topic:
     if isinstance(admitted, Event):
         return {"events": [admitted.to_dict()], "abandoned": False, "interrupted": None}
     req = admitted
+    early_stop = _stop_requested(stop_file)
+    if early_stop is not None:
+        return {"events": [], "abandoned": False, "interrupted": early_stop}
     with _lock:
         if key in _early:
             kind = _early.pop(key)
@@ -213,8 +234,10 @@ def run_step(request: dict[str, Any], key: str, grace: float = 1.0, start_topic:
     try:
         # An interrupt landing in the step thread's last instructions could skip the wake-up;
         # a thread that is gone needs no waiting for.
-        while not state.wake.wait(0.5) and worker.thread.is_alive():
-            pass
+        while not state.wake.wait(0.05 if stop_file else 0.5) and worker.thread.is_alive():
+            kind = _stop_requested(stop_file)
+            if kind is not None:
+                interrupt(key, kind)
         # Interrupted: give the step `grace` seconds to take the exception and end.
         if state.interrupted is not None:
             state.done.wait(grace)

@@ -63,6 +63,7 @@ class _Attempt:
     handle: Any
     deadline: float | None
     limits: tuple[int, ...]
+    drain_until: float = 0.0  # when stopped: the engine stops waiting for it after this
     done: bool = False  # a terminal state was recorded; later reports are ignored
     started: bool = False  # the handler reported that it left its queue (reports_start)
 
@@ -88,6 +89,11 @@ class EngineResult:
 
 _IDLE_MIN, _IDLE_MAX = 0.0005, 0.02  # poll back-off bounds when nothing changes, seconds
 _FLUSH_EVERY = 0.05  # seconds between event flushes to storage while steps run
+DRAIN_TIMEOUT = 10.0
+"""Seconds the engine keeps polling a stopped attempt (timed out, canceled) for the handler
+to say it is gone. Counted once per attempt from its stop: a run that is canceled does not
+wait for it again. Past it, the engine reports it gave up (an ENGINE event with
+``data["gave_up"]``) and moves on; a correct handler never lets it come to that."""
 
 
 class Engine:
@@ -343,13 +349,38 @@ class Engine:
                 return
         for i in att.limits:
             self._limit_counts[i] -= 1
-        if draining:
+        if draining and att.handle is not None:
+            att.drain_until = time.monotonic() + DRAIN_TIMEOUT
             self._draining.append(att)
 
     def _reap_draining(self) -> None:
-        # Poll stopped attempts until the backend says they are gone, discarding their events.
-        if self._draining:
-            self._draining = [a for a in self._draining if not self.handler.poll(a.handle).done]
+        # Poll stopped attempts until the backend says they are gone, discarding their
+        # events; one that outlives its drain is given up on, once, and said so.
+        if not self._draining:
+            return
+        still: list[_Attempt] = []
+        for a in self._draining:
+            try:
+                gone = self.handler.poll(a.handle).done
+            except Exception as e:
+                self._emit(EventType.ENGINE, step_key=a.key, attempt=a.attempt, attempt_id=a.attempt_id,
+                           message=f"polling stopped step '{a.key}' failed: {type(e).__name__}: {e}")
+                gone = True
+            if gone:
+                continue
+            if time.monotonic() >= a.drain_until:
+                self._emit(
+                    EventType.ENGINE,
+                    step_key=a.key,
+                    attempt=a.attempt,
+                    attempt_id=a.attempt_id,
+                    message=f"gave up waiting for stopped step '{a.key}' to end after {DRAIN_TIMEOUT:g}s; "
+                    "the executor did not stop it",
+                    data={"gave_up": True},
+                )
+                continue
+            still.append(a)
+        self._draining = still
 
     # -- outcomes ---------------------------------------------------------------------
 
@@ -417,8 +448,9 @@ class Engine:
                 self._terminate(att, kind)
                 self._fail(att, FailureInfo(kind=kind, message=f"step '{att.key}' was stopped: the run was canceled"))
             self._release(att, draining=True)
-        deadline = time.monotonic() + 10
-        while self._draining and time.monotonic() < deadline:
+        # Each stopped attempt is waited for once, up to its own drain deadline: a second
+        # call (the run's final clean-up after a cancel) finds nothing left to wait for.
+        while self._draining:
             self._reap_draining()
             if self._draining:
                 time.sleep(0.01)

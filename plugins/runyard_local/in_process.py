@@ -164,8 +164,10 @@ class InProcessStepHandler(StepHandler):
             self._saved_handler = signal.signal(signal.SIGALRM, self._on_signal)
 
     def teardown(self) -> None:
-        if self._saved_handler is not None:
-            signal.signal(signal.SIGALRM, self._saved_handler)
+        # Also called when setup raised before it saved anything: then there is nothing to restore.
+        saved = getattr(self, "_saved_handler", None)
+        if saved is not None:
+            signal.signal(signal.SIGALRM, saved)
 
     def launch(self, request: StepRequest) -> _Handle:
         return _Handle(request)  # runs at the first poll, so cancel can find the handle

@@ -133,7 +133,8 @@ class MultiprocessStepHandler(StepHandler):
         try:
             backend.open()
         except BaseException:
-            # The engine does not call teardown when setup raises: release everything here.
+            # Release what this setup started at once; teardown, which the engine calls
+            # after a setup that raised too, then finds nothing to close.
             backend.close()
             shutil.rmtree(self._dir, ignore_errors=True)
             raise
@@ -178,10 +179,15 @@ class MultiprocessStepHandler(StepHandler):
         self._backend.wait(timeout)
 
     def teardown(self) -> None:
+        # Also called after a setup that raised: release only what setup got to, so that
+        # setup's own error is the one the run reports.
+        backend = getattr(self, "_backend", None)
         try:
-            self._backend.close()
+            if backend is not None:
+                backend.close()
         finally:
-            shutil.rmtree(self._dir, ignore_errors=True)
+            if getattr(self, "_dir", None):
+                shutil.rmtree(self._dir, ignore_errors=True)
 
     # -- outcomes --------------------------------------------------------------------
 

@@ -106,3 +106,219 @@ def tagged_job():  # type: ignore[no-untyped-def]
 @job
 def cancel_job():  # type: ignore[no-untyped-def]
     double(block())
+
+
+# -- steps that report on themselves through a scratch directory ------------------------------
+#
+# The kit passes ``run_config["kit"] = {"scratch": DIR, "test_pid": PID}``. A step writes
+# who runs it (pid, process group, thread, pid namespace) to DIR/<step>-<attempt>.json and
+# then acts, so the kit can check from outside what a handler did to it: that its side
+# effects stopped, that its process (group) is gone, that it ran at the same time as others.
+
+BEAT_EVERY = 0.05  # seconds between heartbeat lines
+
+
+def _scratch(context) -> Path:  # type: ignore[no-untyped-def]
+    return Path(context.run_config["kit"]["scratch"])
+
+
+def _owns_process(context) -> bool:  # type: ignore[no-untyped-def]
+    """Whether this step runs in a process of its own: not the kit's process, and on its
+    main thread (a thread of a long-lived worker process is a guest there)."""
+    import os
+    import threading
+
+    same_ns = _pid_namespace() == context.run_config["kit"].get("pid_namespace")
+    in_kit = same_ns and os.getpid() == context.run_config["kit"]["test_pid"]
+    return not in_kit and threading.current_thread() is threading.main_thread()
+
+
+def _pid_namespace() -> str | None:
+    import os
+
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
+def _write_json(path: Path, data: dict) -> None:  # type: ignore[type-arg]
+    import json
+    import os
+
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)  # the kit never reads half a file
+
+
+def _identify(context, *, child: bool) -> dict:  # type: ignore[no-untyped-def, type-arg]
+    """Record who runs this step; with ``child``, start a process of its own (a ``sleep``
+    in its process group) when it owns its process, as steps that run tools do."""
+    import os
+    import subprocess
+    import sys
+    import threading
+
+    owns = _owns_process(context)
+    info = {
+        "pid": os.getpid(),
+        "pgid": os.getpgid(0),
+        "main_thread": threading.current_thread() is threading.main_thread(),
+        "owns_process": owns,
+        "pid_namespace": _pid_namespace(),
+        "child": None,
+        "started": time.time(),
+    }
+    kit = context.run_config["kit"]
+    in_kit_group = info["pid_namespace"] == kit.get("pid_namespace") and info["pgid"] == kit.get("test_pgid")
+    if child and owns and (info["pgid"] == info["pid"] or in_kit_group):
+        # Only where the kit holds the handler to it: in a process group of its own (the
+        # group must go), or in the kit's own group (the step's process and this one must go).
+        proc = subprocess.Popen(
+            [sys.executable, "-c", "import time; time.sleep(60)"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        info["child"] = proc.pid
+    _write_json(_scratch(context) / f"{context.step_key}-{context.attempt}.json", info)
+    return info
+
+
+def _beat_forever(context, seconds: float = 60) -> int:  # type: ignore[no-untyped-def]
+    beat = _scratch(context) / f"{context.step_key}.beat"
+    end = time.monotonic() + seconds
+    with beat.open("a") as f:
+        while time.monotonic() < end:
+            f.write(f"{time.time()}\n")
+            f.flush()
+            time.sleep(BEAT_EVERY)
+    return 0
+
+
+@step(timeout=2.0)  # short, yet long enough for a step process or container to start under load
+def beat_timed(context) -> int:  # type: ignore[no-untyped-def]
+    _identify(context, child=True)
+    return _beat_forever(context)
+
+
+@step
+def beat_until_canceled(context) -> int:  # type: ignore[no-untyped-def]
+    import signal
+
+    info = _identify(context, child=True)
+    if info["owns_process"]:
+        # A stop must not depend on the step's goodwill: SIGTERM alone does not end it.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    return _beat_forever(context)
+
+
+@step
+def leave_child_behind(context) -> int:  # type: ignore[no-untyped-def]
+    """Starts a process in its group and returns: what the step started must not outlive it."""
+    _identify(context, child=True)
+    return 1
+
+
+@step
+def chatty(context) -> int:  # type: ignore[no-untyped-def]
+    import sys
+
+    print("kit stdout line")
+    print("kit stderr line", file=sys.stderr)
+    context.log.warning("kit log line")
+    return 1
+
+
+@step
+def chatty_failing(context) -> int:  # type: ignore[no-untyped-def]
+    import sys
+
+    print("kit stdout before failing")
+    print("kit stderr before failing", file=sys.stderr)
+    context.log.warning("kit log before failing")
+    raise ValueError("kit chatty failure")
+
+
+@step
+def rendezvous(context, i: int) -> int:  # type: ignore[no-untyped-def]
+    """Arrives, then waits (bounded) until ``kit.overlap`` steps have arrived: it succeeds
+    only if that many ran at the same time. One that gives up tells the others, so a
+    handler running steps one at a time fails in one wait, not one per step."""
+    kit = context.run_config["kit"]
+    want = int(kit["overlap"])
+    scratch = _scratch(context)
+    _write_json(scratch / f"arrived-{i}", {"t": time.time()})
+    deadline = time.monotonic() + float(kit.get("overlap_wait", 10))
+
+    def arrived() -> int:
+        return sum(1 for p in scratch.glob("arrived-*") if ".tmp" not in p.name)
+
+    while time.monotonic() < deadline and not (scratch / "gave-up").exists():
+        if arrived() >= want:
+            return i
+        time.sleep(0.02)
+    (scratch / "gave-up").touch()
+    raise RuntimeError(f"only {arrived()} of {want} steps were running at the same time")
+
+
+@step
+def exit_3(context) -> int:  # type: ignore[no-untyped-def]
+    import os
+
+    if not _identify(context, child=False)["owns_process"]:
+        return -1  # a process that is not the step's own is not the step's to end
+    os._exit(3)
+
+
+@step
+def kill_self(context) -> int:  # type: ignore[no-untyped-def]
+    import os
+    import signal
+
+    if not _identify(context, child=False)["owns_process"]:
+        return -1
+    os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(30)
+    return 0
+
+
+@step
+def quick_step(context) -> int:  # type: ignore[no-untyped-def]
+    return 5
+
+
+@job
+def beat_timeout_job():  # type: ignore[no-untyped-def]
+    double(beat_timed())
+
+
+@job
+def beat_cancel_job():  # type: ignore[no-untyped-def]
+    double(beat_until_canceled())
+
+
+@job
+def leave_child_job():  # type: ignore[no-untyped-def]
+    leave_child_behind()
+
+
+@job
+def chatty_job():  # type: ignore[no-untyped-def]
+    chatty()
+    chatty_failing()
+
+
+@job
+def rendezvous_job():  # type: ignore[no-untyped-def]
+    for i in range(3):
+        rendezvous.alias(f"meet_{i}")(i)
+
+
+@job
+def crash_job():  # type: ignore[no-untyped-def]
+    double(exit_3())
+    kill_self()
+
+
+@job
+def quick_job():  # type: ignore[no-untyped-def]
+    quick_step()
