@@ -349,7 +349,8 @@ def test_config_explain_shows_each_setting_and_its_layer(home: Path, tmp_path: P
     missing = ry(home, "config", "explain", "-f", str(f), "-j", "elsewhere")
     assert missing.returncode == 2
     assert missing.stderr.strip().startswith(
-        "error: job 'elsewhere': executor: executor 'k8s': runyard-k8s 0.1.0 is installed, but it registers no runyard plugin"
+        "error: job 'elsewhere': executor: executor 'k8s': runyard-k8s 0.1.0 is installed, but it registers "
+        "no runyard plugin"
     ), missing.stderr
     # With --executor the job's choice is shown as overridden.
     over = json.loads(ry(home, "config", "explain", "-f", str(f), "-j", "elsewhere", "--executor", "in_process",

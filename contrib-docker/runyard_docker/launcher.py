@@ -14,13 +14,15 @@ containers once the run container exits, whether or not it could remove itself.
 
 ``terminate`` sends SIGTERM (the worker cancels the run and stops its step containers);
 with ``force`` it removes every container labelled with the run id, step containers
-included. ``check_health`` turns an exited or vanished run container into a dead worker
-whose message carries the exit status (OOM kills included) and the container's last log
-lines, and removes what is left of the run.
+included. ``check_health`` turns a run container killed by a signal (OOM kills included)
+or vanished before the run ended into a DEAD worker, and one that exited by itself (or
+removed itself after the run) into a FINISHED one; the message carries the exit status and
+the container's last log lines, and what is left of the run is removed.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -232,25 +234,30 @@ class DockerRunLauncher(RunLauncher):
         try:
             client = self._client(worker)
         except ConfigError as e:
-            return WorkerHealth(status="unknown", message=str(e))
+            return WorkerHealth.unknown(str(e))
         name = worker.get("container_name") or worker.get("container_id", "?")[:12]
         try:
             container = client.containers.get(worker["container_id"])
         except docker.errors.NotFound:
             self._remove_steps(client, run)
-            return WorkerHealth(
-                status="dead",
-                message=f"run container {name} vanished (removed from outside, or the Docker engine lost it)",
+            recorded = self._recorded_end(run)
+            if recorded is not None:
+                return recorded
+            if run.status.is_finished:
+                # It removed itself (or the watcher did) once the run had ended.
+                return WorkerHealth.finished(f"run container {name} is gone; the run is {run.status.value}")
+            return WorkerHealth.dead(
+                f"run container {name} vanished (removed from outside, or the Docker engine lost it)"
             )
         except docker.errors.APIError as e:
-            return WorkerHealth(status="unknown", message=f"cannot inspect run container {name}: {e}")
+            return WorkerHealth.unknown(f"cannot inspect run container {name}: {e}")
         except Exception as e:
             if not d.engine_gone(e):
                 raise
-            return WorkerHealth(status="unknown", message=self._gone(worker, e))
+            return WorkerHealth.unknown(self._gone(worker, e))
         state = container.attrs.get("State", {})
         if container.status in ("created", "running", "restarting", "paused"):
-            return WorkerHealth(status="running")
+            return WorkerHealth.running()
         code = state.get("ExitCode")
         oom = bool(state.get("OOMKilled"))
         try:
@@ -264,6 +271,14 @@ class DockerRunLauncher(RunLauncher):
             policy = d.cleanup_policy(self.config, WHERE)
         except ConfigError:
             policy = "always"  # the variable is gone since launch: leave nothing behind
+        # docker-init exits 128+N when the worker dies of signal N: killed (OOM included),
+        # not an exit of its own.
+        killed = oom or not isinstance(code, int) or code > 128
+        health = WorkerHealth.dead(message) if killed else WorkerHealth.finished(message)
+        # Several processes may ask at once (`run wait`, the watcher's own check): keep the
+        # answer for those who come after the container is removed, or they would only
+        # see it vanished, and the run's failure would depend on who asked first.
+        self._record_end(run, health)
         if policy != "never":
             self._remove_steps(client, run)
             if policy == "always":
@@ -271,7 +286,33 @@ class DockerRunLauncher(RunLauncher):
                     container.remove(force=True, v=True)
                 except docker.errors.APIError:
                     pass
-        return WorkerHealth(status="dead", message=message)
+        return health
+
+    def _end_record(self, run: RunRecord) -> Path | None:
+        if self.instance_home is None:
+            return None
+        return Path(self.instance_home) / "logs" / f"docker-run-{run.run_id}.exit.json"
+
+    def _record_end(self, run: RunRecord, health: WorkerHealth) -> None:
+        path = self._end_record(run)
+        if path is None:
+            return
+        try:
+            make_private_dirs(path.parent)  # owner-only: the message carries the run's output
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            with open(open_private(tmp, os.O_WRONLY | os.O_TRUNC), "w") as f:
+                f.write(json.dumps({"status": health.status.value, "message": health.message}))
+            tmp.replace(path)
+        except OSError:
+            pass  # a read-only home: later checks say the container vanished
+
+    def _recorded_end(self, run: RunRecord) -> WorkerHealth | None:
+        path = self._end_record(run)
+        try:
+            data = json.loads(path.read_text()) if path is not None else None
+        except (OSError, ValueError):
+            return None
+        return WorkerHealth(status=data["status"], message=data["message"]) if data else None
 
     @staticmethod
     def _remove_steps(client: Any, run: RunRecord) -> None:

@@ -9,7 +9,10 @@ Versioned: `API_VERSION` changes only when a contract breaks; additions keep it.
 
 from __future__ import annotations
 
+import enum
 import json
+import os
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -165,15 +168,30 @@ class ExecutorSpec(PluginSpec):
 
 
 @attrs.frozen(kw_only=True)
+class RunLauncherConfig:
+    """Base of a run launcher's config class (``run_launcher: {NAME: {...}}``); it has no keys.
+
+    Subclass it with ``@attrs.frozen(kw_only=True)`` and give each setting a default where
+    one makes sense. runyard builds it from the YAML before anything starts: an unknown
+    key, a wrong type or a failing validator is an error naming the file and the key path
+    (``run_launcher.NAME.KEY``). A value written ``{env: NAME}`` arrives as an `EnvVar`:
+    read it with `resolve` when the launcher uses it, so it is read where the run starts.
+    Any attrs class works as a launcher's config; this base only says there are no keys.
+    """
+
+
+@attrs.frozen(kw_only=True)
 class RunLauncherSpec(PluginSpec):
     """Registers a run launcher: returned from the ``runyard_run_launchers`` hook.
 
-    ``launcher`` is the import string of a `RunLauncher` subclass, imported only when a
-    run is launched, terminated or checked with it.
+    ``launcher`` is the import string (``"package.module:Class"``) of a `RunLauncher`
+    subclass, imported only when a run is launched, terminated or checked with it, so
+    listing plugins and validating config never import the launcher's dependencies.
+    ``config`` is its config class (see `RunLauncherConfig`).
     """
 
     launcher: str
-    config: type = _NoConfig
+    config: type = RunLauncherConfig
 
 
 @attrs.frozen(kw_only=True)
@@ -191,30 +209,97 @@ class StorageSpec(PluginSpec):
     location: str | None = None
 
 
-@attrs.frozen(kw_only=True)
-class WorkerHealth:
-    """What a run launcher knows of a run worker: ``running``, ``dead`` or ``unknown``.
+class WorkerStatus(enum.StrEnum):
+    """What a run launcher knows of a run worker (`WorkerHealth.status`).
 
-    ``message`` says why it is dead (exit code, signal, the container's last log lines);
-    it becomes the reason of the run's failure.
+    Members equal their lower-case names (``WorkerStatus.DEAD == "dead"``).
     """
 
-    status: str  # "running" | "dead" | "unknown"
+    RUNNING = "running"
+    """The worker exists and runs (or is still starting: a container being created)."""
+    FINISHED = "finished"
+    """The worker exited by itself (the launcher saw a normal exit, or the run had ended
+    when it looked): it ended the run, or it ends in FAILURE if it did not."""
+    DEAD = "dead"
+    """The worker is gone otherwise: killed (a signal, the OOM killer), crashed, vanished
+    with its machine or container. The message says how, as precisely as it is known."""
+    UNKNOWN = "unknown"
+    """The launcher cannot tell (another machine, an engine that does not answer). runyard
+    leaves the run alone and asks again later."""
+
+
+@attrs.frozen(kw_only=True)
+class WorkerHealth:
+    """The answer of `RunLauncher.check_health`: a `WorkerStatus` and a message.
+
+    ``message`` says why a worker is DEAD (exit code, signal, OOM, the last lines of its
+    output), what a FINISHED one exited with, or why the status is UNKNOWN. When the run
+    is unfinished and its worker is DEAD or FINISHED, runyard ends the run FAILURE with the
+    message as the reason: make it say what happened. ``status`` also accepts the plain
+    strings (``WorkerHealth(status="dead", message=...)``).
+    """
+
+    status: WorkerStatus = attrs.field(converter=WorkerStatus)
     message: str = ""
+
+    @classmethod
+    def running(cls, message: str = "") -> WorkerHealth:
+        return cls(status=WorkerStatus.RUNNING, message=message)
+
+    @classmethod
+    def finished(cls, message: str = "") -> WorkerHealth:
+        return cls(status=WorkerStatus.FINISHED, message=message)
+
+    @classmethod
+    def dead(cls, message: str) -> WorkerHealth:
+        return cls(status=WorkerStatus.DEAD, message=message)
+
+    @classmethod
+    def unknown(cls, message: str = "") -> WorkerHealth:
+        return cls(status=WorkerStatus.UNKNOWN, message=message)
+
+    @property
+    def is_running(self) -> bool:
+        return self.status is WorkerStatus.RUNNING
+
+    @property
+    def is_gone(self) -> bool:
+        """The worker no longer runs (DEAD or FINISHED): it will write nothing more to the run."""
+        return self.status in (WorkerStatus.DEAD, WorkerStatus.FINISHED)
 
     @property
     def is_dead(self) -> bool:
-        return self.status == "dead"
+        """Same as `is_gone`: DEAD and FINISHED alike leave nobody to end the run, and that
+        is what runyard acts on (an unfinished run fails, a cancel stops waiting)."""
+        return self.is_gone
 
 
 class RunLauncher:
-    """Allocates compute for a whole run and starts the run worker there. Subclass it.
+    """Allocates compute for a whole run and starts its run worker there. Subclass it.
 
-    The worker is the command ``runyard api execute-run RUN_ID`` (see `worker_command`),
-    run where the launcher puts it, with the same ``RUNYARD_HOME`` or storage reachable.
-    Launchers are stateless between calls: whatever `launch` returns is stored with the
-    run (in its RUN_LAUNCHED event) and handed back to `terminate` and `check_health`,
-    which may run in another process (``runyard run cancel``) long after the launch.
+    **Constructor**: ``Launcher(config, instance_home)``. ``config`` is an instance of the
+    spec's config class built from ``run_launcher: {NAME: {...}}`` of the instance's
+    ``runyard.yaml`` (its defaults when the run was launched with this launcher but the
+    file now names another). ``instance_home`` is the instance's ``RUNYARD_HOME`` as an
+    absolute path string (None only for an in-memory instance, which cannot launch runs).
+    runyard builds a new launcher for each call, often in another process than the one
+    that launched the run: keep the constructor cheap and free of side effects.
+
+    **Stateless between calls**: whatever `launch` returns is stored with the run (its
+    RUN_LAUNCHED event) and handed back as ``worker`` to `terminate` and `check_health`,
+    which may run in another process (``runyard run cancel`` an hour later) or on another
+    machine. Everything needed to find the worker again goes in that JSON data.
+
+    **The run worker** is `worker_command` (``python -m runyard api execute-run RUN_ID``),
+    or `execute_run` called in a process of your own. It must see the same instance: the
+    same ``RUNYARD_HOME`` (see `worker_env`) or at least its ``runyard.yaml`` and a
+    storage it can reach. It loads the job from the run's code pointer, runs the engine,
+    writes every event, ends the run SUCCESS, FAILURE or CANCELED and exits 0 if the run
+    succeeded, 1 otherwise. SIGTERM (or SIGINT) makes it cancel the run cleanly: running
+    steps are stopped, the rest skipped, the run ends CANCELED.
+
+    `runyard.testing.launchers.RunLauncherConformance` checks all of this; see
+    docs/launchers.md.
     """
 
     def __init__(self, config: Any, instance_home: str | None) -> None:
@@ -222,23 +307,82 @@ class RunLauncher:
         self.instance_home = instance_home
 
     def launch(self, run: RunRecord) -> dict[str, Any]:
-        """Start the run worker for ``run`` and return JSON data identifying it (a pid,
-        a container id). Must return once the worker is started, not when it ends."""
+        """Start the run worker for ``run`` and return JSON data identifying it (a pid and
+        its start time, a container id, a job name). Return as soon as the worker is
+        started, never when the run ends. Raise if it cannot be started: the run then ends
+        FAILURE with your exception's message as the reason."""
         raise NotImplementedError
 
     def terminate(self, run: RunRecord, worker: Mapping[str, Any], *, force: bool = False) -> None:
-        """Ask the worker to stop (it then cancels its steps and ends the run CANCELED);
-        with ``force``, kill it and everything it started. Must be idempotent."""
+        """Stop the run's worker.
+
+        Without ``force``: ask it to stop (SIGTERM, or your platform's equivalent) and return
+        at once; the worker cancels its steps and ends the run CANCELED. With ``force``: kill
+        the worker and everything it started (its step processes, their children, step
+        containers), so that nothing of the run is left running.
+
+        Idempotent, and safe on a worker that has already exited or was never seen: calling
+        it twice, or after the run finished, does nothing and does not raise. Raise only
+        when the worker cannot be reached to be stopped (say where it runs).
+        """
         raise NotImplementedError
 
     def check_health(self, run: RunRecord, worker: Mapping[str, Any]) -> WorkerHealth:
-        """Say whether the worker is still running."""
-        return WorkerHealth(status="unknown")
+        """Say whether the worker still runs: a `WorkerHealth` (RUNNING, FINISHED, DEAD with
+        the reason, or UNKNOWN). Called often (``run wait`` polls it every second): keep it
+        cheap. Never raise for a worker that is gone; return UNKNOWN when you cannot tell.
+        Reporting DEAD is also the moment to remove what is left of the run (orphaned step
+        processes or containers), since nobody will stop them otherwise."""
+        return WorkerHealth.unknown("this run launcher does not check its workers")
 
     @staticmethod
-    def worker_command(run: RunRecord) -> list[str]:
-        """The command that runs a run worker for ``run``."""
-        return ["runyard", "api", "execute-run", run.run_id]
+    def worker_command(run: RunRecord | str, *, python: str | None = None) -> list[str]:
+        """The command that runs a run worker for ``run`` (a record or a run id).
+
+        ``[python, "-m", "runyard", "api", "execute-run", RUN_ID]`` with ``python`` this
+        process's interpreter by default, so the command works whether or not the
+        environment's ``bin`` directory is on PATH. Pass ``python`` (``"python3"``, a path)
+        for a worker in another environment: a container image, a remote host.
+        """
+        run_id = run if isinstance(run, str) else run.run_id
+        return [python or sys.executable, "-m", "runyard", "api", "execute-run", run_id]
+
+    def worker_env(self, base: Mapping[str, str] | None = None) -> dict[str, str]:
+        """The environment of a worker on this machine: ``base`` (default: this process's
+        environment) with ``RUNYARD_HOME`` set to the instance's home."""
+        env = dict(os.environ if base is None else base)
+        if self.instance_home is not None:
+            env["RUNYARD_HOME"] = self.instance_home
+        return env
+
+
+def execute_run(run_id: str, instance_home: str | os.PathLike[str] | None = None) -> RunRecord:
+    """Run the run worker of ``run_id`` in this process and return the finished run record.
+
+    The same as ``python -m runyard api execute-run RUN_ID``, for a launcher whose worker is
+    a Python process of its own (a wrapper that also reports or cleans up, a task on a
+    worker pool): the instance is ``instance_home`` (default: ``$RUNYARD_HOME``), the run
+    must be QUEUED or STARTING (what `RunLauncher.launch` is given), and the run's job is
+    loaded from its code pointer. Returns once the run has ended; a failing run is not an
+    exception (read ``record.status``; exit 0 for SUCCESS and 1 otherwise to behave like the
+    command). Raises `RunyardError` when the run cannot be executed here (unknown, already
+    started) and what loading the job raised after recording the run's failure.
+
+    Call it from the main thread: it handles SIGTERM and SIGINT, which cancel the run, for
+    as long as it runs (the previous handlers are restored afterwards).
+    """
+    import threading
+
+    from .instance import Instance
+    from .runs import execute_run as _execute_run
+
+    if threading.current_thread() is not threading.main_thread():
+        raise RuntimeError("runyard.plugin.execute_run must be called from the main thread (it handles SIGTERM)")
+    instance = Instance(instance_home) if instance_home is not None else Instance.from_env()
+    try:
+        return _execute_run(instance, run_id)
+    finally:
+        instance.storage.close()
 
 
 @attrs.frozen(kw_only=True)
@@ -469,6 +613,7 @@ __all__ = [
     "PostgresRunStorage",
     "RESOURCES_TAG",
     "RunLauncher",
+    "RunLauncherConfig",
     "RunLauncherSpec",
     "RunRecord",
     "RunStatus",
@@ -490,6 +635,8 @@ __all__ = [
     "at_least",
     "describe_exit",
     "error_class_name",
+    "WorkerStatus",
+    "execute_run",
     "execute_step",
     "failure_from_exception",
     "hookimpl",
