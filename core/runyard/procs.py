@@ -9,7 +9,7 @@ import contextlib
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -191,3 +191,29 @@ def interrupt_thread(thread_id: int, error: type[BaseException]) -> bool:
     import ctypes
 
     return ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), ctypes.py_object(error)) == 1
+
+def kill_processes(pids: Iterable[int]) -> list[int]:
+    """SIGKILL ``pids`` and reap, within 2 s, those that are this process's children; return
+    the pids that were still there to kill. For processes a step left behind outside any
+    process group of the step's own (found by pid, not by group)."""
+    killed = []
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+        except (ProcessLookupError, PermissionError):
+            pass
+    deadline = time.monotonic() + 2
+    pending = list(killed)
+    while pending and time.monotonic() < deadline:
+        # Only these pids: waiting on any child would steal exit statuses others wait for.
+        for pid in list(pending):
+            try:
+                if os.waitpid(pid, os.WNOHANG)[0] == 0:
+                    continue
+            except ChildProcessError:
+                pass  # not our child: its parent (or init) reaps it
+            pending.remove(pid)
+        if pending:
+            time.sleep(0.01)
+    return killed

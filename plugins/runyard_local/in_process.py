@@ -16,7 +16,6 @@ import ctypes
 import os
 import signal
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +31,7 @@ from runyard.plugin import (
     StepUpdate,
     execute_step,
     interrupt_thread,
+    kill_processes,
 )
 
 _MAIN = threading.main_thread().ident
@@ -123,23 +123,7 @@ def _process_tree(whole_process: bool) -> set[tuple[int, bytes]] | None:
 def _kill_left_over(before: set[tuple[int, bytes]], whole_process: bool) -> list[int]:
     """Kill the processes started since ``before`` was taken; return their pids."""
     left = [pid for pid, _ in (_process_tree(whole_process) or set()) - before]
-    for pid in left:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-    deadline = time.monotonic() + 2
-    pending = list(left)
-    while pending and time.monotonic() < deadline:
-        for pid in list(pending):
-            try:
-                if os.waitpid(pid, os.WNOHANG)[0] == 0:
-                    continue
-            except ChildProcessError:
-                pass  # a grandchild: its own parent (killed too) or init reaps it
-            pending.remove(pid)
-        if pending:
-            time.sleep(0.01)
+    kill_processes(left)
     return left
 
 
