@@ -307,8 +307,10 @@ def test_typo_in_run_launcher_section_fails_job_execute(home: Path, tmp_path: Pa
     proc = ry(home, "job", "execute", "-f", str(f))
     assert proc.returncode == 2
     (line,) = proc.stderr.splitlines()
-    assert line.startswith(f"error: {cfg}: run_launcher: unknown run launcher 'dokcer'; installed run launchers: ")
-    assert line.endswith("; did you mean 'docker'?")
+    assert line.startswith(
+        f"error: {cfg}: run_launcher: unknown run launcher 'dokcer' (did you mean 'docker'?); installed run launchers: "
+    )
+    assert line.count("did you mean") == 1
     assert "Traceback" not in proc.stderr
 
     _yaml(home, {"run_launcher": {"default": {}}, "executor": {"in_process": {"max_concurent": 1}}})
@@ -370,15 +372,19 @@ def test_unknown_executor_from_each_layer_names_where_it_was_written(
     inst = runyard_make_instance({"executor": "multiproces"})
     with pytest.raises(ConfigError) as e:
         execute_job(tiny, instance=inst)
-    assert str(e.value).startswith(f"{inst.config_source}: executor: unknown executor 'multiproces'; installed ")
-    assert str(e.value).endswith("; did you mean 'multiprocess'?")
+    assert str(e.value).startswith(
+        f"{inst.config_source}: executor: unknown executor 'multiproces' (did you mean 'multiprocess'?); installed "
+    )
+    assert str(e.value).count("did you mean") == 1
     from runyard.config import RunConfig
 
     rc = RunConfig({"execution": {"in_proces": {}}}, source=str(tmp_path / "run.yaml"))
     with pytest.raises(ConfigError) as e:
         execute_job(tiny, instance=inst, run_config=rc)
-    assert str(e.value).startswith(f"{tmp_path / 'run.yaml'}: execution: unknown executor 'in_proces'")
-    assert str(e.value).endswith("; did you mean 'in_process'?")
+    assert str(e.value).startswith(
+        f"{tmp_path / 'run.yaml'}: execution: unknown executor 'in_proces' (did you mean 'in_process'?)"
+    )
+    assert str(e.value).count("did you mean") == 1
 
 
 # -- secrets -----------------------------------------------------------------------------------------------

@@ -182,7 +182,10 @@ def plugin_spec(registry: PluginRegistry, kind: Kind, selection: Selection) -> A
         message = str(e)
         name = selection.name
         broken = any(name in (f.plugin, f.spec_name) for f in registry.failures)
-        if name not in registry.names(kind) and name not in KNOWN_BACKENDS[kind] and not broken:
+        # The registry suggests among installed names; known backends that are not
+        # installed are only known here.
+        if (name not in registry.names(kind) and name not in KNOWN_BACKENDS[kind] and not broken
+                and "did you mean" not in message):
             hint = did_you_mean(name, sorted({*registry.names(kind), *KNOWN_BACKENDS[kind]}))
             message += f"; {hint}" if hint else ""
         raise PluginChoiceError(f"{selection.name_where()}: {message}") from None
