@@ -277,7 +277,9 @@ def test_the_documented_distribution_installs_and_runs_a_job(installed: Path, tm
     failed = _runyard(installed, home, "job", "execute", "-f", "fan_job.py")
     assert failed.returncode == 2, failed.stdout + failed.stderr
     assert failed.stderr.strip().splitlines() == [
-        "error: environment variable 'GUIDE_PREFIX' is not set (referenced as {env: GUIDE_PREFIX})"
+        f"error: {(home / 'runyard.yaml').resolve()}: executor.guide_threadpool.thread_name_prefix: environment "
+        "variable 'GUIDE_PREFIX' is not set (referenced as {env: GUIDE_PREFIX}); set it in the environment of the "
+        "process that reads this setting"
     ]
 
 

@@ -208,7 +208,9 @@ def test_exit_codes(home: Path, tmp_path: Path) -> None:
     assert ry(home, "run", "wait", run_id).returncode == 1  # a finished run: its outcome at once
     not_installed = ry(home, "job", "launch", "-f", str(ok), "--executor", "k8s")
     assert not_installed.returncode == 2
-    assert not_installed.stderr.strip() == 'error: executor \'k8s\' is not installed: pip install "runyard[k8s]"'
+    assert not_installed.stderr.strip().startswith(
+        "error: --executor: executor 'k8s': runyard-k8s 0.1.0 is installed, but it registers no runyard plugin"
+    ), not_installed.stderr
     assert "Traceback" not in not_installed.stderr
     usage = ry(home, "job", "launch")
     assert usage.returncode == 2 and "give exactly one of -f FILE and -m MODULE" in usage.stderr
@@ -262,6 +264,8 @@ def test_run_list_and_show_json_shapes(home: Path, tmp_path: Path) -> None:
     assert data["run_id"] == second and data["status"] == "FAILURE"
     assert data["failure"] == {"message": "step(s) failed: boom"}
     assert data["launcher"] == "default" and isinstance(data["worker"]["pid"], int)
+    assert data["resolution"]["executor"]["name"] == "multi_or_in_process"
+    assert data["resolution"]["run_launcher"]["name"] == "default"
     assert data["steps"]["emit"] == {"state": "success", "attempts": 1, "failure": None}
     assert data["steps"]["after"] == {"state": "skipped", "attempts": 0, "failure": None}
     boom = data["steps"]["boom"]
@@ -320,29 +324,43 @@ def test_config_explain_shows_each_setting_and_its_layer(home: Path, tmp_path: P
     ex = data["executor"]
     assert ex["name"] == "in_process" and ex["source"] == "--executor"
     assert ex["settings"] == [
-        {"key": "max_concurrent", "value": 1, "source": "job 'configured'"},
-        {"key": "tag_concurrency_limits", "value": [{"key": "db", "limit": 1}], "source": str(cfg)},
+        {"key": "max_concurrent", "value": 1, "source": "job 'configured'", "path": "executor_config.max_concurrent"},
+        {"key": "tag_concurrency_limits", "value": [{"key": "db", "limit": 1}], "source": str(cfg),
+         "path": "executor.in_process.tag_concurrency_limits"},
     ]
     # The built-in default (multi_or_in_process) names another executor: not a layer of this one.
     assert [layer["source"] for layer in ex["layers"]] == ["--executor", "job 'configured'", str(cfg)]
-    assert ex["overridden"] == [] and ex["max_concurrent_effective"] == 1
-    assert data["run_launcher"] == {"name": "default", "source": "default", "settings": []}
+    assert ex["overridden"] == [] and data["max_concurrent"] == 1
+    assert data["max_concurrent_from"] == "job 'configured': executor_config.max_concurrent"
+    assert data["capabilities"]["max_concurrency"] == 1
+    launcher = data["run_launcher"]
+    assert (launcher["name"], launcher["source"], launcher["path"], launcher["settings"]) == (
+        "default", "default", "run_launcher.default", []
+    )
 
     text = ry(home, "config", "explain", "-f", str(f), "-j", "configured", "--executor", "in_process").stdout
     assert "executor: in_process   (from --executor)" in text
     rows = {line.split()[0]: line for line in text.splitlines() if line.startswith("  ")}
-    assert rows["max_concurrent"].split()[1:] == ["1", "job", "'configured'"]
-    assert rows["tag_concurrency_limits"].rstrip().endswith(str(cfg))
+    assert rows["max_concurrent"].split()[1:] == ["1", "job", "'configured':", "executor_config.max_concurrent"]
+    assert rows["tag_concurrency_limits"].rstrip().endswith(f"{cfg}: executor.in_process.tag_concurrency_limits")
+    assert "  steps at once: 1   (job 'configured': executor_config.max_concurrent)" in text
 
     # Without --executor the job names one that is not installed: the same error a run gets.
     missing = ry(home, "config", "explain", "-f", str(f), "-j", "elsewhere")
     assert missing.returncode == 2
-    assert missing.stderr.strip() == 'error: executor \'k8s\' is not installed: pip install "runyard[k8s]"'
+    assert missing.stderr.strip().startswith(
+        "error: job 'elsewhere': executor: executor 'k8s': runyard-k8s 0.1.0 is installed, but it registers "
+        "no runyard plugin"
+    ), missing.stderr
     # With --executor the job's choice is shown as overridden.
     over = json.loads(ry(home, "config", "explain", "-f", str(f), "-j", "elsewhere", "--executor", "in_process",
                          "--json").stdout)
-    assert over["executor"]["overridden"] == [{"name": "k8s", "source": "job 'elsewhere'"}]
-    assert over["executor"]["settings"][0] == {"key": "max_concurrent", "value": None, "source": "default"}
+    assert over["executor"]["overridden"] == [
+        {"name": "k8s", "source": "job 'elsewhere'", "path": "executor_config", "config": {}}
+    ]
+    assert over["executor"]["settings"][0] == {
+        "key": "max_concurrent", "value": None, "source": "default", "path": "executor.in_process.max_concurrent"
+    }
 
 
 def test_config_explain_run_config_and_defaults(home: Path, tmp_path: Path) -> None:
@@ -350,23 +368,26 @@ def test_config_explain_run_config_and_defaults(home: Path, tmp_path: Path) -> N
     plain = json.loads(ry(home, "config", "explain", "-f", str(f), "--json").stdout)
     assert plain["executor"]["name"] == "multi_or_in_process"
     assert plain["executor"]["source"] == "default"
+    section = "executor.multi_or_in_process"
     assert plain["executor"]["settings"][:4] == [
-        {"key": "max_concurrent", "value": None, "source": "default"},
-        {"key": "tag_concurrency_limits", "value": [], "source": "default"},
-        {"key": "start_method", "value": "forkserver", "source": "default"},
-        {"key": "terminate_grace", "value": 5.0, "source": "default"},
+        {"key": "max_concurrent", "value": None, "source": "default", "path": f"{section}.max_concurrent"},
+        {"key": "tag_concurrency_limits", "value": [], "source": "default",
+         "path": f"{section}.tag_concurrency_limits"},
+        {"key": "start_method", "value": "forkserver", "source": "default", "path": f"{section}.start_method"},
+        {"key": "terminate_grace", "value": 5.0, "source": "default", "path": f"{section}.terminate_grace"},
     ]
-    assert plain["executor"]["max_concurrent_effective"] == os.cpu_count()
+    assert plain["max_concurrent"] == os.cpu_count() and plain["max_concurrent_from"] == "the number of CPUs"
     assert plain["instance_config_exists"] is False
     cfg = write(tmp_path / "run.yaml", "execution:\n  in_process: {tag_concurrency_limits: [{key: x, limit: 2}]}\n")
     layered = json.loads(ry(home, "config", "explain", "-f", str(f), "-c", str(cfg), "--json").stdout)
-    assert layered["executor"]["source"] == "run config"
-    assert layered["executor"]["settings"][1]["source"] == "run config"
+    assert layered["executor"]["source"] == str(cfg)
+    assert layered["executor"]["settings"][1]["source"] == str(cfg)
+    assert layered["executor"]["settings"][1]["path"] == "execution.in_process.tag_concurrency_limits"
     broken = write(tmp_path / "broken.yaml", "execution:\n  in_process: {max_concurrent: lots}\n")
     err = ry(home, "config", "explain", "-f", str(f), "-c", str(broken))
     assert err.returncode == 2
     assert err.stderr.strip() == (
-        "error: run config: executor.in_process.max_concurrent: expected an integer, got 'lots' (a string)"
+        f"error: {broken}: execution.in_process.max_concurrent: expected an integer, got 'lots' (a string)"
     )
 
 

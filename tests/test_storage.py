@@ -607,7 +607,7 @@ def test_postgres_url_from_env(pg_url: str, pg_schema: str, monkeypatch: pytest.
     config = _factory_config(url={"env": "RY_PG_URL"}, schema=pg_schema)
     assert config.url == EnvVar("RY_PG_URL")
     monkeypatch.delenv("RY_PG_URL", raising=False)
-    with pytest.raises(ConfigError, match=r"storage 'postgres': url: environment variable 'RY_PG_URL' is not set"):
+    with pytest.raises(ConfigError, match=r"^test: storage.postgres.url: environment variable 'RY_PG_URL' is not set"):
         create_postgres_storage(config, Path("."))
     monkeypatch.setenv("RY_PG_URL", pg_url)
     storage = create_postgres_storage(config, Path("."))

@@ -36,7 +36,7 @@ from runyard.plugin import (
     refusal_event,
 )
 
-from .plugin import STOP_COMMAND, TASK_NAME
+from .settings import STOP_COMMAND, TASK_NAME
 
 JSON_ONLY = {
     "task_serializer": "json",

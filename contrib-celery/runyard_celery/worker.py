@@ -13,7 +13,7 @@ from runyard import ConfigError, Instance
 from runyard.plugin import load_worker_policy, missing_key_error, resolve
 
 from .app import make_app, set_worker_policy
-from .plugin import CeleryConfig
+from .settings import CeleryConfig
 
 
 def instance_config(broker: str | None = None, instance: Instance | None = None) -> CeleryConfig:

@@ -18,7 +18,7 @@ from kombu import Connection
 from runyard.plugin import CodePointer, FailureKind, HandlerContext, StepRequest, sign_request, verify_request
 from runyard_celery.app import make_app
 from runyard_celery.handler import CeleryStepHandler
-from runyard_celery.plugin import TASK_NAME, CeleryConfig
+from runyard_celery.settings import TASK_NAME, CeleryConfig
 
 
 def request_for(tmp_path: Path, step_key: str, job_name: str, **tags: str) -> StepRequest:

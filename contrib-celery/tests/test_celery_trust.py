@@ -21,7 +21,7 @@ from celery_support import BROKERS, RUNYARD, SIGNING_KEY, queue, wait_until, wri
 from runyard.plugin import CodePointer, HandlerContext, StepRequest, sign_request
 from runyard_celery.app import make_app
 from runyard_celery.handler import CeleryStepHandler
-from runyard_celery.plugin import TASK_NAME, CeleryConfig
+from runyard_celery.settings import TASK_NAME, CeleryConfig
 
 KEY = SIGNING_KEY.encode()
 

@@ -21,7 +21,6 @@ configuration (`runyard.plugin.load_worker_policy`: RUNYARD_SIGNING_KEY, runyard
 from __future__ import annotations
 
 import contextvars
-import ctypes
 import os
 import queue
 import sys
@@ -30,13 +29,14 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from runyard.plugin import (
+    STEP_TERMINAL,
     Event,
-    EventType,
     StepInterrupted,
     StepTimedOut,
     WorkerPolicy,
     admit_or_refuse,
     execute_step,
+    interrupt_thread,
     load_worker_policy,
     policy_from_grant,
     preload_job,
@@ -286,7 +286,7 @@ def interrupt(key: str, kind: str) -> bool:
             exc = StepTimedOut if kind == "timeout" else StepInterrupted
             ident = state.worker.thread.ident
             if ident is not None:
-                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident), ctypes.py_object(exc))
+                interrupt_thread(ident, exc)
     state.wake.set()
     return True
 
@@ -296,7 +296,7 @@ def events_from(result: dict[str, Any]) -> list[Event]:
 
 
 def is_terminal(events: list[Event]) -> bool:
-    return bool(events) and events[-1].type in (EventType.STEP_SUCCESS, EventType.STEP_FAILURE)
+    return bool(events) and events[-1].type in STEP_TERMINAL
 
 
 async def interrupt_on_worker(key: str, kind: str) -> bool:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import pytest
-from runyard.instance import Instance
+from runyard import Instance
 from runyard.testing.conformance import ExecutorConformance
 
 from .conftest import CliCluster

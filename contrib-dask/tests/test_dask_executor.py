@@ -15,9 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from runyard import Cancellation, CodePointer, ConfigError, EventType, FailureKind, RunStatus, execute_job
-from runyard.instance import Instance
-from runyard.loader import load_job
+from runyard import Cancellation, CodePointer, ConfigError, EventType, FailureKind, Instance, RunStatus, execute_job
+from runyard.plugin import preload_job
 from runyard_dask.handler import dask_key, parse_resources
 
 from .conftest import CliCluster, free_port, write_job
@@ -148,8 +147,7 @@ def jobs_file(tmp_path: Path) -> Path:
 
 
 def load(path: Path, name: str) -> Any:
-    job, _ = load_job(CodePointer(file=str(path)), name)
-    return job
+    return preload_job(CodePointer(file=str(path)), name)
 
 
 def run(instance: Instance, job: Any, cfg: dict[str, Any], run_config: dict[str, Any] | None = None, **kw: Any) -> Any:
@@ -212,7 +210,7 @@ def test_resource_tag_forms() -> None:
     assert parse_resources("s", {"runyard/resources": "GPU=1", "dask/resources": "GPU=2"}) == {"GPU": 2.0}
     assert parse_resources("s", {"other": "x"}) == {}
     for bad in ("GPU", "{'GPU': 'one'}", "GPU=-1", "{}"):
-        with pytest.raises(ValueError, match=r"step 's': tag 'dask/resources' = .* is not a resource mapping"):
+        with pytest.raises(ConfigError, match=r"step 's': tag 'dask/resources' = .* is not a resource mapping"):
             parse_resources("s", {"dask/resources": bad})
 
 
@@ -633,8 +631,8 @@ def test_local_scheduler_does_not_import_distributed(tmp_path: Path, scheduler: 
     code = (
         "import os, sys\n"
         "from runyard import CodePointer, execute_job\n"
-        "from runyard.loader import load_job\n"
-        f"job, _ = load_job(CodePointer(file={str(path)!r}), 'chain')\n"
+        "from runyard.plugin import preload_job\n"
+        f"job = preload_job(CodePointer(file={str(path)!r}), 'chain')\n"
         f"rc = {{'execution': {{'dask': {{'local_scheduler': {scheduler!r}}}}}}}\n"
         "r = execute_job(job, executor='dask', run_config=rc)\n"
         "assert r.success, r.events\n"

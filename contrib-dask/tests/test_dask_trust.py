@@ -24,7 +24,7 @@ from runyard import ConfigError
 from runyard.plugin import CodePointer, HandlerContext, StepRequest, sign_request
 from runyard_dask import remote
 from runyard_dask.handler import DaskStepHandler
-from runyard_dask.plugin import DaskConfig
+from runyard_dask.settings import DaskConfig
 
 from .conftest import SIGNING_KEY, CliCluster, write_job
 

@@ -6,7 +6,6 @@ Imports the docker SDK: imported only by `executor`, `launcher` and the CLI comm
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import threading
@@ -19,9 +18,9 @@ import docker
 import docker.errors
 import docker.models.containers
 from runyard import ConfigError
-from runyard.plugin import EnvVar, resolve
+from runyard.plugin import RESOURCES_TAG, EnvVar, parse_resources_tag, resolve, signal_name
 
-from .plugin import (
+from .settings import (
     CLEANUP_POLICIES,
     LABEL_INSTANCE,
     LABEL_KIND,
@@ -298,23 +297,12 @@ def limits(memory: str | None, cpus: float | None) -> dict[str, Any]:
     return out
 
 
-def parse_resources(raw: str, where: str) -> dict[str, Any]:
-    """The ``runyard/resources`` tag: JSON (``{"memory": "64m", "cpus": 0.5}``) or
-    ``memory=64m,cpus=0.5``."""
-    raw = raw.strip()
-    data: dict[str, Any]
-    if raw.startswith("{"):
-        try:
-            data = json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{where}: malformed JSON: {e}") from None
-    else:
-        data = {}
-        for part in filter(None, (p.strip() for p in raw.split(","))):
-            key, eq, value = part.partition("=")
-            if not eq:
-                raise ConfigError(f"{where}: {part!r} is not KEY=VALUE (keys: memory, cpus)")
-            data[key.strip()] = value.strip()
+def parse_resources(raw: str, step_key: str) -> dict[str, Any]:
+    """The ``runyard/resources`` tag, in runyard's one grammar (a dict, JSON or
+    ``memory=64m,cpus=0.5``: `runyard.plugin.parse_resources_tag`); the docker executor
+    knows ``memory`` and ``cpus``."""
+    where = f"step '{step_key}': tag '{RESOURCES_TAG}'"
+    data = parse_resources_tag(raw, step_key=step_key)
     out: dict[str, Any] = {}
     for key, value in data.items():
         if key == "memory":
@@ -470,12 +458,6 @@ def safe_name(*parts: str) -> str:
 def describe_exit(code: int | None, oom: bool) -> str:
     if oom:
         return f"was killed for exceeding its memory limit (OOM, exit code {code})"
-    if code is not None and code > 128:
-        import signal
-
-        try:
-            name = signal.Signals(code - 128).name
-        except ValueError:
-            name = f"signal {code - 128}"
-        return f"was killed by {name} (exit code {code})"
+    if code is not None and code > 128:  # docker-init reports a signal as 128 + its number
+        return f"was killed by {signal_name(code - 128)} (exit code {code})"
     return f"exited with code {code}"

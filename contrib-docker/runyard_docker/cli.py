@@ -70,7 +70,7 @@ def add_commands(cli: Any) -> None:
         from runyard import Instance
 
         from . import _docker as d
-        from .plugin import LABEL_INSTANCE, LABEL_RUN_ID
+        from .settings import LABEL_INSTANCE, LABEL_RUN_ID
 
         client = d.connect(docker_host, "docker")
         filters: dict[str, Any] = {"label": [f"{LABEL_RUN_ID}={run_id}"] if run_id else [LABEL_RUN_ID]}

@@ -14,13 +14,15 @@ containers once the run container exits, whether or not it could remove itself.
 
 ``terminate`` sends SIGTERM (the worker cancels the run and stops its step containers);
 with ``force`` it removes every container labelled with the run id, step containers
-included. ``check_health`` turns an exited or vanished run container into a dead worker
-whose message carries the exit status (OOM kills included) and the container's last log
-lines, and removes what is left of the run.
+included. ``check_health`` turns a run container killed by a signal (OOM kills included)
+or vanished before the run ended into a DEAD worker, and one that exited by itself (or
+removed itself after the run) into a FINISHED one; the message carries the exit status and
+the container's last log lines, and what is left of the run is removed.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -28,15 +30,22 @@ import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import docker
 import docker.errors
 from runyard import ConfigError, Instance
-from runyard.plugin import RunLauncher, RunRecord, WorkerHealth, make_private_dirs, open_private, resolve
+from runyard.plugin import (
+    RunLauncher,
+    RunRecord,
+    WorkerHealth,
+    locate_storage,
+    make_private_dirs,
+    open_private,
+    resolve,
+)
 
 from . import _docker as d
-from .plugin import LABEL_KIND, LABEL_RUN_ID, DockerLauncherConfig
+from .settings import LABEL_KIND, LABEL_RUN_ID, DockerLauncherConfig
 
 WHERE = "run_launcher.docker"
 _LOOPBACK = {"localhost", "127.0.0.1", "::1", "ip6-localhost"}
@@ -147,14 +156,12 @@ class DockerRunLauncher(RunLauncher):
         self, client: Any, instance: Instance, networks: list[str], binds: d.Binds
     ) -> None:
         """Reject storage the run container could not reach, saying why and what to do."""
-        sel = instance.sections["storage"]
-        name = sel.name if sel is not None else "sqlite"
-        config = dict(sel.config) if sel is not None else {}
-        if name == "sqlite":
-            path = Path(str(resolve(config.get("path")) or Path(self.instance_home or "") / "runyard.db")).resolve()
+        where = locate_storage(instance)
+        if where.path is not None:  # a file (SQLite): the container needs the same path
+            path = where.path
             if not d.is_local_engine(client):
                 raise ConfigError(
-                    f"{WHERE}: the run's storage is SQLite ({path}), which a container on the Docker engine at "
+                    f"{WHERE}: the run's storage is {where.label} ({path}), which a container on the Docker engine at "
                     f"{client.api.base_url} cannot reach: bind mounts name paths on the engine's machine. Use "
                     "storage: {postgres: {url: ...}} reachable from the containers, or a Docker engine on this machine"
                 )
@@ -166,9 +173,9 @@ class DockerRunLauncher(RunLauncher):
                     d.add_bind(binds, str(path.parent), "rw")
                 else:
                     raise ConfigError(
-                        f"{WHERE}.mount_home: false, but the run's SQLite storage {path} is not mounted by volumes, "
-                        "so the run worker in the container could not reach it; set mount_home: true, mount its "
-                        "directory at the same path with volumes, or use PostgreSQL storage"
+                        f"{WHERE}.mount_home: false, but the run's {where.label} storage {path} is not mounted by "
+                        "volumes, so the run worker in the container could not reach it; set mount_home: true, mount "
+                        "its directory at the same path with volumes, or use PostgreSQL storage"
                     )
             return
         home = str(Path(self.instance_home or "/").resolve())
@@ -180,21 +187,16 @@ class DockerRunLauncher(RunLauncher):
                 "in the container would not find runyard.yaml (and would use other storage); set mount_home: true "
                 "or mount it at the same path with volumes"
             )
-        if name == "postgres":
-            raw = config.get("url")
-            try:
-                url = str(resolve(raw if not isinstance(raw, Mapping) else _env(raw)))
-            except ConfigError:
-                url = ""  # the worker reports an unset variable itself
-            host = _pg_host(url)
+        host = where.host
+        if host is not None:  # a database server
             shares_host_net = bool(networks) and networks[0] == "host"
-            if (host in _LOOPBACK or host.startswith("/")) and not shares_host_net:
-                where = "a unix socket" if host.startswith("/") else f"{host}"
+            if (host in _LOOPBACK or where.is_local_socket) and not shares_host_net:
+                shown = "a unix socket" if where.is_local_socket else host
                 raise ConfigError(
-                    f"{WHERE}: the run's storage is PostgreSQL at {where}, which a container on a bridge network "
+                    f"{WHERE}: the run's storage is {where.label} at {shown}, which a container on a bridge network "
                     "cannot reach (there, 127.0.0.1 is the container itself). Set network: host in "
-                    "run_launcher.docker (and executor.docker), or give storage.postgres.url an address the "
-                    "containers can reach (for example the host's docker0 address 172.17.0.1, with PostgreSQL "
+                    f"run_launcher.docker (and executor.docker), or give storage.{where.name} an address the "
+                    "containers can reach (for example the host's docker0 address 172.17.0.1, with the server "
                     "listening on it)"
                 )
 
@@ -232,25 +234,30 @@ class DockerRunLauncher(RunLauncher):
         try:
             client = self._client(worker)
         except ConfigError as e:
-            return WorkerHealth(status="unknown", message=str(e))
+            return WorkerHealth.unknown(str(e))
         name = worker.get("container_name") or worker.get("container_id", "?")[:12]
         try:
             container = client.containers.get(worker["container_id"])
         except docker.errors.NotFound:
             self._remove_steps(client, run)
-            return WorkerHealth(
-                status="dead",
-                message=f"run container {name} vanished (removed from outside, or the Docker engine lost it)",
+            recorded = self._recorded_end(run)
+            if recorded is not None:
+                return recorded
+            if run.status.is_finished:
+                # It removed itself (or the watcher did) once the run had ended.
+                return WorkerHealth.finished(f"run container {name} is gone; the run is {run.status.value}")
+            return WorkerHealth.dead(
+                f"run container {name} vanished (removed from outside, or the Docker engine lost it)"
             )
         except docker.errors.APIError as e:
-            return WorkerHealth(status="unknown", message=f"cannot inspect run container {name}: {e}")
+            return WorkerHealth.unknown(f"cannot inspect run container {name}: {e}")
         except Exception as e:
             if not d.engine_gone(e):
                 raise
-            return WorkerHealth(status="unknown", message=self._gone(worker, e))
+            return WorkerHealth.unknown(self._gone(worker, e))
         state = container.attrs.get("State", {})
         if container.status in ("created", "running", "restarting", "paused"):
-            return WorkerHealth(status="running")
+            return WorkerHealth.running()
         code = state.get("ExitCode")
         oom = bool(state.get("OOMKilled"))
         try:
@@ -264,6 +271,14 @@ class DockerRunLauncher(RunLauncher):
             policy = d.cleanup_policy(self.config, WHERE)
         except ConfigError:
             policy = "always"  # the variable is gone since launch: leave nothing behind
+        # docker-init exits 128+N when the worker dies of signal N: killed (OOM included),
+        # not an exit of its own.
+        killed = oom or not isinstance(code, int) or code > 128
+        health = WorkerHealth.dead(message) if killed else WorkerHealth.finished(message)
+        # Several processes may ask at once (`run wait`, the watcher's own check): keep the
+        # answer for those who come after the container is removed, or they would only
+        # see it vanished, and the run's failure would depend on who asked first.
+        self._record_end(run, health)
         if policy != "never":
             self._remove_steps(client, run)
             if policy == "always":
@@ -271,7 +286,33 @@ class DockerRunLauncher(RunLauncher):
                     container.remove(force=True, v=True)
                 except docker.errors.APIError:
                     pass
-        return WorkerHealth(status="dead", message=message)
+        return health
+
+    def _end_record(self, run: RunRecord) -> Path | None:
+        if self.instance_home is None:
+            return None
+        return Path(self.instance_home) / "logs" / f"docker-run-{run.run_id}.exit.json"
+
+    def _record_end(self, run: RunRecord, health: WorkerHealth) -> None:
+        path = self._end_record(run)
+        if path is None:
+            return
+        try:
+            make_private_dirs(path.parent)  # owner-only: the message carries the run's output
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            with open(open_private(tmp, os.O_WRONLY | os.O_TRUNC), "w") as f:
+                f.write(json.dumps({"status": health.status.value, "message": health.message}))
+            tmp.replace(path)
+        except OSError:
+            pass  # a read-only home: later checks say the container vanished
+
+    def _recorded_end(self, run: RunRecord) -> WorkerHealth | None:
+        path = self._end_record(run)
+        try:
+            data = json.loads(path.read_text()) if path is not None else None
+        except (OSError, ValueError):
+            return None
+        return WorkerHealth(status=data["status"], message=data["message"]) if data else None
 
     @staticmethod
     def _remove_steps(client: Any, run: RunRecord) -> None:
@@ -280,31 +321,6 @@ class DockerRunLauncher(RunLauncher):
             d.remove_containers(client, {LABEL_RUN_ID: run.run_id, LABEL_KIND: "step"})
         except docker.errors.APIError:
             pass
-
-
-def _env(raw: Mapping[str, Any]) -> Any:
-    from runyard.plugin import EnvVar
-
-    return EnvVar(str(raw.get("env")))
-
-
-def _pg_host(url: str) -> str:
-    if not url:
-        return ""
-    if "://" in url:
-        parts = urlsplit(url)
-        host = parts.hostname or ""
-        if not host:
-            from urllib.parse import parse_qs
-
-            host = (parse_qs(parts.query).get("host") or [""])[0] or "/var/run/postgresql"
-        return host
-    # key=value connection string
-    for item in url.split():
-        key, _, value = item.partition("=")
-        if key == "host":
-            return value
-    return "/var/run/postgresql"
 
 
 def _socket_path(docker_host: str | None) -> str | None:

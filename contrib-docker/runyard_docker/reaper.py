@@ -43,7 +43,7 @@ def remove_steps(client: Any, run_id: str, *, keep_exited: bool, settle: float =
     land after a first sweep, so sweep until none is found for ``settle`` seconds."""
     import docker.errors
 
-    from .plugin import LABEL_KIND, LABEL_RUN_ID
+    from .settings import LABEL_KIND, LABEL_RUN_ID
 
     filters = {"label": [f"{LABEL_RUN_ID}={run_id}", f"{LABEL_KIND}=step"]}
     quiet_since = time.monotonic()

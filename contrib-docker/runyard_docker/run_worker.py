@@ -1,7 +1,8 @@
 """The run worker inside a run container: ``python -m runyard_docker.run_worker RUN_ID``.
 
-It runs ``runyard api execute-run RUN_ID`` in this process (SIGTERM, passed on by the
-container's init, cancels the run cleanly) and then, once the run has ended, removes its
+It runs the run in this process with `runyard.plugin.execute_run` (``runyard api
+execute-run RUN_ID`` as a call: SIGTERM, passed on by the container's init, cancels the
+run cleanly) and then, once the run has ended, removes its
 own container through the mounted Docker socket, when there is one, according to the
 cleanup policy. Otherwise (and if that fails) the watcher the launcher started on its own
 machine removes it once it exits (see `reaper`). A container whose worker died (killed,
@@ -13,12 +14,24 @@ from __future__ import annotations
 
 import os
 import sys
+import traceback
 
 
-def _exit_code(e: SystemExit) -> int:
-    if e.code is None:
-        return 0
-    return e.code if isinstance(e.code, int) else 1
+def _execute(run_id: str) -> int:
+    """``runyard api execute-run RUN_ID`` in this process, with its exit status: 0 if the
+    run succeeded, 1 if it did not (or the worker crashed), 2 if it could not be run."""
+    from runyard import RunyardError
+    from runyard.plugin import RunStatus, execute_run
+
+    try:
+        record = execute_run(run_id)  # the instance is $RUNYARD_HOME, set by the launcher
+    except RunyardError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    except Exception:
+        traceback.print_exc()
+        return 1
+    return 0 if record.status is RunStatus.SUCCESS else 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,13 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     run_id = args[0]
     name = os.environ.get("RUNYARD_DOCKER_CONTAINER", "")
     print(f"runyard run worker for run {run_id} in container {name or '?'}", flush=True)
-    from runyard.cli import main as cli
-
-    try:
-        cli(["api", "execute-run", run_id])
-        code = 0
-    except SystemExit as e:
-        code = _exit_code(e)
+    code = _execute(run_id)
     print(f"run worker for run {run_id} exiting with status {code}", flush=True)
     sys.stdout.flush()
     sys.stderr.flush()

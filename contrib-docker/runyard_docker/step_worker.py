@@ -38,9 +38,18 @@ import threading
 import time
 from typing import Any
 
-from runyard.plugin import Event, EventType, admit_or_refuse, execute_step, load_worker_policy, refusal_event
+from runyard.plugin import (
+    STEP_TERMINAL,
+    Event,
+    EventType,
+    admit_or_refuse,
+    execute_step,
+    load_worker_policy,
+    refusal_event,
+)
 
-_ENDINGS = (EventType.STEP_OUTPUT, EventType.STEP_SUCCESS, EventType.STEP_FAILURE)
+# The output event, then the terminal one: where the step's own captured output goes before.
+_ENDINGS = frozenset({EventType.STEP_OUTPUT, *STEP_TERMINAL})
 
 
 class _Channel:

@@ -118,10 +118,10 @@ def docker_instance(runyard_make_instance: Callable[..., Any], docker_settings: 
 @pytest.fixture(scope="session")
 def docker_job() -> Callable[[str], Any]:
     """Loads a job of tests/docker_jobs.py (a file code pointer: mounted into containers)."""
-    from runyard.definitions import CodePointer
-    from runyard.loader import load_job
+    from runyard import CodePointer
+    from runyard.plugin import preload_job
 
-    return lambda name: load_job(CodePointer(file=str(JOBS_FILE)), name)[0]
+    return lambda name: preload_job(CodePointer(file=str(JOBS_FILE)), name)
 
 
 @pytest.fixture

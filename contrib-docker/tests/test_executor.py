@@ -168,11 +168,11 @@ def test_resource_tags_are_checked_before_any_step_starts(
         "def a():\n    return 1\n"
         "@job\ndef bad_tags():\n    a()\n"
     )
-    from runyard.definitions import CodePointer
-    from runyard.loader import load_job
+    from runyard import CodePointer
+    from runyard.plugin import preload_job
 
     instance = runyard_make_instance({"executor": {"docker": docker_settings}})
-    result = execute_job(load_job(CodePointer(file=str(job_file)), "bad_tags")[0], instance=instance)
+    result = execute_job(preload_job(CodePointer(file=str(job_file)), "bad_tags"), instance=instance)
     failure = result.failure_for("a")
     assert failure is not None and failure.kind is FailureKind.NOT_STARTED
     assert "step 'a': tag 'runyard/resources': unknown resource 'gpus'" in failure.message
@@ -189,11 +189,11 @@ def test_resource_tags_the_engine_refuses_fail_before_any_step_starts(
         "def b(x):\n    return x\n"
         "@job\ndef big_tags():\n    b(a())\n"
     )
-    from runyard.definitions import CodePointer
-    from runyard.loader import load_job
+    from runyard import CodePointer
+    from runyard.plugin import preload_job
 
     instance = runyard_make_instance({"executor": {"docker": docker_settings}})
-    result = execute_job(load_job(CodePointer(file=str(job_file)), "big_tags")[0], instance=instance)
+    result = execute_job(preload_job(CodePointer(file=str(job_file)), "big_tags"), instance=instance)
     assert result.status is RunStatus.FAILURE
     failure = result.failure_for("a")
     assert failure is not None and failure.kind is FailureKind.NOT_STARTED

@@ -46,10 +46,10 @@ def test_code_baked_into_the_image_runs_without_the_code_mount(
         image = docker_client.images.get(tag)
         assert image.labels["runyard.test"] == "1" and image.labels["runyard.source-hash"]
         # The job file is gone from the host: only the copy in the image can be loaded.
-        from runyard.definitions import CodePointer
-        from runyard.loader import load_job
+        from runyard import CodePointer
+        from runyard.plugin import preload_job
 
-        job = load_job(CodePointer(file=str(code / "baked_jobs.py")), "baked")[0]
+        job = preload_job(CodePointer(file=str(code / "baked_jobs.py")), "baked")
         (code / "baked_jobs.py").unlink()
         # No volumes: the tests' usual mount of pytest's basetemp would cover the baked copy.
         instance = runyard_make_instance({"executor": {"docker": {**docker_settings, "image": tag, "volumes": [],

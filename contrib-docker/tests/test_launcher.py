@@ -121,15 +121,15 @@ def test_a_vanished_run_container_fails_the_run(home: Path, run_containers: Any)
 
 
 def _launcher(home: Path, settings: dict[str, Any], storage: dict[str, Any] | None) -> Any:
-    from runyard.config import structure
+    from runyard import Instance
     from runyard_docker.launcher import DockerRunLauncher
-    from runyard_docker.plugin import DockerLauncherConfig
 
     config: dict[str, Any] = {"run_launcher": {"docker": settings}}
     if storage is not None:
         config["storage"] = storage
     (home / "runyard.yaml").write_text(yaml.safe_dump(config))
-    cfg = structure(settings, DockerLauncherConfig, source="test", path="run_launcher.docker")
+    instance = Instance(home)
+    cfg = instance.plugin_config("run_launcher", instance.sections["run_launcher"])
     return DockerRunLauncher(cfg, str(home))
 
 

@@ -15,11 +15,11 @@ import ctypes
 import os
 import signal
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .plugin import RunLauncher, WorkerHealth
+from .plugin import RunLauncher, WorkerHealth, kill_processes
 from .storage import RunRecord
 
 LAUNCHER = "job_execute"
@@ -96,30 +96,6 @@ def become_subreaper() -> bool:
         return False
 
 
-def kill_processes(pids: Iterable[int]) -> list[int]:
-    """SIGKILL ``pids`` and reap those that are this process's children; return the pids
-    that were still there to kill."""
-    killed = []
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-            killed.append(pid)
-        except (ProcessLookupError, PermissionError):
-            pass
-    deadline = time.monotonic() + 2
-    pending = list(killed)
-    while pending and time.monotonic() < deadline:
-        # Only these pids: waiting on any child would steal exit statuses others wait for.
-        for pid in list(pending):
-            try:
-                if os.waitpid(pid, os.WNOHANG)[0] == 0:
-                    continue
-            except ChildProcessError:
-                pass  # not our child: its parent (or init) reaps it
-            pending.remove(pid)
-        if pending:
-            time.sleep(0.01)
-    return killed
 
 
 def kill_descendants() -> list[int]:

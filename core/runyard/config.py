@@ -7,8 +7,10 @@ was expected and what was found.
 
 from __future__ import annotations
 
+import difflib
 import functools
 import os
+import re
 import typing
 from collections.abc import Mapping
 from pathlib import Path
@@ -32,13 +34,18 @@ class EnvVar:
     """
 
     name: str
+    # Where the reference was written ("FILE: executor.dask.address"), for the message when
+    # the variable is unset. Filled in by `structure`; not part of the value.
+    where: str = attrs.field(default="", eq=False, repr=False)
 
     def resolve(self) -> str:
         try:
             return os.environ[self.name]
         except KeyError:
+            prefix = f"{self.where}: " if self.where else ""
             raise ConfigError(
-                f"environment variable '{self.name}' is not set (referenced as {{env: {self.name}}})"
+                f"{prefix}environment variable '{self.name}' is not set (referenced as {{env: {self.name}}}); "
+                "set it in the environment of the process that reads this setting"
             ) from None
 
     def __str__(self) -> str:  # never leak the value through str()
@@ -48,6 +55,19 @@ class EnvVar:
 def resolve(value: str | EnvVar | None) -> str | None:
     """The string a config value stands for, reading ``{env: NAME}`` references now."""
     return value.resolve() if isinstance(value, EnvVar) else value
+
+
+def did_you_mean(name: str, choices: Any) -> str:
+    """``"did you mean 'docker'?"`` when ``name`` is a near miss of one of ``choices``, else ""."""
+    close = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1, cutoff=0.6)
+    return f"did you mean '{close[0]}'?" if close else ""
+
+
+def unknown_key(key: str, allowed: Any) -> str:
+    """The message for a key that is not one of ``allowed``, with a suggestion for a near miss."""
+    allowed = list(allowed)
+    hint = did_you_mean(key, allowed)
+    return f"unknown key '{key}'{f'; {hint}' if hint else ''} (allowed keys: {', '.join(allowed) or 'none'})"
 
 
 class _Mismatch(Exception):
@@ -129,11 +149,8 @@ def _problems(exc: BaseException, path: str) -> list[str]:
     from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError, IterableValidationError
 
     if isinstance(exc, ForbiddenExtraKeysError):
-        allowed = ", ".join(a.name for a in attrs.fields(exc.cl)) or "none"
-        return [
-            f"{path or '(top level)'}: unknown key '{k}' (allowed keys: {allowed})"
-            for k in sorted(exc.extra_fields)
-        ]
+        allowed = [a.name for a in attrs.fields(exc.cl)]
+        return [f"{path or '(top level)'}: {unknown_key(k, allowed)}" for k in sorted(exc.extra_fields)]
     if isinstance(exc, ClassValidationError | IterableValidationError):
         out: list[str] = []
         with_notes, without = exc.group_exceptions()
@@ -172,12 +189,53 @@ def structure(data: Any, cls: type[T], *, source: str, path: str) -> T:
     from cattrs.errors import BaseValidationError, ForbiddenExtraKeysError
 
     try:
-        return converter().structure(data, cls)
+        return locate_env_refs(converter().structure(data, cls), source=source, path=path)
     except (BaseValidationError, ForbiddenExtraKeysError, _Mismatch) as e:
         problems = _problems(e, path)
     except (TypeError, ValueError) as e:  # attrs validators
         problems = [f"{path}: {e}"]
-    raise ConfigError("\n".join(f"{source}: {p}" for p in problems))
+    raise ConfigError("\n".join(f"{source}: {p}" for p in _without_implied(problems)))
+
+
+_SUGGESTED = re.compile(r"^(?P<path>.*): unknown key '[^']*'; did you mean '(?P<key>[^']*)'\?")
+
+
+def _without_implied(problems: list[str]) -> list[str]:
+    """Drop "required key 'image' is missing" when the same mapping has a near miss of it
+    ('imgae'): the suggestion says it all, in one line."""
+    implied = set()
+    for p in problems:
+        m = _SUGGESTED.match(p)
+        if m:
+            key = m["key"]
+            implied.add(f"{m['path']}.{key}: required key '{key}' is missing")
+    return [p for p in problems if p not in implied]
+
+
+def locate_env_refs(obj: T, *, source: str, path: str) -> T:
+    """``obj`` with every `EnvVar` in it told where it was written (``source: key.path``),
+    so that an unset variable, read long after the file was parsed, still names both."""
+    if isinstance(obj, EnvVar):
+        return EnvVar(obj.name, where=f"{source}: {path}")  # type: ignore[return-value]
+    if isinstance(obj, list | tuple):
+        items = [locate_env_refs(v, source=source, path=f"{path}[{i}]") for i, v in enumerate(obj)]
+        changed = any(a is not b for a, b in zip(items, obj, strict=True))
+        return (type(obj)(items) if changed else obj)  # type: ignore[return-value]
+    if isinstance(obj, dict):
+        located = {k: locate_env_refs(v, source=source, path=f"{path}.{k}") for k, v in obj.items()}
+        return (located if any(located[k] is not obj[k] for k in obj) else obj)  # type: ignore[return-value]
+    if attrs.has(type(obj)):
+        changes = {}
+        for f in attrs.fields(type(obj)):
+            if not f.init:
+                continue
+            value = getattr(obj, f.name)
+            new = locate_env_refs(value, source=source, path=f"{path}.{f.name}")
+            if new is not value:
+                changes[f.alias or f.name] = new
+        # A new instance rather than a rewrite: config classes are frozen.
+        return attrs.evolve(obj, **changes) if changes else obj  # type: ignore[misc]
+    return obj
 
 
 def unstructure(obj: Any) -> Any:
@@ -206,7 +264,32 @@ class Selection:
 
     name: str
     config: dict[str, Any]
-    source: str  # the layer it came from, for messages and `config explain`
+    source: str  # the layer it came from (a file, "job 'etl'", "--executor"), for messages and `config explain`
+    path: str = ""  # the key path of its settings in that layer ("executor.dask", "execution.dask")
+    name_path: str | None = None  # where the name itself is written, when not the parent of `path`
+
+    def name_where(self) -> str:
+        """``source: key.path`` of the place that names the plugin, for unknown-name errors."""
+        path = self.name_path if self.name_path is not None else self.path.rpartition(".")[0]
+        return f"{self.source}: {path}" if path else self.source
+
+    def where(self, key: str | None = None) -> str:
+        """``source: key.path`` of this section, or of one setting of it."""
+        path = self.path if key is None else f"{self.path}.{key}" if self.path else key
+        return f"{self.source}: {path}" if path else self.source
+
+
+class RunConfig(dict):  # type: ignore[type-arg]
+    """A run config mapping that remembers the file it was read from, for messages."""
+
+    def __init__(self, data: Mapping[str, Any] | None = None, *, source: str = "run config") -> None:
+        super().__init__(data or {})
+        self.source = source
+
+
+def run_config_source(run_config: Mapping[str, Any] | None) -> str:
+    """The file a run config came from (`RunConfig`), else ``"run config"``."""
+    return getattr(run_config, "source", None) or "run config"
 
 
 def parse_selection(raw: Any, *, source: str, path: str) -> Selection | None:
@@ -214,11 +297,11 @@ def parse_selection(raw: Any, *, source: str, path: str) -> Selection | None:
     if raw is None:
         return None
     if isinstance(raw, str):
-        return Selection(raw, {}, source)
+        return Selection(raw, {}, source, f"{path}.{raw}")
     if isinstance(raw, Mapping) and len(raw) == 1:
         ((name, cfg),) = raw.items()
         if isinstance(name, str) and (cfg is None or isinstance(cfg, Mapping)):
-            return Selection(name, dict(cfg or {}), source)
+            return Selection(name, dict(cfg or {}), source, f"{path}.{name}")
         if isinstance(name, str):
             raise ConfigError(
                 f"{source}: {path}.{name}: expected a mapping of settings, got {_describe(cfg)}"

@@ -26,6 +26,13 @@ class PluginError(RunyardError):
     """A plugin is missing, duplicated, incompatible, or failed to import."""
 
 
+class PluginChoiceError(PluginError, ConfigError):
+    """A configuration names a plugin that is unknown, not installed or failed to load.
+
+    The message names the file (or other layer) and the key path; the CLI exits 2.
+    """
+
+
 class StepSelectionError(RunyardError):
     """A step selection names steps the job does not have, or lacks upstream outputs."""
 

@@ -2,78 +2,46 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import attrs
 
-from .config import Selection, parse_selection, structure
+from .config import RunConfig, run_config_source
 from .definitions import CodePointer, Definitions, JobDefinition
 from .engine import Cancellation, Engine, EngineResult, StepState
-from .errors import ConfigError, RunyardError, StepSelectionError
+from .errors import ConfigError, PluginError, RunyardError, StepSelectionError
 from .events import Event, EventType, FailureInfo, FailureKind
-from .instance import Instance
+from .instance import Instance, plugin_spec
 from .plan import ExecutionPlan
-from .plugin import Capabilities, ExecutorConfig, ExecutorSpec, HandlerContext, StepHandler
+from .plugin import ExecutorSpec, HandlerContext, StepHandler
 from .registry import load_object
+from .resolution import (
+    BUILTIN_DEFAULT_EXECUTOR,
+    ResolvedExecutor,
+    ResolvedRun,
+    executor_config,
+    resolve_executor,
+    resolve_run,
+    structure_executor_config,
+)
 from .storage import RunRecord, RunStatus
 
-BUILTIN_DEFAULT_EXECUTOR = "multi_or_in_process"
 _UNFINISHED = (RunStatus.QUEUED, RunStatus.STARTING, RunStatus.STARTED, RunStatus.CANCELING)
 RESOURCES_TAG = "runyard/resources"
 
-
-@attrs.frozen
-class ResolvedExecutor:
-    name: str
-    config: dict[str, Any]
-    layers: tuple[Selection, ...]  # every layer that named this executor, highest first
-    overridden: tuple[Selection, ...] = ()  # configured layers that named another executor, highest first
-
-
-def resolve_executor(
-    job: JobDefinition,
-    *,
-    definitions: Definitions | None = None,
-    run_config: Mapping[str, Any] | None = None,
-    instance: Instance | None = None,
-    override: str | None = None,
-) -> ResolvedExecutor:
-    """Pick the executor: ``--executor`` > run config ``execution`` > the job's own >
-    ``Definitions`` default > the instance's ``executor`` > the built-in default.
-
-    The name comes from the highest layer that names one; its config merges every layer
-    that names that same executor, higher layers winning key by key.
-    """
-    layers: list[Selection] = []
-    if override:
-        layers.append(Selection(override, {}, "--executor"))
-    if run_config and run_config.get("execution") is not None:
-        sel = parse_selection(run_config["execution"], source="run config", path="execution")
-        if sel:
-            layers.append(sel)
-    if job.executor:
-        layers.append(Selection(job.executor, dict(job.executor_config or {}), f"job '{job.name}'"))
-    if definitions is not None and definitions.executor is not None:
-        sel = parse_selection(definitions.executor, source="Definitions", path="executor")
-        if sel:
-            layers.append(sel)
-    if instance is not None and instance.sections["executor"] is not None:
-        layers.append(instance.sections["executor"])  # type: ignore[arg-type]
-    layers.append(Selection(BUILTIN_DEFAULT_EXECUTOR, {}, "default"))
-    name = layers[0].name
-    same = tuple(sel for sel in layers if sel.name == name)
-    config: dict[str, Any] = {}
-    for sel in reversed(same):
-        config.update(sel.config)
-    # The built-in default is a fallback, not a choice someone made: not worth reporting.
-    other = tuple(sel for sel in layers if sel.name != name and sel.source != "default")
-    return ResolvedExecutor(name, config, same, other)
+__all__ = [  # resolution lives in runyard.resolution; these names stay importable from here
+    "BUILTIN_DEFAULT_EXECUTOR",
+    "ResolvedExecutor",
+    "ResolvedRun",
+    "resolve_executor",
+    "structure_executor_config",
+]
 
 
-def check_capabilities(job: JobDefinition, executor: str, caps: Capabilities, max_concurrent: int) -> None:
-    """Reject, before anything runs, configuration the executor cannot honour."""
+def check_capabilities(job: JobDefinition, resolution: ResolvedRun) -> None:
+    """Reject, before anything runs, steps the resolved executor cannot honour."""
+    executor, caps = resolution.executor.name, resolution.capabilities
     problems: list[str] = []
     for key, node in job.nodes.items():
         if node.step.timeout and not caps.enforces_timeouts:
@@ -87,28 +55,8 @@ def check_capabilities(job: JobDefinition, executor: str, caps: Capabilities, ma
                 f"step '{key}' requests resources (tag '{RESOURCES_TAG}') but executor '{executor}' "
                 "does not support resources (it lacks capability 'supports_resources')"
             )
-    if caps.max_concurrency is not None and max_concurrent > caps.max_concurrency:
-        problems.append(
-            f"executor.{executor}.max_concurrent: {max_concurrent} is more than executor "
-            f"'{executor}' can run at once ({caps.max_concurrency})"
-        )
     if problems:
         raise ConfigError("\n".join(problems))
-
-
-def structure_executor_config(resolved: ResolvedExecutor, spec: ExecutorSpec) -> ExecutorConfig:
-    """Structure the merged settings, blaming a bad key on the layer that wrote it."""
-    path = f"executor.{resolved.name}"
-    for sel in resolved.layers:
-        if not sel.config:
-            continue
-        try:
-            structure(sel.config, spec.config, source=sel.source, path=path)
-        except ConfigError as e:
-            # A layer may rightly leave a required key to another layer; anything else is its fault.
-            if not all("is missing" in line for line in str(e).splitlines()):
-                raise
-    return structure(resolved.config, spec.config, source=resolved.layers[0].source, path=path)
 
 
 class ExecutionResult:
@@ -157,11 +105,7 @@ class ExecutionResult:
 @attrs.frozen
 class ValidatedRun:
     plan: ExecutionPlan
-    resolved: ResolvedExecutor
-    config: ExecutorConfig
-    max_concurrent: int
-    capabilities: Capabilities
-    handler_cls: Any  # the StepHandler class, when imported
+    resolution: ResolvedRun
     parent_refs: dict[str, str]  # outputs of unselected upstream steps, from the parent run
 
 
@@ -174,12 +118,14 @@ def validate_run(
     run_config: Mapping[str, Any],
     step_selection: list[str] | None,
     parent_run_id: str | None,
-    import_handler: bool,
+    launcher: bool = False,
+    resolution: ResolvedRun | None = None,
 ) -> ValidatedRun:
     """Everything that can be wrong with a run, checked before it is recorded or started.
 
-    ``import_handler`` imports the executor's handler to use the capabilities it declares
-    at run time; a launch leaves it False so that the launching process imports no backend.
+    Resolves the run (`runyard.resolution.resolve_run`; ``launcher`` includes the run
+    launcher) unless ``resolution`` is given: a stored run is executed as it was resolved.
+    Imports no backend.
     """
     plan = ExecutionPlan.build(job, step_selection)
     if plan.external:
@@ -189,25 +135,19 @@ def validate_run(
                 "pass the run they come from (parent_run_id / --parent RUN_ID)"
             )
     refs = parent_outputs(instance, parent_run_id, plan.external) if plan.external and parent_run_id else {}
-    resolved = resolve_executor(
-        job, definitions=definitions, run_config=run_config, instance=instance, override=executor
-    )
-    spec: ExecutorSpec = instance.registry.executor(resolved.name)
-    config = structure_executor_config(resolved, spec)
-    handler_cls = load_object(spec.handler, what=f"executor '{resolved.name}'") if import_handler else None
-    caps: Capabilities = (handler_cls.capabilities if handler_cls else None) or spec.capabilities
-    max_concurrent = config.max_concurrent or spec.default_max_concurrent or os.cpu_count() or 1
-    if caps.max_concurrency is not None and config.max_concurrent is None:
-        max_concurrent = min(max_concurrent, caps.max_concurrency)
-    check_capabilities(job, resolved.name, caps, max_concurrent)
-    return ValidatedRun(plan, resolved, config, max_concurrent, caps, handler_cls, refs)
+    if resolution is None:
+        resolution = resolve_run(
+            job, instance=instance, definitions=definitions, run_config=run_config, executor=executor, launcher=launcher
+        )
+    check_capabilities(job, resolution)
+    return ValidatedRun(plan, resolution, refs)
 
 
 def new_run_record(
     job: JobDefinition,
     pointer: CodePointer,
     run_config: Mapping[str, Any],
-    executor: str,
+    resolution: ResolvedRun,
     tags: Mapping[str, str] | None,
     parent_run_id: str | None,
     step_selection: list[str] | None,
@@ -216,11 +156,54 @@ def new_run_record(
         job_name=job.name,
         code_pointer=pointer.to_dict(),
         run_config=_storable(run_config),
-        executor=executor,
+        executor=resolution.executor.name,
         tags={**job.tags, **(tags or {})},
         parent_run_id=parent_run_id,
         step_selection=step_selection,
+        resolution=resolution.to_dict(),
     )
+
+
+def prepare_handler(
+    resolution: ResolvedRun, instance: Instance, *, run_id: str, output_store: str
+) -> tuple[ExecutorSpec, StepHandler]:
+    """The step handler of a resolved run: its config structured from the resolution, with
+    the one ``max_concurrent`` the engine uses, and told where its settings were written."""
+    ex = resolution.executor
+    spec: ExecutorSpec = plugin_spec(instance.registry, "executor", ex.selection())
+    config = executor_config(resolution, spec)
+    now = spec.capabilities_of(config)
+    if now != resolution.capabilities:
+        # Settings read from the environment ({env: NAME}) may mean something else here
+        # than where the run was resolved: refuse rather than run with the wrong limits.
+        raise ConfigError(
+            f"{ex.where()}: executor '{ex.name}' has other capabilities here than when the run was "
+            f"resolved ({_caps_diff(resolution.capabilities, now)}); a setting read from the "
+            "environment ({env: NAME}) differs between the two places: set it alike"
+        )
+    handler_cls = load_object(spec.handler, what=f"executor '{ex.name}'")
+    declared = getattr(handler_cls, "capabilities", None)
+    if declared is not None and declared != resolution.capabilities:
+        raise PluginError(
+            f"executor '{ex.name}': {spec.handler} declares capabilities on the handler class, which runyard "
+            "no longer reads; declare them on the ExecutorSpec (capabilities=, or capabilities_for= when "
+            "they depend on settings)"
+        )
+    context = HandlerContext(
+        run_id=run_id,
+        instance_home=str(instance.home) if instance.home else None,
+        output_store=output_store,
+        max_concurrent=resolution.max_concurrent,
+        config_source=ex.config_source,
+        config_path=ex.path,
+        setting_sources=ex.setting_sources(),
+    )
+    return spec, handler_cls(config, context)
+
+
+def _caps_diff(before: Any, after: Any) -> str:
+    a, b = attrs.asdict(before), attrs.asdict(after)
+    return ", ".join(f"{k}: {a[k]} then, {b[k]} now" for k in a if a[k] != b[k])
 
 
 def parent_outputs(instance: Instance, parent_run_id: str, keys: Iterable[str]) -> dict[str, str]:
@@ -260,15 +243,20 @@ def execute_job(
     cancellation: Cancellation | None = None,
     run: RunRecord | None = None,
     on_events: Callable[[Sequence[Event]], None] | None = None,
+    resolution: ResolvedRun | None = None,
 ) -> ExecutionResult:
     """Execute ``job`` in this process (the engine here, steps wherever the executor puts them).
 
     Configuration problems raise before any step runs; a failing step does not raise unless
     ``raise_on_error``: the result says what failed. ``on_events``, when given, is called with
     each batch of events right after it is written to storage (the CLI shows progress with it).
+
+    The run is resolved here (`runyard.resolution.resolve_run`) and the resolution stored
+    with it, unless ``resolution`` is given: the run worker passes the one stored at launch.
     """
     instance = instance if instance is not None else Instance.ephemeral()
-    run_config = dict(run_config or {})
+    source = run_config_source(run_config)
+    run_config = RunConfig(run_config, source=source)
     selection = list(step_selection) if step_selection is not None else None
     v = validate_run(
         job,
@@ -278,15 +266,14 @@ def execute_job(
         run_config=run_config,
         step_selection=selection,
         parent_run_id=parent_run_id,
-        import_handler=True,
+        resolution=resolution,
     )
-    plan, resolved, config, max_concurrent, caps = v.plan, v.resolved, v.config, v.max_concurrent, v.capabilities
-    handler_cls = v.handler_cls
+    plan, res = v.plan, v.resolution
     pointer = job.code_pointer or CodePointer(module="__main__")
     from .worker import register_job
 
     register_job(pointer, job)
-    store = instance.output_store(shared=caps.needs_shared_outputs)
+    store = instance.output_store(shared=res.capabilities.needs_shared_outputs)
     storage = instance.storage
     if on_events is None:
         sink = storage.store_events
@@ -297,29 +284,25 @@ def execute_job(
             on_events(events)
 
     outs = v.parent_refs
+    new = run is None
     if run is None:
-        run = new_run_record(job, pointer, run_config, resolved.name, tags, parent_run_id, selection)
+        run = new_run_record(job, pointer, run_config, res, tags, parent_run_id, selection)
+    # The handler's backend is imported before the run is recorded: a missing one is a
+    # configuration error, not a failed run.
+    _, handler = prepare_handler(res, instance, run_id=run.run_id, output_store=store.url)
+    if new:
         storage.add_run(run)
-    handler: StepHandler = handler_cls(
-        config,
-        HandlerContext(
-            run_id=run.run_id,
-            instance_home=str(instance.home) if instance.home else None,
-            output_store=store.url,
-            max_concurrent=max_concurrent,
-        ),
-    )
     engine = Engine(
         plan=plan,
         handler=handler,
-        capabilities=caps,
+        capabilities=res.capabilities,
         run_id=run.run_id,
         sink=sink,
         code_pointer=pointer,
         output_store=store.url,
-        max_concurrent=max_concurrent,
-        tag_limits=config.tag_concurrency_limits,
-        run_config=run_config,
+        max_concurrent=res.max_concurrent,
+        tag_limits=handler.config.tag_concurrency_limits,
+        run_config=dict(run_config),
         parent_outputs=outs,
         cancellation=cancellation,
     )
@@ -329,7 +312,15 @@ def execute_job(
             cancellation.cancel()  # canceled while starting: run the engine so everything is skipped
         elif current is None or current.status.is_finished:
             raise RunyardError(f"run {run.run_id} is already {current.status.value if current else 'gone'}")
-    sink([Event(type=EventType.RUN_START, run_id=run.run_id, data={"executor": resolved.name, "steps": len(plan)})])
+    sink(
+        [
+            Event(
+                type=EventType.RUN_START,
+                run_id=run.run_id,
+                data={"executor": res.executor.name, "steps": len(plan), "max_concurrent": res.max_concurrent},
+            )
+        ]
+    )
     try:
         result = engine.run()
     except BaseException as e:

@@ -11,8 +11,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from .config import Selection, parse_selection, structure
-from .errors import ConfigError
+from .config import Selection, did_you_mean, parse_selection, structure, unknown_key
+from .errors import ConfigError, PluginChoiceError, PluginError
 from .outputs import MemoryOutputStore, OutputStore, open_output_store
 from .registry import Kind, PluginRegistry, default_registry
 from .storage import RunStorage
@@ -54,11 +54,9 @@ class Instance:
             raw = {}
         if not isinstance(raw, Mapping):
             raise ConfigError(f"{self.config_source}: expected a mapping of sections at the top level")
-        unknown = sorted(set(raw) - set(TOP_LEVEL_KEYS))
+        unknown = sorted(set(raw) - set(TOP_LEVEL_KEYS), key=str)
         if unknown:
-            raise ConfigError(
-                f"{self.config_source}: unknown key '{unknown[0]}' (allowed keys: {', '.join(TOP_LEVEL_KEYS)})"
-            )
+            raise ConfigError(f"{self.config_source}: {unknown_key(unknown[0], TOP_LEVEL_KEYS)}")
         self.sections: dict[str, Selection | None] = {
             s: parse_selection(raw.get(s), source=self.config_source, path=s) for s in SECTIONS
         }
@@ -73,9 +71,16 @@ class Instance:
         self.step_worker_config: Any = raw.get("step_worker")
 
     @classmethod
-    def from_env(cls, *, registry: PluginRegistry | None = None) -> Instance:
-        """The instance at ``$RUNYARD_HOME`` (default ``~/.runyard``)."""
-        return cls(default_home(), registry=registry)
+    def from_env(cls, *, registry: PluginRegistry | None = None, validate: bool = False) -> Instance:
+        """The instance at ``$RUNYARD_HOME`` (default ``~/.runyard``).
+
+        ``validate``: check every section of ``runyard.yaml`` against its plugin now (what
+        every command does), rather than each section when it is first used.
+        """
+        instance = cls(default_home(), registry=registry)
+        if validate:
+            instance.check()
+        return instance
 
     @classmethod
     def ephemeral(cls, *, registry: PluginRegistry | None = None) -> Instance:
@@ -92,10 +97,15 @@ class Instance:
             self._registry = default_registry()
         return self._registry
 
+    def spec(self, kind: Kind, selection: Selection) -> Any:
+        """The spec of the plugin ``selection`` names; an unknown name is a `PluginChoiceError`
+        naming the file and key path, with a suggestion for a near miss."""
+        return plugin_spec(self.registry, kind, selection)
+
     def plugin_config(self, kind: Kind, selection: Selection) -> Any:
         """Structure a section's config into its plugin's config class (errors name the path)."""
-        spec = self.registry.get(kind, selection.name)
-        return structure(selection.config, spec.config, source=selection.source, path=f"{kind}.{selection.name}")
+        spec = self.spec(kind, selection)
+        return structure(selection.config, spec.config, source=selection.source, path=selection.path)
 
     def validate(self) -> list[str]:
         """Check every configured section against its plugin; return the problems found."""
@@ -108,7 +118,20 @@ class Instance:
                 self.plugin_config(kind, sel)
             except Exception as e:  # collect, so the user sees every problem at once
                 problems.append(str(e))
+        if self.step_worker_config is not None:
+            from .trust import instance_settings
+
+            try:
+                instance_settings(self)
+            except Exception as e:
+                problems.append(str(e))
         return problems
+
+    def check(self) -> None:
+        """Raise one `ConfigError` listing every problem of ``runyard.yaml`` (see `validate`)."""
+        problems = self.validate()
+        if problems:
+            raise ConfigError("\n".join(problems))
 
     @property
     def outputs_url(self) -> str | None:
@@ -125,8 +148,8 @@ class Instance:
 
         if self.home is None:
             return SqliteRunStorage(":memory:")
-        sel = self.sections["storage"] or Selection("sqlite", {}, "default")
-        spec = self.registry.storage(sel.name)
+        sel = self.sections["storage"] or Selection("sqlite", {}, "default", "storage.sqlite")
+        spec = self.spec("storage", sel)
         factory = load_object(spec.storage, what=f"storage '{sel.name}'")
         return factory(self.plugin_config("storage", sel), self.home)
 
@@ -147,3 +170,22 @@ class Instance:
         path = tempfile.mkdtemp(prefix="runyard-outputs-")
         atexit.register(shutil.rmtree, path, ignore_errors=True)
         return path
+
+
+def plugin_spec(registry: PluginRegistry, kind: Kind, selection: Selection) -> Any:
+    """``registry.get(kind, selection.name)``, its error naming where the name was written."""
+    try:
+        return registry.get(kind, selection.name)
+    except PluginError as e:
+        from .registry import KNOWN_BACKENDS
+
+        message = str(e)
+        name = selection.name
+        broken = any(name in (f.plugin, f.spec_name) for f in registry.failures)
+        # The registry suggests among installed names; known backends that are not
+        # installed are only known here.
+        if (name not in registry.names(kind) and name not in KNOWN_BACKENDS[kind] and not broken
+                and "did you mean" not in message):
+            hint = did_you_mean(name, sorted({*registry.names(kind), *KNOWN_BACKENDS[kind]}))
+            message += f"; {hint}" if hint else ""
+        raise PluginChoiceError(f"{selection.name_where()}: {message}") from None

@@ -9,7 +9,10 @@ Versioned: `API_VERSION` changes only when a contract breaks; additions keep it.
 
 from __future__ import annotations
 
+import enum
 import json
+import os
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -18,9 +21,24 @@ import pluggy
 
 from .config import EnvVar, resolve
 from .definitions import CodePointer
-from .events import Event, EventType, FailureInfo, FailureKind
+from .errors import ConfigError, PluginError
+from .events import STEP_TERMINAL, Event, EventType, FailureInfo, FailureKind
+from .failures import error_class_name, failure_from_exception
 from .private import make_private_dirs, open_private
+from .procs import (
+    GroupStop,
+    describe_exit,
+    interrupt_thread,
+    kill_processes,
+    reap_group_leader,
+    signal_name,
+    signal_process_group,
+    split_wait_status,
+    stop_process_group,
+)
+from .resources import RESOURCES_TAG, parse_resources_tag
 from .storage import RunRecord, RunStatus, RunStorage, StoredEvent
+from .storage_location import StorageLocation, locate_storage
 from .trust import (
     SIGNING_KEY_ENV,
     STEP_WORKER_ENV,
@@ -39,10 +57,13 @@ from .trust import (
     signing_key_at,
     verify_request,
 )
+from .validators import above, at_least, one_of
 from .worker import StepContext, StepInterrupted, StepTimedOut
 
 if TYPE_CHECKING:
     from .definitions import JobDefinition
+    from .storage.postgres import PostgresRunStorage
+    from .storage.sqlite import SqliteRunStorage
 
 API_VERSION = 1
 """Major version of the plugin API. A spec declaring another version is not loaded."""
@@ -126,24 +147,52 @@ class ExecutorSpec(PluginSpec):
     ``handler`` is the import string (``"package.module:Class"``) of a `StepHandler`
     subclass, imported only when a run uses this executor, so registering and
     validating config never import the backend's dependencies.
+
+    ``capabilities`` are what the handler can honour. When they depend on settings (a mode
+    that runs one step at a time), give ``capabilities_for``: a function of the structured
+    config returning them (it runs when a run is resolved, in the launching process, so
+    it must not import the backend). A ``max_concurrency`` it returns that is lower than
+    the spec's own lowers the run's ``max_concurrent`` rather than rejecting it: another
+    setting decided it. Reject a contradiction in your config class's validation instead,
+    if you prefer an error.
     """
 
     handler: str
     config: type[ExecutorConfig] = ExecutorConfig
     capabilities: Capabilities = Capabilities()
+    capabilities_for: Callable[[Any], Capabilities] | None = None
     default_max_concurrent: int | None = None  # None: the number of CPUs
+
+    def capabilities_of(self, config: ExecutorConfig) -> Capabilities:
+        """The capabilities of a run with ``config``."""
+        return self.capabilities_for(config) if self.capabilities_for is not None else self.capabilities
+
+
+@attrs.frozen(kw_only=True)
+class RunLauncherConfig:
+    """Base of a run launcher's config class (``run_launcher: {NAME: {...}}``); it has no keys.
+
+    Subclass it with ``@attrs.frozen(kw_only=True)`` and give each setting a default where
+    one makes sense. runyard builds it from the YAML before anything starts: an unknown
+    key, a wrong type or a failing validator is an error naming the file and the key path
+    (``run_launcher.NAME.KEY``). A value written ``{env: NAME}`` arrives as an `EnvVar`:
+    read it with `resolve` when the launcher uses it, so it is read where the run starts.
+    Any attrs class works as a launcher's config; this base only says there are no keys.
+    """
 
 
 @attrs.frozen(kw_only=True)
 class RunLauncherSpec(PluginSpec):
     """Registers a run launcher: returned from the ``runyard_run_launchers`` hook.
 
-    ``launcher`` is the import string of a `RunLauncher` subclass, imported only when a
-    run is launched, terminated or checked with it.
+    ``launcher`` is the import string (``"package.module:Class"``) of a `RunLauncher`
+    subclass, imported only when a run is launched, terminated or checked with it, so
+    listing plugins and validating config never import the launcher's dependencies.
+    ``config`` is its config class (see `RunLauncherConfig`).
     """
 
     launcher: str
-    config: type = _NoConfig
+    config: type = RunLauncherConfig
 
 
 @attrs.frozen(kw_only=True)
@@ -151,36 +200,107 @@ class StorageSpec(PluginSpec):
     """Registers a run storage: returned from the ``runyard_storages`` hook.
 
     ``storage`` imports to a callable ``(config, instance_home: Path) -> RunStorage``.
+    ``location`` (optional) imports to a callable ``(config, instance_home: Path) ->
+    StorageLocation`` saying where the data lives without opening the storage, for run
+    launchers that must check a worker elsewhere can reach it (see `locate_storage`).
     """
 
     storage: str
     config: type = _NoConfig
+    location: str | None = None
+
+
+class WorkerStatus(enum.StrEnum):
+    """What a run launcher knows of a run worker (`WorkerHealth.status`).
+
+    Members equal their lower-case names (``WorkerStatus.DEAD == "dead"``).
+    """
+
+    RUNNING = "running"
+    """The worker exists and runs (or is still starting: a container being created)."""
+    FINISHED = "finished"
+    """The worker exited by itself (the launcher saw a normal exit, or the run had ended
+    when it looked): it ended the run, or it ends in FAILURE if it did not."""
+    DEAD = "dead"
+    """The worker is gone otherwise: killed (a signal, the OOM killer), crashed, vanished
+    with its machine or container. The message says how, as precisely as it is known."""
+    UNKNOWN = "unknown"
+    """The launcher cannot tell (another machine, an engine that does not answer). runyard
+    leaves the run alone and asks again later."""
 
 
 @attrs.frozen(kw_only=True)
 class WorkerHealth:
-    """What a run launcher knows of a run worker: ``running``, ``dead`` or ``unknown``.
+    """The answer of `RunLauncher.check_health`: a `WorkerStatus` and a message.
 
-    ``message`` says why it is dead (exit code, signal, the container's last log lines);
-    it becomes the reason of the run's failure.
+    ``message`` says why a worker is DEAD (exit code, signal, OOM, the last lines of its
+    output), what a FINISHED one exited with, or why the status is UNKNOWN. When the run
+    is unfinished and its worker is DEAD or FINISHED, runyard ends the run FAILURE with the
+    message as the reason: make it say what happened. ``status`` also accepts the plain
+    strings (``WorkerHealth(status="dead", message=...)``).
     """
 
-    status: str  # "running" | "dead" | "unknown"
+    status: WorkerStatus = attrs.field(converter=WorkerStatus)
     message: str = ""
+
+    @classmethod
+    def running(cls, message: str = "") -> WorkerHealth:
+        return cls(status=WorkerStatus.RUNNING, message=message)
+
+    @classmethod
+    def finished(cls, message: str = "") -> WorkerHealth:
+        return cls(status=WorkerStatus.FINISHED, message=message)
+
+    @classmethod
+    def dead(cls, message: str) -> WorkerHealth:
+        return cls(status=WorkerStatus.DEAD, message=message)
+
+    @classmethod
+    def unknown(cls, message: str = "") -> WorkerHealth:
+        return cls(status=WorkerStatus.UNKNOWN, message=message)
+
+    @property
+    def is_running(self) -> bool:
+        return self.status is WorkerStatus.RUNNING
+
+    @property
+    def is_gone(self) -> bool:
+        """The worker no longer runs (DEAD or FINISHED): it will write nothing more to the run."""
+        return self.status in (WorkerStatus.DEAD, WorkerStatus.FINISHED)
 
     @property
     def is_dead(self) -> bool:
-        return self.status == "dead"
+        """Same as `is_gone`: DEAD and FINISHED alike leave nobody to end the run, and that
+        is what runyard acts on (an unfinished run fails, a cancel stops waiting)."""
+        return self.is_gone
 
 
 class RunLauncher:
-    """Allocates compute for a whole run and starts the run worker there. Subclass it.
+    """Allocates compute for a whole run and starts its run worker there. Subclass it.
 
-    The worker is the command ``runyard api execute-run RUN_ID`` (see `worker_command`),
-    run where the launcher puts it, with the same ``RUNYARD_HOME`` or storage reachable.
-    Launchers are stateless between calls: whatever `launch` returns is stored with the
-    run (in its RUN_LAUNCHED event) and handed back to `terminate` and `check_health`,
-    which may run in another process (``runyard run cancel``) long after the launch.
+    **Constructor**: ``Launcher(config, instance_home)``. ``config`` is an instance of the
+    spec's config class built from ``run_launcher: {NAME: {...}}`` of the instance's
+    ``runyard.yaml`` (its defaults when the run was launched with this launcher but the
+    file now names another). ``instance_home`` is the instance's ``RUNYARD_HOME`` as an
+    absolute path string (None only for an in-memory instance, which cannot launch runs).
+    runyard builds a new launcher for each call, often in another process than the one
+    that launched the run: keep the constructor cheap and free of side effects.
+
+    **Stateless between calls**: whatever `launch` returns is stored with the run (its
+    RUN_LAUNCHED event) and handed back as ``worker`` to `terminate` and `check_health`,
+    which may run in another process (``runyard run cancel`` an hour later) or on another
+    machine. Everything needed to find the worker again goes in that JSON data.
+
+    **The run worker** is `worker_command` (``python -m runyard api execute-run RUN_ID``),
+    or `execute_run` called in a process of your own. It must see the same instance: the
+    same ``RUNYARD_HOME`` (see `worker_env`) or at least its ``runyard.yaml`` and a
+    storage it can reach. It loads the job from the run's code pointer, runs the engine,
+    writes every event, ends the run SUCCESS, FAILURE or CANCELED and exits 0 if the run
+    succeeded, 1 otherwise. SIGTERM (or SIGINT) makes it cancel the run cleanly: running
+    steps are stopped, the rest skipped, the run ends CANCELED.
+
+    `runyard.testing.launchers.RunLauncherConformance` checks all of this; see
+    docs/launchers.md.
     """
 
     def __init__(self, config: Any, instance_home: str | None) -> None:
@@ -188,23 +308,82 @@ class RunLauncher:
         self.instance_home = instance_home
 
     def launch(self, run: RunRecord) -> dict[str, Any]:
-        """Start the run worker for ``run`` and return JSON data identifying it (a pid,
-        a container id). Must return once the worker is started, not when it ends."""
+        """Start the run worker for ``run`` and return JSON data identifying it (a pid and
+        its start time, a container id, a job name). Return as soon as the worker is
+        started, never when the run ends. Raise if it cannot be started: the run then ends
+        FAILURE with your exception's message as the reason."""
         raise NotImplementedError
 
     def terminate(self, run: RunRecord, worker: Mapping[str, Any], *, force: bool = False) -> None:
-        """Ask the worker to stop (it then cancels its steps and ends the run CANCELED);
-        with ``force``, kill it and everything it started. Must be idempotent."""
+        """Stop the run's worker.
+
+        Without ``force``: ask it to stop (SIGTERM, or your platform's equivalent) and return
+        at once; the worker cancels its steps and ends the run CANCELED. With ``force``: kill
+        the worker and everything it started (its step processes, their children, step
+        containers), so that nothing of the run is left running.
+
+        Idempotent, and safe on a worker that has already exited or was never seen: calling
+        it twice, or after the run finished, does nothing and does not raise. Raise only
+        when the worker cannot be reached to be stopped (say where it runs).
+        """
         raise NotImplementedError
 
     def check_health(self, run: RunRecord, worker: Mapping[str, Any]) -> WorkerHealth:
-        """Say whether the worker is still running."""
-        return WorkerHealth(status="unknown")
+        """Say whether the worker still runs: a `WorkerHealth` (RUNNING, FINISHED, DEAD with
+        the reason, or UNKNOWN). Called often (``run wait`` polls it every second): keep it
+        cheap. Never raise for a worker that is gone; return UNKNOWN when you cannot tell.
+        Reporting DEAD is also the moment to remove what is left of the run (orphaned step
+        processes or containers), since nobody will stop them otherwise."""
+        return WorkerHealth.unknown("this run launcher does not check its workers")
 
     @staticmethod
-    def worker_command(run: RunRecord) -> list[str]:
-        """The command that runs a run worker for ``run``."""
-        return ["runyard", "api", "execute-run", run.run_id]
+    def worker_command(run: RunRecord | str, *, python: str | None = None) -> list[str]:
+        """The command that runs a run worker for ``run`` (a record or a run id).
+
+        ``[python, "-m", "runyard", "api", "execute-run", RUN_ID]`` with ``python`` this
+        process's interpreter by default, so the command works whether or not the
+        environment's ``bin`` directory is on PATH. Pass ``python`` (``"python3"``, a path)
+        for a worker in another environment: a container image, a remote host.
+        """
+        run_id = run if isinstance(run, str) else run.run_id
+        return [python or sys.executable, "-m", "runyard", "api", "execute-run", run_id]
+
+    def worker_env(self, base: Mapping[str, str] | None = None) -> dict[str, str]:
+        """The environment of a worker on this machine: ``base`` (default: this process's
+        environment) with ``RUNYARD_HOME`` set to the instance's home."""
+        env = dict(os.environ if base is None else base)
+        if self.instance_home is not None:
+            env["RUNYARD_HOME"] = self.instance_home
+        return env
+
+
+def execute_run(run_id: str, instance_home: str | os.PathLike[str] | None = None) -> RunRecord:
+    """Run the run worker of ``run_id`` in this process and return the finished run record.
+
+    The same as ``python -m runyard api execute-run RUN_ID``, for a launcher whose worker is
+    a Python process of its own (a wrapper that also reports or cleans up, a task on a
+    worker pool): the instance is ``instance_home`` (default: ``$RUNYARD_HOME``), the run
+    must be QUEUED or STARTING (what `RunLauncher.launch` is given), and the run's job is
+    loaded from its code pointer. Returns once the run has ended; a failing run is not an
+    exception (read ``record.status``; exit 0 for SUCCESS and 1 otherwise to behave like the
+    command). Raises `RunyardError` when the run cannot be executed here (unknown, already
+    started) and what loading the job raised after recording the run's failure.
+
+    Call it from the main thread: it handles SIGTERM and SIGINT, which cancel the run, for
+    as long as it runs (the previous handlers are restored afterwards).
+    """
+    import threading
+
+    from .instance import Instance
+    from .runs import execute_run as _execute_run
+
+    if threading.current_thread() is not threading.main_thread():
+        raise RuntimeError("runyard.plugin.execute_run must be called from the main thread (it handles SIGTERM)")
+    instance = Instance(instance_home) if instance_home is not None else Instance.from_env()
+    try:
+        return _execute_run(instance, run_id)
+    finally:
+        instance.storage.close()
 
 
 @attrs.frozen(kw_only=True)
@@ -283,12 +462,31 @@ class StepUpdate:
 
 @attrs.frozen(kw_only=True)
 class HandlerContext:
-    """What a step handler is told about the run it serves."""
+    """What a step handler is told about the run it serves.
+
+    ``max_concurrent`` is the run's resolved limit, the same number as the handler's
+    ``config.max_concurrent`` (the engine never has more steps running than that).
+    ``config_source`` and ``config_path`` say where the executor's settings were written
+    (a file or another layer, and the key path of the section there: ``executor.dask``
+    in runyard.yaml, ``execution.dask`` in a run config); ``setting_sources`` maps each
+    setting a layer gave to ``source: key.path``. Use `where` in error messages.
+    """
 
     run_id: str
     instance_home: str | None
     output_store: str
     max_concurrent: int
+    config_source: str = ""
+    config_path: str = ""
+    setting_sources: Mapping[str, str] = attrs.field(factory=dict)
+
+    def where(self, key: str | None = None) -> str:
+        """``source: key.path`` of the executor's section, or of its setting ``key``
+        (``/srv/runyard/runyard.yaml: executor.dask.queue_timeout``)."""
+        if key is not None and key in self.setting_sources:
+            return self.setting_sources[key]
+        path = self.config_path if key is None else f"{self.config_path}.{key}" if self.config_path else key
+        return f"{self.config_source}: {path}" if self.config_source else path
 
 
 class StepHandler:
@@ -299,7 +497,10 @@ class StepHandler:
     engine's thread except `terminate`, which a cancellation may call from another thread.
     """
 
-    capabilities: ClassVar[Capabilities | None] = None  # overrides the spec's, when set
+    # Not used: a run's capabilities are resolved once, at launch, from the spec
+    # (`ExecutorSpec.capabilities` / `capabilities_for`). A handler class that sets this to
+    # anything else is reported when a run uses it.
+    capabilities: ClassVar[Capabilities | None] = None
 
     def __init__(self, config: ExecutorConfig, context: HandlerContext) -> None:
         self.config = config
@@ -371,10 +572,34 @@ def preload_job(code_pointer: CodePointer, job_name: str, *, reload: bool = Fals
     return load_job_cached(code_pointer, job_name, reload=reload)
 
 
+def preload_step_worker() -> None:
+    """Import now everything `execute_step` needs (the step worker, the job loader, the
+    output stores), so that processes forked from this one later (a fork server's step
+    processes) start with it loaded rather than importing it in every step."""
+    from . import loader, outputs, worker  # noqa: F401
+
+
+# Run storages shipped with runyard, for plugins that wrap or register them. Loaded on
+# first use: the PostgreSQL one imports psycopg (``pip install "runyard[postgres]"``).
+_LAZY_STORAGES = {"SqliteRunStorage": ".storage.sqlite", "PostgresRunStorage": ".storage.postgres"}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY_STORAGES.get(name)
+    if module is None:
+        raise AttributeError(f"module 'runyard.plugin' has no attribute '{name}'")
+    import importlib
+
+    # Not cached here: sys.modules caches the module, and a driver that cannot load keeps
+    # raising ImportError rather than handing out a class imported before.
+    return getattr(importlib.import_module(module, __package__), name)
+
+
 __all__ = [
     "API_VERSION",
     "Capabilities",
     "CodePointer",
+    "ConfigError",
     "EnvVar",
     "Event",
     "EventType",
@@ -382,29 +607,55 @@ __all__ = [
     "ExecutorSpec",
     "FailureInfo",
     "FailureKind",
+    "GroupStop",
     "HandlerContext",
+    "PluginError",
     "PluginSpec",
+    "PostgresRunStorage",
+    "RESOURCES_TAG",
     "RunLauncher",
+    "RunLauncherConfig",
     "RunLauncherSpec",
     "RunRecord",
     "RunStatus",
     "RunStorage",
+    "STEP_TERMINAL",
+    "SqliteRunStorage",
     "StepContext",
     "StepHandler",
     "StepInterrupted",
     "StepRequest",
     "StepTimedOut",
     "StepUpdate",
+    "StorageLocation",
     "StorageSpec",
     "StoredEvent",
     "TagConcurrencyLimit",
     "WorkerHealth",
+    "above",
+    "at_least",
+    "describe_exit",
+    "error_class_name",
+    "WorkerStatus",
+    "execute_run",
     "execute_step",
+    "failure_from_exception",
     "hookimpl",
+    "interrupt_thread",
+    "kill_processes",
+    "locate_storage",
     "make_private_dirs",
+    "one_of",
     "open_private",
+    "parse_resources_tag",
     "preload_job",
+    "preload_step_worker",
+    "reap_group_leader",
     "resolve",
+    "signal_name",
+    "signal_process_group",
+    "split_wait_status",
+    "stop_process_group",
     # Trust: signed step requests and workers' own allowances (runyard.trust, docs/security.md).
     "RequestRefused",
     "SIGNING_KEY_ENV",

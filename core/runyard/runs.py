@@ -10,16 +10,16 @@ from typing import Any
 
 import attrs
 
-from .config import Selection, structure
+from .config import RunConfig, Selection, run_config_source, structure
 from .definitions import CodePointer, Definitions, JobDefinition
-from .errors import RunyardError
+from .errors import ConfigError, RunyardError
 from .events import Event, EventType, FailureInfo, FailureKind
-from .instance import Instance
+from .instance import Instance, plugin_spec
 from .plugin import RunLauncher, WorkerHealth
 from .registry import load_object
+from .resolution import DEFAULT_LAUNCHER, ResolvedPlugin, ResolvedRun, resolve_launcher  # noqa: F401 (re-exported)
 from .storage import RunRecord, RunStatus
 
-DEFAULT_LAUNCHER = "default"
 UNFINISHED = (RunStatus.QUEUED, RunStatus.STARTING, RunStatus.STARTED, RunStatus.CANCELING)
 ACTIVE = (RunStatus.STARTING, RunStatus.STARTED, RunStatus.CANCELING)
 STARTING_GRACE = 30.0  # seconds a launched worker may take to mark its run STARTED
@@ -81,12 +81,13 @@ def create_run(
 ) -> RunRecord:
     """Validate everything a run needs and record it QUEUED. Nothing is started.
 
-    The executor is resolved now and stored with the run, so the worker uses what was
-    validated here whatever its own environment says.
+    The run is resolved now (executor, settings, concurrency, capabilities, run launcher)
+    and the resolution stored with it: the worker executes what was validated here,
+    whatever its own environment's runyard.yaml says.
     """
     from .execution import new_run_record, validate_run
 
-    run_config = dict(run_config or {})
+    run_config = RunConfig(run_config, source=run_config_source(run_config))
     selection = list(step_selection) if step_selection is not None else None
     v = validate_run(
         job,
@@ -96,37 +97,59 @@ def create_run(
         run_config=run_config,
         step_selection=selection,
         parent_run_id=parent_run_id,
-        import_handler=False,
+        launcher=True,
     )
-    launcher_selection(instance)  # a bad launcher config fails now, not in the worker
-    run = new_run_record(job, pointer, run_config, v.resolved.name, tags, parent_run_id, selection)
+    run = new_run_record(job, pointer, run_config, v.resolution, tags, parent_run_id, selection)
     instance.storage.add_run(run)
     instance.storage.store_events([_event(run, EventType.RUN_QUEUED, f"run of job '{job.name}' queued")])
     return run
 
 
+def stored_resolution(run: RunRecord) -> ResolvedRun | None:
+    """The resolution stored with ``run`` (None for a run recorded before runs kept one)."""
+    if not run.resolution:
+        return None
+    try:
+        return ResolvedRun.from_dict(run.resolution)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ConfigError(f"run {run.run_id}: its stored resolution cannot be read: {type(e).__name__}: {e}") from None
+
+
 def launcher_selection(instance: Instance) -> tuple[Selection, Any]:
-    sel = instance.sections["run_launcher"] or Selection(DEFAULT_LAUNCHER, {}, "default")
-    spec = instance.registry.run_launcher(sel.name)
-    return sel, structure(sel.config, spec.config, source=sel.source, path=f"run_launcher.{sel.name}")
+    """The instance's run launcher section and its structured settings."""
+    resolved = resolve_launcher(instance)
+    return resolved.selection(), _launcher_config(instance, resolved)
 
 
-def get_launcher(instance: Instance, name: str | None = None) -> tuple[str, RunLauncher]:
+def _launcher_config(instance: Instance, resolved: ResolvedPlugin) -> Any:
+    sel = resolved.selection()
+    spec = plugin_spec(instance.registry, "run_launcher", sel)
+    return structure(sel.config, spec.config, source=sel.source, path=sel.path)
+
+
+def get_launcher(
+    instance: Instance, name: str | None = None, *, run: RunRecord | None = None
+) -> tuple[str, RunLauncher]:
+    """The run launcher of ``run`` as it was resolved when the run was created (else the
+    instance's), constructed. ``name``: the launcher that started it (from RUN_LAUNCHED)."""
     from . import cli_worker
 
     if name == cli_worker.LAUNCHER:
         # The run executes in a `runyard job execute` process, which recorded itself as
         # its worker: no launcher started it, but it is checked and stopped like one.
         return name, cli_worker.ExecutingProcess(None, str(instance.home) if instance.home else None)
-    sel, config = launcher_selection(instance)
-    if name is not None and name != sel.name:
-        # The run was launched with another launcher than the instance now names.
-        spec = instance.registry.run_launcher(name)
-        config = structure({}, spec.config, source="run record", path=f"run_launcher.{name}")
-        sel = Selection(name, {}, "run record")
-    spec = instance.registry.run_launcher(sel.name)
-    cls = load_object(spec.launcher, what=f"run launcher '{sel.name}'")
-    return sel.name, cls(config, str(instance.home) if instance.home else None)
+    stored = stored_resolution(run) if run is not None else None
+    resolved = stored.run_launcher if stored is not None else None
+    if resolved is None or (name is not None and name != resolved.name):
+        resolved = resolve_launcher(instance)
+        if name is not None and name != resolved.name:
+            # Launched with another launcher than the instance now names: its defaults.
+            resolved = ResolvedPlugin(name=name, source="run record", config_source="run record",
+                                      path=f"run_launcher.{name}", config={})
+    config = _launcher_config(instance, resolved)
+    spec = plugin_spec(instance.registry, "run_launcher", resolved.selection())
+    cls = load_object(spec.launcher, what=f"run launcher '{resolved.name}'")
+    return resolved.name, cls(config, str(instance.home) if instance.home else None)
 
 
 def launch_run(instance: Instance, run: RunRecord) -> RunRecord:
@@ -134,7 +157,7 @@ def launch_run(instance: Instance, run: RunRecord) -> RunRecord:
     if instance.is_ephemeral:
         raise RunyardError("an ephemeral instance cannot launch runs: its storage lives in this process only")
     storage = instance.storage
-    name, launcher = get_launcher(instance)
+    name, launcher = get_launcher(instance, run=run)
     if not storage.set_run_status(run.run_id, RunStatus.STARTING, only_from=[RunStatus.QUEUED]):
         raise RunyardError(f"run {run.run_id} is not QUEUED; it cannot be launched again")
     storage.store_events([_event(run, EventType.RUN_STARTING, f"launching with run launcher '{name}'")])
@@ -193,17 +216,26 @@ def execute_run(instance: Instance, run_id: str) -> RunRecord:
         except Exception as e:
             fail_run(instance, run.run_id, f"could not load job '{run.job_name}': {e}", kind=FailureKind.NOT_STARTED)
             raise
-        execute_job(
-            job,
-            instance=instance,
-            executor=run.executor,
-            definitions=loc.definitions,
-            run_config=run.run_config,
-            step_selection=run.step_selection,
-            parent_run_id=run.parent_run_id,
-            cancellation=cancellation,
-            run=run,
-        )
+        try:
+            resolution = stored_resolution(run)
+            execute_job(
+                job,
+                instance=instance,
+                # Only for a run recorded before runs kept their resolution: resolve it here.
+                executor=run.executor if resolution is None else None,
+                definitions=loc.definitions,
+                run_config=run.run_config,
+                step_selection=run.step_selection,
+                parent_run_id=run.parent_run_id,
+                cancellation=cancellation,
+                run=run,
+                resolution=resolution,
+            )
+        except Exception as e:
+            # Whatever stopped the run before or while it ran ends it now, with the reason,
+            # rather than leaving it to look like a lost worker (a no-op once it has ended).
+            fail_run(instance, run.run_id, f"run worker: {e}", kind=FailureKind.NOT_STARTED)
+            raise
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
@@ -235,7 +267,7 @@ def check_run(instance: Instance, run: RunRecord) -> RunRecord:
                 kind=FailureKind.NOT_STARTED,
             )
         return instance.storage.get_run(run.run_id) or run
-    _, launcher = get_launcher(instance, name)
+    _, launcher = get_launcher(instance, name, run=run)
     health: WorkerHealth = launcher.check_health(run, worker)
     if health.is_dead:
         latest = instance.storage.get_run(run.run_id)
@@ -271,7 +303,7 @@ def cancel_run(instance: Instance, run_id: str, *, grace: float = 10.0) -> RunRe
         storage.set_run_status(run.run_id, RunStatus.CANCELED, only_from=[RunStatus.CANCELING])
         storage.store_events([_event(run, EventType.RUN_CANCELED, "run canceled before its worker started")])
         return storage.get_run(run.run_id) or run
-    _, launcher = get_launcher(instance, name)
+    _, launcher = get_launcher(instance, name, run=run)
     launcher.terminate(run, worker)
     deadline = time.monotonic() + grace
     stopped = False

@@ -154,7 +154,8 @@ def configured_signing_key(instance: Instance | None = None) -> bytes | None:
         try:
             text = resolve(settings.signing_key)
         except ConfigError as e:
-            raise ConfigError(f"{where}: {e}") from None
+            # An {env: NAME} read from runyard.yaml names the file and key path itself.
+            raise ConfigError(str(e) if str(e).startswith(where) else f"{where}: {e}") from None
         return key_bytes(text or "", where=where)
     text = os.environ.get(SIGNING_KEY_ENV)
     if text:

@@ -17,6 +17,7 @@ import attrs
 
 from .definitions import CodePointer, Constant, FromStep, FromSteps, JobDefinition
 from .events import Event, EventType, FailureInfo, FailureKind
+from .failures import error_class_name
 from .outputs import open_output_store
 
 if TYPE_CHECKING:
@@ -194,7 +195,7 @@ def execute_step(
                     kind=FailureKind.NOT_STARTED,
                     message=f"could not load step '{request.step_key}' of job '{request.job_name}' "
                     f"from {request.code_pointer.describe()}: {e}",
-                    error_class=type(e).__name__,
+                    error_class=error_class_name(e),
                     traceback=traceback.format_exc(),
                 ),
             )
@@ -263,7 +264,7 @@ def execute_step(
                     # users treat it like an OOM-killed process on any other backend.
                     kind=FailureKind.OOM if isinstance(e, MemoryError) else FailureKind.ERROR,
                     message=f"{type(e).__name__}: {e}",
-                    error_class=f"{type(e).__module__}.{type(e).__qualname__}",
+                    error_class=error_class_name(e),
                     traceback=traceback.format_exc(),
                 ),
             )

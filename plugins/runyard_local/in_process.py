@@ -16,7 +16,6 @@ import ctypes
 import os
 import signal
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +30,8 @@ from runyard.plugin import (
     StepTimedOut,
     StepUpdate,
     execute_step,
+    interrupt_thread,
+    kill_processes,
 )
 
 _MAIN = threading.main_thread().ident
@@ -122,23 +123,7 @@ def _process_tree(whole_process: bool) -> set[tuple[int, bytes]] | None:
 def _kill_left_over(before: set[tuple[int, bytes]], whole_process: bool) -> list[int]:
     """Kill the processes started since ``before`` was taken; return their pids."""
     left = [pid for pid, _ in (_process_tree(whole_process) or set()) - before]
-    for pid in left:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-    deadline = time.monotonic() + 2
-    pending = list(left)
-    while pending and time.monotonic() < deadline:
-        for pid in list(pending):
-            try:
-                if os.waitpid(pid, os.WNOHANG)[0] == 0:
-                    continue
-            except ChildProcessError:
-                pass  # a grandchild: its own parent (killed too) or init reaps it
-            pending.remove(pid)
-        if pending:
-            time.sleep(0.01)
+    kill_processes(left)
     return left
 
 
@@ -240,10 +225,7 @@ class InProcessStepHandler(StepHandler):
                 signal.pthread_kill(thread, signal.SIGALRM)
             elif thread is not None:
                 self._pending = exc
-                ctypes.pythonapi.PyThreadState_SetAsyncExc(
-                    ctypes.c_ulong(thread),
-                    ctypes.py_object(StepTimedOut if kind is FailureKind.TIMEOUT else StepInterrupted),
-                )
+                interrupt_thread(thread, StepTimedOut if kind is FailureKind.TIMEOUT else StepInterrupted)
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         exc = self._pending

@@ -1,5 +1,7 @@
 """Operating-system helpers of the multiprocess executor: Linux process control through
-``prctl``, process groups, exit statuses, and the kernel's OOM-kill counter.
+``prctl``, the children of a process, and the kernel's OOM-kill counter. (Process groups
+and exit statuses: `runyard.plugin.signal_process_group`, `GroupStop`,
+`reap_group_leader`, `split_wait_status`, shared with every local fork path.)
 
 Standard library only, and cheap to import: the fork server imports it before anything
 else. Everything Linux-specific degrades to a no-op elsewhere.
@@ -10,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
-import signal
 from pathlib import Path
 
 _PR_SET_PDEATHSIG = 1
@@ -57,28 +58,6 @@ def become_subreaper() -> bool:
     """Orphaned descendants are re-parented to this process instead of init (Linux), so
     that it can reap them and kill the ones that escaped their process group."""
     return _prctl(_PR_SET_CHILD_SUBREAPER, 1)
-
-
-def killpg(pgid: int, sig: int) -> None:
-    """Signal a process group; a group that is already gone is not an error."""
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, sig)
-
-
-def signal_name(sig: int) -> str:
-    try:
-        return signal.Signals(sig).name
-    except ValueError:
-        return f"signal {sig}"
-
-
-def split_status(status: int) -> tuple[int | None, int | None]:
-    """A raw wait status as ``(exit_code, signal)``; one of the two is None."""
-    if os.WIFSIGNALED(status):
-        return None, os.WTERMSIG(status)
-    if os.WIFEXITED(status):
-        return os.WEXITSTATUS(status), None
-    return None, None
 
 
 def children_of(pid: int) -> list[int]:

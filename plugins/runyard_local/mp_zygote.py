@@ -61,17 +61,19 @@ import time
 import traceback
 from typing import Any, NoReturn
 
+from runyard.plugin import GroupStop, error_class_name, reap_group_leader, signal_process_group
+
 from . import mp_os
 
 
 class _Step:
-    __slots__ = ("id", "pid", "started", "kill_at", "oom0", "stopped")
+    __slots__ = ("id", "pid", "started", "stopping", "oom0", "stopped")
 
     def __init__(self, id: str, pid: int, oom0: int | None) -> None:
         self.id = id
         self.pid = pid
         self.started = time.time()
-        self.kill_at: float | None = None
+        self.stopping: GroupStop | None = None  # SIGTERM sent; SIGKILL follows the grace period
         self.oom0 = oom0
         self.stopped = False
 
@@ -162,7 +164,7 @@ class ForkServer:
                 "op": "not_started",
                 "id": id,
                 "message": f"{type(e).__name__}: {e}",
-                "error_class": f"{type(e).__module__}.{type(e).__qualname__}",
+                "error_class": error_class_name(e),
                 "traceback": traceback.format_exc(),
             }
         )
@@ -205,7 +207,7 @@ class ForkServer:
             spare, self.spare = self.spare, None
             if spare is not None and spare[2] != len(self.loaded):
                 # Forked before a job it would need was imported here: not worth keeping.
-                mp_os.killpg(spare[0], signal.SIGKILL)
+                signal_process_group(spare[0], signal.SIGKILL)
                 os.close(spare[1])
                 spare = None
             try:
@@ -217,7 +219,7 @@ class ForkServer:
                 with os.fdopen(pipe, "wb") as f:  # closing it is the end of the spec
                     f.write(data)
             except OSError:
-                mp_os.killpg(pid, signal.SIGKILL)  # it died waiting: use a fresh one
+                signal_process_group(pid, signal.SIGKILL)  # it died waiting: use a fresh one
                 continue
             step = _Step(msg["id"], pid, mp_os.oom_kills())
             self.steps[pid] = step
@@ -239,25 +241,19 @@ class ForkServer:
         if step is None:
             return  # exited already (its exit message is on the way) or never started
         step.stopped = True
-        if grace <= 0:
-            mp_os.killpg(step.pid, signal.SIGKILL)
-            return
-        if step.kill_at is None:
-            mp_os.killpg(step.pid, signal.SIGTERM)
-            step.kill_at = time.monotonic() + grace
+        if step.stopping is None:
+            step.stopping = GroupStop(step.pid, grace)
+        elif grace <= 0:
+            signal_process_group(step.pid, signal.SIGKILL)  # a second stop that wants it gone now
 
     def kill_overdue(self) -> float | None:
         """SIGKILL groups past their grace period; return seconds until the next is due."""
         now = time.monotonic()
         nearest: float | None = None
         for step in self.steps.values():
-            if step.kill_at is None:
-                continue
-            if step.kill_at <= now:
-                mp_os.killpg(step.pid, signal.SIGKILL)
-                step.kill_at = now + 1.0  # again later, should the group still be there
-            left = step.kill_at - now
-            nearest = left if nearest is None else min(nearest, left)
+            if step.stopping is not None:
+                left = step.stopping.advance(now)
+                nearest = left if nearest is None else min(nearest, left)
         return nearest
 
     # -- reaping -----------------------------------------------------------------------
@@ -278,17 +274,14 @@ class ForkServer:
                 os.close(self.spare[1])  # the spare died waiting (killed from outside)
                 self.spare = None
             step = self.steps.pop(pid, None)
-            if step is not None:
-                # Whatever the step started and left behind dies with it.
-                mp_os.killpg(pid, signal.SIGKILL)
-            try:
-                _, status = os.waitpid(pid, 0)
-            except ChildProcessError:
-                continue
             if step is None:
-                continue  # an orphan re-parented to us (we are a subreaper): just reaped
+                # An orphan re-parented to us (we are a subreaper), or the spare: just reap it.
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, 0)
+                continue
             del self.by_id[step.id]
-            code, sig = mp_os.split_status(status)
+            # Whatever the step started and left behind dies with it, then it is reaped.
+            code, sig = reap_group_leader(pid) or (None, None)
             oom = False
             if sig == signal.SIGKILL and not step.stopped and step.oom0 is not None:
                 now = mp_os.oom_kills()
@@ -301,9 +294,9 @@ class ForkServer:
     def shutdown(self) -> None:
         """Kill every step's group, then every process still re-parented to us, and reap."""
         for step in list(self.steps.values()):
-            mp_os.killpg(step.pid, signal.SIGKILL)
+            signal_process_group(step.pid, signal.SIGKILL)
         if self.spare is not None:
-            mp_os.killpg(self.spare[0], signal.SIGKILL)
+            signal_process_group(self.spare[0], signal.SIGKILL)
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:
             self.reap_all()
@@ -386,9 +379,9 @@ def _serve(sock: socket.socket, parent: int, done_fd: int, *, forked: bool = Fal
     mp_os.become_subreaper()
     mp_os.die_with_parent(signal.SIGTERM, parent)
     # Everything a step process needs from runyard, imported once before any fork.
-    import runyard.loader  # noqa: F401
-    import runyard.plugin  # noqa: F401
-    import runyard.worker  # noqa: F401
+    from runyard.plugin import preload_step_worker
+
+    preload_step_worker()
 
     from . import mp_child  # noqa: F401
 

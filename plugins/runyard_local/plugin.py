@@ -13,6 +13,7 @@ from runyard.plugin import (
     RunLauncherSpec,
     StorageSpec,
     hookimpl,
+    one_of,
     resolve,
 )
 
@@ -26,17 +27,9 @@ START_METHODS = ("forkserver", "fork", "spawn")
 MODES = ("multiprocess", "in_process")
 
 
-def _one_of(choices: tuple[str, ...]) -> Any:
-    def check(_: Any, attribute: attrs.Attribute, value: Any) -> None:
-        # A {env: NAME} reference is checked when the handler resolves it.
-        if isinstance(value, str) and value not in choices:
-            raise ValueError(f"{attribute.name}: expected one of {', '.join(choices)}, got {value!r}")
-
-    return check
-
-
 def _start_method() -> Any:
-    return attrs.field(default="forkserver", validator=_one_of(START_METHODS))
+    # A {env: NAME} reference is checked when the handler resolves it.
+    return attrs.field(default="forkserver", validator=one_of(*START_METHODS))
 
 
 def _terminate_grace() -> Any:
@@ -85,34 +78,60 @@ class MultiOrInProcessConfig(MultiprocessConfig):
     in_process mode steps run one at a time, whatever ``max_concurrent`` says.
     """
 
-    mode: str | None = None  # checked below, once a {env: NAME} is read
+    mode: str | None = None  # checked below; a {env: NAME} when it is read (`selected_mode`)
     in_process: InProcessSettings | None = None
     multiprocess: MultiprocessSettings | None = None
 
     def __attrs_post_init__(self) -> None:
         if self.in_process is not None and self.multiprocess is not None:
             raise ValueError("give one of in_process: {...} and multiprocess: {...}, not both")
-        nested = (
-            "in_process" if self.in_process is not None else "multiprocess" if self.multiprocess is not None else None
-        )
-        said = resolve(self.mode)  # read a {env: NAME} now: the mode decides max_concurrent
-        if said is not None and said not in MODES:
+        if isinstance(self.mode, str):  # a {env: NAME} is checked when it is read
+            self._check_mode(self.mode)
+
+    def _nested(self) -> str | None:
+        if self.in_process is not None:
+            return "in_process"
+        return "multiprocess" if self.multiprocess is not None else None
+
+    def _check_mode(self, said: str) -> None:
+        if said not in MODES:
             raise ValueError(f"mode: expected one of {', '.join(MODES)}, got {said!r}")
-        if nested and said and said != nested:
+        nested = self._nested()
+        if nested and said != nested:
             raise ValueError(f"mode: {said} contradicts {nested}: {{...}}; say which mode once")
-        mode = nested or said or "multiprocess"
-        # Frozen: normalise through object.__setattr__, once, while constructing.
-        object.__setattr__(self, "mode", mode)
-        if self.multiprocess is not None:
-            for a in attrs.fields(MultiprocessSettings):
-                object.__setattr__(self, a.name, getattr(self.multiprocess, a.name))
-        if mode == "in_process":
-            # The engine launches at most max_concurrent steps and in-process steps run one
-            # at a time: any more would wait for each other while their timeouts ran.
-            object.__setattr__(self, "max_concurrent", 1)
+
+    def selected_mode(self) -> str:
+        """``multiprocess`` or ``in_process``, reading a ``{env: NAME}`` mode now."""
+        said = resolve(self.mode)
+        if said is not None:
+            self._check_mode(said)
+        return self._nested() or said or "multiprocess"
+
+    def delegate_config(self) -> ExecutorConfig:
+        """The config of the executor the selected mode delegates to (nested settings win)."""
+        if self.selected_mode() == "in_process":
+            return InProcessConfig(
+                max_concurrent=self.max_concurrent, tag_concurrency_limits=self.tag_concurrency_limits
+            )
+        chosen = self.multiprocess or self
+        return MultiprocessConfig(
+            max_concurrent=self.max_concurrent,
+            tag_concurrency_limits=self.tag_concurrency_limits,
+            start_method=chosen.start_method,
+            terminate_grace=chosen.terminate_grace,
+        )
 
 
 _PROCESS_CAPABILITIES = Capabilities(enforces_timeouts=True, can_terminate=True, needs_shared_outputs=True)
+# in_process mode: the same, one step at a time. The engine launches at most max_concurrent
+# steps and in-process steps run one at a time: any more would wait for each other while
+# their timeouts ran. Outputs still go through a shared store, so that a job debugged in
+# process fails the same way with an output that cannot be pickled.
+_ONE_AT_A_TIME = attrs.evolve(_PROCESS_CAPABILITIES, max_concurrency=1)
+
+
+def _multi_or_in_process_capabilities(config: MultiOrInProcessConfig) -> Capabilities:
+    return _ONE_AT_A_TIME if config.selected_mode() == "in_process" else _PROCESS_CAPABILITIES
 
 
 @attrs.frozen(kw_only=True)
@@ -153,9 +172,10 @@ def runyard_executors() -> list[ExecutorSpec]:
             api_version=API_VERSION,
             handler="runyard_local.multiprocess:MultiOrInProcessStepHandler",
             config=MultiOrInProcessConfig,
-            # True of both modes: in_process also enforces timeouts, terminates, and works
-            # with shared outputs; its one-at-a-time limit is set through max_concurrent.
+            # Both modes enforce timeouts, terminate and use shared outputs; in_process
+            # mode runs one step at a time, which lowers max_concurrent to 1.
             capabilities=_PROCESS_CAPABILITIES,
+            capabilities_for=_multi_or_in_process_capabilities,
             description="multiprocess, or in_process when the config says mode: in_process.",
             default_max_concurrent=None,
         ),
@@ -169,6 +189,7 @@ def runyard_storages() -> list[StorageSpec]:
             name="sqlite",
             api_version=API_VERSION,
             storage="runyard_local.storages:create_sqlite_storage",
+            location="runyard_local.storages:locate_sqlite_storage",
             config=SqliteConfig,
             description="SQLite database under $RUNYARD_HOME (WAL; safe for several processes).",
         )

@@ -4,12 +4,9 @@ imported only when the storage is opened (``pip install "runyard[postgres]"``)."
 from __future__ import annotations
 
 import attrs
-from runyard.plugin import API_VERSION, StorageSpec, hookimpl
+from runyard.plugin import API_VERSION, StorageSpec, above, hookimpl
 
-
-def _positive(_: object, attribute: attrs.Attribute, value: float) -> None:
-    if value <= 0:
-        raise ValueError(f"'{attribute.name}' must be more than 0 seconds, got {value}")
+_positive = above(0, what="a number of seconds")
 
 
 def _not_negative(_: object, attribute: attrs.Attribute, value: float) -> None:
@@ -39,6 +36,7 @@ def runyard_storages() -> list[StorageSpec]:
             name="postgres",
             api_version=API_VERSION,
             storage="runyard_local.storages:create_postgres_storage",
+            location="runyard_local.storages:locate_postgres_storage",
             config=PostgresConfig,
             extra="postgres",
             description="PostgreSQL database, shared by run workers in containers, pods or on other machines.",

@@ -10,6 +10,7 @@ from typing import Any
 
 import click
 
+from ..config import RunConfig
 from ..definitions import CodePointer
 from ..errors import ConfigError
 from ..yamlfile import load_yaml_file
@@ -39,14 +40,15 @@ def parse_tags(values: tuple[str, ...]) -> dict[str, str]:
 
 
 def load_run_config(path: str | None) -> dict[str, Any]:
+    """The run config file at ``path`` (a `RunConfig`: errors in it name the file)."""
     if not path:
         return {}
     data = load_yaml_file(Path(path), what="run config")
     if data is None:
-        return {}
+        return RunConfig({}, source=path)
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level of the run config")
-    return data
+    return RunConfig(data, source=path)
 
 
 def echo_json(data: Any) -> None:

@@ -30,7 +30,7 @@ def info(as_json: bool) -> None:
     """
     from ..instance import CONFIG_FILE, Instance
 
-    inst = Instance.from_env()
+    inst = Instance.from_env(validate=True)
     assert inst.home is not None
     data = {
         "home": str(inst.home),

@@ -98,7 +98,7 @@ def execute(pointer, job_name, config_path, executor, tags, steps, parent_run_id
 
     run_config = load_run_config(config_path)
     tag_map = parse_tags(tags)
-    instance = Instance.from_env()
+    instance = Instance.from_env(validate=True)
     job_def, loc = load_job(pointer, job_name)
     storage = instance.storage  # opened now: a damaged database fails before anything runs
     cancellation = Cancellation()
@@ -225,7 +225,7 @@ def launch(pointer, job_name, config_path, executor, tags, wait_, as_json) -> No
 
     run_config = load_run_config(config_path)
     tag_map = parse_tags(tags)
-    instance = Instance.from_env()
+    instance = Instance.from_env(validate=True)
     job_def, loc = load_job(pointer, job_name)
     run = create_run(
         instance, job_def, pointer=pointer, definitions=loc.definitions, run_config=run_config,

@@ -22,7 +22,10 @@ def plugin() -> None:
 def list_plugins(as_json: bool) -> None:
     """List executors, run launchers and storages, with the distribution providing each.
 
-    Plugins that fail to load are listed with their error; the others keep working.
+    Plugins that fail to load (an import error, a hook runyard does not have, a hook
+    without @hookimpl) are listed with the reason, and so are plugins disabled with
+    RUNYARD_DISABLE_PLUGINS=name,...; the others keep working. Deprecation warnings of
+    loaded plugins are printed to stderr.
 
     \b
     Example:
@@ -41,6 +44,13 @@ def list_plugins(as_json: bool) -> None:
          "loads": False, "description": f.error}
         for f in reg.failures
     ]
+    rows += [
+        {"name": d.plugin, "kind": "?", "distribution": d.distribution, "version": d.version,
+         "loads": False, "description": d.reason}
+        for d in reg.disabled
+    ]
+    for w in reg.warnings:
+        click.echo(f"warning: plugin '{w.plugin}' ({w.distribution} {w.version}): {w.message}", err=True)
     if as_json:
         echo_json(rows)
         return

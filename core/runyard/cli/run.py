@@ -38,7 +38,7 @@ def run() -> None:
 def _instance() -> Instance:
     from ..instance import Instance
 
-    return Instance.from_env()
+    return Instance.from_env(validate=True)
 
 
 def _observe(instance: Instance, run: RunRecord) -> RunRecord:
@@ -161,7 +161,8 @@ def show(run_id: str, as_json: bool) -> None:
     reason = end_reason(instance, r)
     launcher, worker = worker_info(instance, r.run_id)
     if as_json:
-        echo_json({**run_dict(r), "steps": steps, "failure": reason, "launcher": launcher, "worker": worker})
+        echo_json({**run_dict(r), "steps": steps, "failure": reason, "launcher": launcher, "worker": worker,
+                   "resolution": r.resolution})  # what it executes with (as `config explain --json` prints)
         return
     pointer = r.code_pointer or {}
     rows = [

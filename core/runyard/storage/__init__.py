@@ -46,6 +46,9 @@ class RunRecord:
     ended_at: float | None = None
     parent_run_id: str | None = None
     step_selection: Sequence[str] | None = None
+    # How the run was resolved when it was created (`runyard.resolution.ResolvedRun.to_dict`):
+    # the run worker executes this. None for runs recorded before runs kept one.
+    resolution: Mapping[str, Any] | None = None
 
 
 @attrs.frozen

@@ -58,7 +58,8 @@ CREATE TABLE IF NOT EXISTS {runs} (
     started_at DOUBLE PRECISION,
     ended_at DOUBLE PRECISION,
     parent_run_id TEXT,
-    step_selection TEXT
+    step_selection TEXT,
+    resolution TEXT
 );
 CREATE INDEX IF NOT EXISTS {runs_created} ON {runs} (created_at);
 CREATE TABLE IF NOT EXISTS {events} (
@@ -73,7 +74,9 @@ CREATE INDEX IF NOT EXISTS {events_run} ON {events} (run_id, id);
 """
 
 _RUN_COLUMNS = [a.name for a in attrs.fields(RunRecord)]
-_JSON_COLUMNS = ("code_pointer", "run_config", "tags", "step_selection")
+_JSON_COLUMNS = ("code_pointer", "run_config", "tags", "step_selection", "resolution")
+# Columns added after the tables were first created, for older databases (read as NULL).
+_ADDED_COLUMNS = {"resolution": "TEXT"}
 _MAX_IDLE = 8  # idle connections kept per storage object (and process)
 _CHECK_IDLE_AFTER = 30.0  # seconds; a connection idle longer is checked before use
 
@@ -209,6 +212,8 @@ class PostgresRunStorage(RunStorage):
         try:
             url = resolve(self._url)
         except ConfigError as e:
+            if isinstance(self._url, EnvVar) and self._url.where:
+                raise  # it names the file and key path already
             raise ConfigError(f"storage '{self.name}': url: {e}") from None
         if not url:
             raise ConfigError(f"storage '{self.name}': url is empty; set it to postgresql://user@host:5432/dbname")
@@ -352,6 +357,7 @@ class PostgresRunStorage(RunStorage):
         # Check first: a role that may only read and write existing tables must not need
         # CREATE rights (CREATE SCHEMA IF NOT EXISTS checks them even when it exists).
         if self._tables_exist(conn):
+            self._add_missing_columns(conn)
             return
         stmts = sql.SQL(_SCHEMA).format(
             runs=self._runs,
@@ -375,6 +381,35 @@ class PostgresRunStorage(RunStorage):
                 f"storage '{self.name}': cannot create runyard's tables ({RUNS_TABLE}, {EVENTS_TABLE}) in "
                 f"{where} at {self.target}: {' '.join(str(e).split())}. Grant the user CREATE there, create "
                 f"the tables once as a user who may, or set storage.{self.name}.schema to a schema it may create"
+            ) from None
+
+    def _add_missing_columns(self, conn: psycopg.Connection) -> None:
+        have = {
+            row[0]
+            for row in conn.execute(
+                "SELECT column_name FROM information_schema.columns"
+                " WHERE table_schema = coalesce(%s, current_schema()) AND table_name = %s",
+                (self.schema, RUNS_TABLE),
+            ).fetchall()
+        }
+        missing = [c for c in _ADDED_COLUMNS if c not in have]
+        if not missing:
+            return
+        try:
+            with conn.transaction():
+                conn.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (_LOCK_SCHEMA, self.schema or ""))
+                for column in missing:
+                    conn.execute(
+                        sql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS {} " + _ADDED_COLUMNS[column]).format(
+                            self._runs, sql.Identifier(column)
+                        )
+                    )
+        except psycopg.errors.InsufficientPrivilege as e:
+            raise ConfigError(
+                f"storage '{self.name}': table {RUNS_TABLE} at {self.target} lacks column(s) {', '.join(missing)} "
+                f"that this runyard stores, and this user may not add them ({' '.join(str(e).split())}); run "
+                "runyard once as the tables' owner, or have it run: "
+                + "; ".join(f"ALTER TABLE {RUNS_TABLE} ADD COLUMN {c} {_ADDED_COLUMNS[c]}" for c in missing)
             ) from None
 
     def _tables_exist(self, conn: psycopg.Connection) -> bool:

@@ -32,7 +32,8 @@ CREATE TABLE IF NOT EXISTS runs (
     started_at REAL,
     ended_at REAL,
     parent_run_id TEXT,
-    step_selection TEXT
+    step_selection TEXT,
+    resolution TEXT
 );
 CREATE INDEX IF NOT EXISTS runs_created ON runs (created_at);
 CREATE TABLE IF NOT EXISTS events (
@@ -47,6 +48,20 @@ CREATE INDEX IF NOT EXISTS events_run ON events (run_id, id);
 """
 
 _RUN_COLUMNS = [a.name for a in attrs.fields(RunRecord)]
+_JSON_COLUMNS = ("code_pointer", "run_config", "tags", "step_selection", "resolution")
+# Columns added after the first release, for databases created before them (read as NULL).
+_ADDED_COLUMNS = {"resolution": "TEXT"}
+
+
+def _add_missing_columns(conn: sqlite3.Connection) -> None:
+    have = {row[1] for row in conn.execute("PRAGMA table_info(runs)")}
+    for column, kind in _ADDED_COLUMNS.items():
+        if column not in have:
+            try:
+                conn.execute(f"ALTER TABLE runs ADD COLUMN {column} {kind}")
+            except sqlite3.OperationalError as e:
+                if "duplicate column" not in str(e):  # another process added it first
+                    raise
 
 
 class SqliteRunStorage(RunStorage):
@@ -128,6 +143,7 @@ class SqliteRunStorage(RunStorage):
                         conn.execute("SELECT count(*) FROM runs").fetchall()  # readable, at least
                     else:
                         conn.executescript(_SCHEMA)
+                        _add_missing_columns(conn)
                 return
             except sqlite3.OperationalError as e:
                 if "locked" not in str(e) or time.monotonic() > deadline:
@@ -251,7 +267,7 @@ class SqliteRunStorage(RunStorage):
 
     def add_run(self, run: RunRecord) -> None:
         d = attrs.asdict(run, recurse=False)
-        for k in ("code_pointer", "run_config", "tags", "step_selection"):
+        for k in _JSON_COLUMNS:
             d[k] = json.dumps(d[k], default=str) if d[k] is not None else None
         d["status"] = run.status.value
         self._write(
@@ -261,7 +277,7 @@ class SqliteRunStorage(RunStorage):
 
     def _row_to_run(self, row: Sequence[Any]) -> RunRecord:
         d = dict(zip(_RUN_COLUMNS, row, strict=True))
-        for k in ("code_pointer", "run_config", "tags", "step_selection"):
+        for k in _JSON_COLUMNS:
             d[k] = json.loads(d[k]) if d[k] is not None else None
         d["status"] = RunStatus(d["status"])
         return RunRecord(**d)

@@ -29,7 +29,7 @@ from runyard.definitions import CodePointer, JobDefinition
 from runyard.engine import Cancellation, Engine
 from runyard.errors import ConfigError
 from runyard.events import Event, EventType, FailureInfo, FailureKind
-from runyard.execution import ExecutionResult, execute_job, new_run_record, validate_run
+from runyard.execution import ExecutionResult, execute_job, new_run_record, prepare_handler, validate_run
 from runyard.instance import Instance
 from runyard.plan import ExecutionPlan
 from runyard.plugin import Capabilities, HandlerContext, StepHandler, StepRequest
@@ -660,15 +660,22 @@ def _pointer(job: JobDefinition) -> CodePointer:
 def _validated(kit: ExecutorConformance, instance: Instance, job: JobDefinition,
                run_config: Mapping[str, Any]) -> tuple[Any, str, str]:
     """The run's validated settings, its output store's URL and a recorded run's id."""
+    from types import SimpleNamespace
+
     from runyard.worker import register_job
 
     rc = {**run_config, "execution": {kit.executor: dict(kit.executor_config)}}
-    v = validate_run(job, instance=instance, executor=kit.executor, definitions=None, run_config=rc,
-                     step_selection=None, parent_run_id=None, import_handler=True)
+    validated = validate_run(job, instance=instance, executor=kit.executor, definitions=None, run_config=rc,
+                             step_selection=None, parent_run_id=None)
+    res = validated.resolution
     register_job(_pointer(job), job)
-    store = instance.output_store(shared=v.capabilities.needs_shared_outputs)
-    record = new_run_record(job, _pointer(job), rc, kit.executor, None, None, None)
+    store = instance.output_store(shared=res.capabilities.needs_shared_outputs)
+    record = new_run_record(job, _pointer(job), rc, res, None, None, None)
     instance.storage.add_run(record)
+    # The handler class and config exactly as a run gets them (one resolved max_concurrent).
+    _, handler = prepare_handler(res, instance, run_id=record.run_id, output_store=store.url)
+    v = SimpleNamespace(plan=validated.plan, config=handler.config, max_concurrent=res.max_concurrent,
+                        capabilities=res.capabilities, handler_cls=type(handler))
     return v, store.url, record.run_id
 
 

@@ -6,7 +6,6 @@ Imported by runyard only when a run uses the ``threadpool`` executor.
 from __future__ import annotations
 
 import threading
-import traceback
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from runyard.plugin import (
@@ -17,6 +16,7 @@ from runyard.plugin import (
     StepRequest,
     StepUpdate,
     execute_step,
+    failure_from_exception,
     resolve,
 )
 
@@ -73,12 +73,10 @@ class ThreadPoolStepHandler(StepHandler):
         # a BaseException (SystemExit, KeyboardInterrupt raised by the step) escapes it and
         # takes the attempt's events with it.
         return StepUpdate.crashed(
-            FailureInfo(
-                kind=FailureKind.ERROR,
+            failure_from_exception(
+                error,
                 message=f"step '{handle.request.step_key}' raised {type(error).__name__} "
                 f"out of the step worker: {error}",
-                error_class=f"{type(error).__module__}.{type(error).__qualname__}",
-                traceback="".join(traceback.format_exception(error)),
             )
         )
 

@@ -13,8 +13,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
-from runyard import CodePointer, EventType, FailureKind, Instance, RunStatus, execute_job
-from runyard.engine import Cancellation
+from runyard import Cancellation, CodePointer, EventType, FailureKind, Instance, RunStatus, execute_job
 from runyard.plugin import HandlerContext, StepRequest, StepUpdate
 from runyard_threadpool.handler import ThreadPoolStepHandler
 from runyard_threadpool.plugin import ThreadPoolConfig

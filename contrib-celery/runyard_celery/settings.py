@@ -1,0 +1,89 @@
+"""Settings of the ``celery`` executor and the names on the wire (task, tags, control
+command), shared by the plugin module, the engine side (`handler`), the worker side
+(`app`, `worker`) and the tests. Imports nothing of Celery or kombu.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+from runyard.plugin import ExecutorConfig, above
+
+QUEUE_TAG = "celery/queue"
+"""Step tag naming the Celery queue its task goes to (default: the ``default_queue`` setting)."""
+
+PRIORITY_TAG = "celery/priority"
+"""Step tag giving its task's priority, 0 (lowest) to 9 (highest), on either broker."""
+
+TASK_NAME = "runyard.execute_step"
+"""The one Celery task runyard sends: its only argument is a step request as JSON data."""
+
+STOP_COMMAND = "runyard_stop_step"
+"""Remote control command of runyard's workers: stop the pool process running a task."""
+
+# Settings the executor relies on; `config_source` may not change them (see app.py).
+PINNED_SETTINGS = (
+    "task_serializer",
+    "result_serializer",
+    "accept_content",
+    "result_accept_content",
+    "task_track_started",
+    "task_acks_late",
+    "task_reject_on_worker_lost",
+)
+
+
+_SECONDS = above(0, what="a number of seconds")
+
+
+def _no_pinned(_: Any, attribute: attrs.Attribute, value: dict[str, Any]) -> None:
+    pinned = sorted(set(value) & set(PINNED_SETTINGS))
+    if pinned:
+        raise ValueError(
+            f"{attribute.name}: '{pinned[0]}' cannot be changed: the celery executor sends JSON only and relies on "
+            f"late acknowledgement and the STARTED state; remove it (pinned: {', '.join(PINNED_SETTINGS)})"
+        )
+
+
+@attrs.frozen(kw_only=True)
+class CeleryConfig(ExecutorConfig):
+    """Settings of the ``celery`` executor, besides ``max_concurrent`` (default 32: steps sent to
+    the broker at once) and ``tag_concurrency_limits``. Workers started with ``runyard celery
+    worker`` read the same section of ``runyard.yaml``.
+
+    ``broker``: Celery broker URL (``redis://host:6379/0``, ``amqp://user:pass@host:5672/vhost``);
+    required: with no default, steps never go to a broker nobody chose (see docs/backends/celery.md).
+    ``backend``: result backend URL; default: the broker's URL when it is Redis. Required with
+    an AMQP broker (``rpc://`` is refused: its results reach only the process that sent the task).
+    ``include``: modules a worker imports at start (job modules, so that the first step of a
+    run does not pay their import).
+    ``default_queue``: the queue of steps without a ``celery/queue`` tag.
+    ``config_source``: any other Celery settings (``{broker_transport_options: {...}}``), except
+    the pinned ones (JSON serialization, late acknowledgement, STARTED tracking).
+    ``queue_timeout``: seconds a step may wait in the broker before a worker starts it; then, if
+    no worker consumes its queue, it fails NOT_STARTED saying so (workers that consume it but
+    are busy restart the wait). null: wait for ever.
+    ``worker_lost_timeout``: seconds the worker running a step may fail to answer pings before
+    the step fails WORKER_LOST (the whole worker died or lost the broker).
+    ``connect_timeout``: seconds to reach the broker and backend when a run starts.
+    ``terminate_grace``: seconds between SIGTERM and SIGKILL when a running step is stopped
+    (timeout, cancel); 0 kills at once.
+    ``time_limit_margin``: a step with a timeout also gets Celery's hard time limit of
+    ``timeout + time_limit_margin`` seconds, so that it is killed on the worker even if the run
+    worker that should stop it died.
+    """
+
+    broker: str = attrs.field(metadata={"required": (
+        "add the URL of the Celery broker your workers use, e.g. `broker: redis://127.0.0.1:6379/0` "
+        "or `broker: amqp://user:password@host:5672/vhost` (or {env: NAME})"
+    )})
+    backend: str | None = None
+    include: list[str] = attrs.field(factory=list)
+    default_queue: str = "runyard"
+    config_source: dict[str, Any] = attrs.field(factory=dict, validator=_no_pinned)
+    queue_timeout: float | None = attrs.field(default=300.0, validator=_SECONDS)
+    worker_lost_timeout: float = attrs.field(default=30.0, validator=_SECONDS)
+    connect_timeout: float = attrs.field(default=10.0, validator=_SECONDS)
+    terminate_grace: float = attrs.field(default=5.0, validator=attrs.validators.ge(0))
+    time_limit_margin: float = attrs.field(default=10.0, validator=_SECONDS)

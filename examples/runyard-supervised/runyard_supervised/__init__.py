@@ -1,0 +1,1 @@
+"""runyard-supervised: an example third-party run launcher (see README.md)."""
