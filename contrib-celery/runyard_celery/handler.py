@@ -121,13 +121,11 @@ class CeleryStepHandler(StepHandler):
             handle.stop_kind = kind
             handle.stop_at = time.monotonic()
             queued, worker = not handle.started, handle.worker
-            handle.stop_sent_to = worker
         problem = self._control.stop(handle.task_id, worker)
-        if queued and problem:
-            # Finished although the broker did not take the revoke: nothing else would end it.
-            message = (f"step '{handle.step}' was stopped before a worker started it (revoking its Celery task "
-                       f"failed: {problem}; a worker may still run it later)")
+        if queued:
+            # Finished whether or not the broker took the revoke: nothing else would end it.
+            message = f"step '{handle.step}' was stopped before a worker started it"
+            if problem:
+                message += f" (revoking its Celery task failed: {problem}; a worker may still run it later)"
             monitor.finish(handle, failure=FailureInfo(kind=kind, message=message))
-        # Otherwise the monitor ends it: once it stayed unstarted (the revoke keeps it so), or
-        # by stopping it on the worker that had started it before the revoke arrived.
         monitor.kick.set()

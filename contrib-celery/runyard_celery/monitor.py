@@ -31,7 +31,6 @@ _PING_EVERY = 2.0  # seconds between liveness pings of the workers running steps
 _POLL_RUNNING = 0.5  # polling interval when every step out is running: their ends need no haste
 _FAST_FOR = 2.0  # seconds of fast polling after the last change of state
 _STOP_CONFIRM = 10.0  # seconds past terminate_grace to wait for a stopped task's end before giving up
-_QUEUED_STOP_CONFIRM = 1.5  # seconds a task stopped while queued must stay unstarted to count as never run
 
 
 class TaskMonitor:
@@ -128,11 +127,7 @@ class TaskMonitor:
         status = meta["status"] if meta else "PENDING"
         if status == "PENDING":
             if task.stop_kind is not None:
-                if task.expiring or now - task.stop_at < _QUEUED_STOP_CONFIRM:
-                    return False  # (expiring: _check_queue ends it, saying why)
-                self.finish(task, failure=FailureInfo(
-                    kind=task.stop_kind, message=f"step '{task.step}' was stopped before a worker started it"))
-                return True
+                return False
             limit = self.config.queue_timeout
             if limit is not None and now - task.sent > limit and not task.checking:
                 task.checking = True
@@ -149,12 +144,6 @@ class TaskMonitor:
                     task.started = True
                     task.worker = host
                     task.silent_since = None
-            if task.stop_kind is not None and task.stop_sent_to != host:
-                # Stopped while queued, yet a worker had already started it: stop it there.
-                task.stop_sent_to, task.stop_at = host, now
-                threading.Thread(target=self.control.stop, args=(task.task_id, host), name="runyard-celery-stop",
-                                 daemon=True).start()
-                return False
             if task.stop_kind is not None and now - task.stop_at > self.config.terminate_grace + _STOP_CONFIRM:
                 self.finish(task, failure=FailureInfo(
                     kind=task.stop_kind,

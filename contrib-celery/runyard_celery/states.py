@@ -16,8 +16,7 @@ class CeleryTask:
     """The handle of one attempt: its Celery task and what the monitor learnt of it."""
 
     __slots__ = ("request", "task_id", "queue", "sent", "started", "worker", "events", "failure",
-                 "over", "reported", "stop_kind", "stop_at", "stop_sent_to", "silent_since", "expiring",
-                 "checking")
+                 "over", "reported", "stop_kind", "stop_at", "silent_since", "expiring", "checking")
 
     def __init__(self, request: StepRequest, task_id: str, queue: str) -> None:
         self.request = request
@@ -32,7 +31,6 @@ class CeleryTask:
         self.reported = False
         self.stop_kind: FailureKind | None = None  # set by terminate
         self.stop_at = 0.0
-        self.stop_sent_to: str | None = None  # the worker the stop went to (None: all, while queued)
         self.silent_since: float | None = None  # its worker stopped answering pings then
         self.expiring = False  # queue_timeout passed: revoked, the failure is being written
         self.checking = False  # queue_timeout passed: asking the workers whether any consumes its queue
