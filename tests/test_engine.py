@@ -97,6 +97,17 @@ class VanishingHandler(StepHandler):
         return StepUpdate.finished([start])
 
 
+class SuccessWithoutOutputHandler(StepHandler):
+    """Runs the step but loses its STEP_OUTPUT: reports STEP_START and STEP_SUCCESS only."""
+
+    def launch(self, request: StepRequest) -> _Handle:
+        return _Handle(request)
+
+    def poll(self, handle: _Handle) -> StepUpdate:
+        events = [ev for ev in execute_step(handle.request) if ev.type is not EventType.STEP_OUTPUT]
+        return StepUpdate.finished(events)
+
+
 class QueuedHandler(StepHandler):
     """Each attempt waits QUEUED seconds "in a queue", reports that it started, then takes
     RUNS seconds before the step runs; terminate ends it at once."""
@@ -464,6 +475,22 @@ def test_done_without_terminal_event_is_worker_lost(
     assert failure.kind is FailureKind.WORKER_LOST
     assert failure.message == "step 'emit' ended without reporting success or failure"
     assert result.step_states["double"] == "skipped"
+
+
+def test_success_without_output_is_a_step_failure_not_a_crash_of_the_engine(
+    runyard_instance: Instance, runyard_registry: PluginRegistry
+) -> None:
+    """A handler that reports STEP_SUCCESS without the STEP_OUTPUT fails that step with a
+    message saying so; downstream steps are skipped instead of the engine raising KeyError
+    when it launches them."""
+    _register(runyard_registry, "nooutput", "tests.test_engine:SuccessWithoutOutputHandler")
+    result = execute_job(chain_job, instance=runyard_instance, executor="nooutput")
+    assert result.status is RunStatus.FAILURE
+    failure = result.failure_for("emit")
+    assert failure is not None and failure.kind is FailureKind.WORKER_LOST
+    assert "step 'emit' reported success without reporting its output" in failure.message
+    assert dict(result.step_states) == {"emit": "failed", "double": "skipped", "double_2": "skipped"}
+    assert not [e for e in result.events if e.type is EventType.STEP_SUCCESS]
 
 
 # -- timeouts of steps that wait in a queue first ---------------------------------------------

@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 from urllib.parse import urlsplit
@@ -197,4 +198,24 @@ def stop_step(state: Any, task_id: str, grace: float = 5.0, **kwargs: Any) -> di
             timer.daemon = True
             timer.start()
         return ok(f"stopping pid {pid}")
+    if any(r.id == task_id for r in [*worker_state.active_requests, *worker_state.reserved_requests]):
+        # Handed to a pool process that has not yet said which it is (no worker_pid): too
+        # late for the revoke, too early to signal. Stop it as soon as its pid is known.
+        def stop_once_started() -> None:
+            deadline = time.monotonic() + ACCEPT_WAIT
+            while time.monotonic() < deadline:
+                known = [r for r in list(worker_state.active_requests) if r.id == task_id]
+                if any(r.worker_pid for r in known):
+                    stop_step(state, task_id, grace)
+                    return
+                if not known and not any(r.id == task_id for r in list(worker_state.reserved_requests)):
+                    return  # dropped as revoked, or over
+                time.sleep(0.02)
+
+        threading.Thread(target=stop_once_started, name="runyard-stop-pending", daemon=True).start()
+        return ok("stopping once it starts")
     return ok("not running here")
+
+
+# How long a stop waits for a task this worker already holds to get its pool process.
+ACCEPT_WAIT = 30.0

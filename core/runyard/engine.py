@@ -66,6 +66,7 @@ class _Attempt:
     drain_until: float = 0.0  # when stopped: the engine stops waiting for it after this
     done: bool = False  # a terminal state was recorded; later reports are ignored
     started: bool = False  # the handler reported that it left its queue (reports_start)
+    has_output: bool = False  # this attempt reported STEP_OUTPUT
 
 
 class StepState:
@@ -310,6 +311,16 @@ class Engine:
             return  # first terminal state wins: late or duplicate reports are dropped
         if ev.type is EventType.STEP_OUTPUT:
             self.outputs[att.key] = ev.data["ref"]
+            att.has_output = True
+        if ev.type is EventType.STEP_SUCCESS and not att.has_output:
+            # A success without the output downstream steps read (the handler lost or
+            # reordered the STEP_OUTPUT): a failure of this step, not a KeyError later.
+            self._fail(att, FailureInfo(
+                kind=FailureKind.WORKER_LOST,
+                message=f"step '{att.key}' reported success without reporting its output (no STEP_OUTPUT "
+                "before STEP_SUCCESS): the executor lost or reordered the step's events",
+            ))
+            return
         if ev.type in STEP_TERMINAL:
             self._buffer.append(ev)
             if ev.type is EventType.STEP_SUCCESS:

@@ -112,14 +112,20 @@ def run_spec(spec: dict[str, Any]) -> int:
         # Import the job the way the run worker would: with its module search path.
         sys.path[:] = spec["sys_path"]
     signal.signal(signal.SIGTERM, _on_sigterm)
-    events = execute_step(StepRequest.from_dict(spec["request"]), capture_output=False)
+    path = spec["events"]
+    with open(f"{path}.tmp", "w", encoding="utf-8") as f:
+
+        def write(ev: Any) -> None:
+            # Each event as it comes: a step whose process then dies (os._exit, a signal)
+            # keeps what it logged before, which the executor reads from this file.
+            f.write(ev.to_json() + "\n")
+            f.flush()
+
+        execute_step(StepRequest.from_dict(spec["request"]), capture_output=False, on_event=write)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the step is over: a stop may just end us
     _flush()
     mp_os.flush_c_stdio()
-    path = spec["events"]
-    with open(f"{path}.tmp", "w", encoding="utf-8") as f:
-        f.write("".join(ev.to_json() + "\n" for ev in events))
-    # Renamed into place: the executor never reads half a file, even if we are killed now.
+    # Renamed into place: the executor reads the whole file as the attempt's events.
     os.replace(f"{path}.tmp", path)
     # One short write to a pipe is atomic, so lines of steps ending at once never mix.
     with contextlib.suppress(OSError):  # the executor is gone; the events are all there is

@@ -188,7 +188,8 @@ class MultiprocessStepHandler(StepHandler):
         req = att.request
         if att.failure is not None:
             return StepUpdate.crashed(att.failure, self._captured(att, time.time()))
-        events = _read_events(att.events)
+        # A process that died mid-step left its events so far in the .tmp file.
+        events = _read_events(att.events) or _read_events(f"{att.events}.tmp")
         ends = [i for i, ev in enumerate(events) if ev.type in STEP_TERMINAL or ev.type is EventType.STEP_OUTPUT]
         if ends and events[ends[-1]].type in STEP_TERMINAL:
             end = ends[-1]

@@ -36,6 +36,11 @@ from runyard.plugin import Capabilities, HandlerContext, StepHandler, StepReques
 from runyard.storage import RunStatus
 from runyard.testing import jobs
 
+_ENDINGS = (EventType.STEP_SUCCESS, EventType.STEP_FAILURE)
+_WORKER_EVENTS = (EventType.STEP_START, EventType.STEP_LOG, EventType.STEP_STDOUT, EventType.STEP_STDERR,
+                  EventType.STEP_OUTPUT, *_ENDINGS)
+"""The events of an attempt that its worker reports (the engine writes the others)."""
+
 
 def max_overlap(result: ExecutionResult, keys: set[str] | None = None) -> int:
     """Most steps running at once, from STEP_START and terminal event timestamps."""
@@ -169,9 +174,18 @@ class ExecutorConformance:
     """Seconds a handler may take from `terminate` (a timeout, a cancel) until the step's
     side effects stop and its processes are gone, SIGTERM grace included. Below the
     engine's own give-up (`runyard.engine.DRAIN_TIMEOUT`), so the handler must do it."""
-    overlap: ClassVar[int] = 2
+    overlap: ClassVar[int] = 3
     """Steps that must really run at the same time at ``max_concurrent`` of that number
-    (capped by the capabilities' ``max_concurrency``)."""
+    (capped by the capabilities' ``max_concurrency``). Three, not two: a handler with a
+    hidden pool of two must not pass."""
+    events_survive_a_crash: ClassVar[bool] = True
+    """Whether what a step reported before its process died (a log record) reaches the
+    events. True for handlers that read the worker's events as they come (a stream, a
+    file); set False only when the backend hands back an attempt's events in one piece at
+    its end (a task's return value), so that a crash leaves nothing to pass along."""
+    large_output_within: ClassVar[float] = 30.0
+    """Seconds a run of one step printing `jobs.BIG_OUTPUT` characters may take before the
+    kit cancels it (a handler that blocks the step's output would hang it)."""
     overlap_wait: ClassVar[float] = 15.0
     """Seconds a step waits for the others to be running at once before it gives up."""
 
@@ -223,10 +237,16 @@ class ExecutorConformance:
         run.close()
 
     def assert_stopped(self, result: ExecutionResult | None, scratch: Path, step_key: str,
-                       stopped_at: float) -> None:
+                       stopped_at: float, *, attempt: int = 1, may_not_run: bool = False) -> None:
         """The step was stopped by the handler at ``stopped_at`` (wall clock): its heartbeat
-        ended within `stop_within`, stays ended, and nothing of its processes is left."""
-        trace = StepTrace(scratch, step_key)
+        ended within `stop_within`, stays ended, and nothing of its processes is left.
+        ``may_not_run``: stopped so early that it need not have started at all."""
+        trace = StepTrace(scratch, step_key, attempt)
+        if may_not_run and not trace.ran:
+            time.sleep(1.0)  # a start the handler lost track of would show by now
+            trace = StepTrace(scratch, step_key, attempt)
+            if not trace.ran and not trace.beats():
+                return
         assert trace.ran, f"step '{step_key}' never ran (nothing in {scratch})"
         if result is not None:
             gave_up = [e for e in result.events if e.type is EventType.ENGINE and e.data.get("gave_up")]
@@ -254,7 +274,13 @@ class ExecutorConformance:
 
     @staticmethod
     def _failure_time(result: ExecutionResult, step_key: str) -> float:
-        return next(e.timestamp for e in result.events if e.step_key == step_key and e.type is EventType.STEP_FAILURE)
+        """When the last attempt of ``step_key`` failed."""
+        return [e.timestamp for e in result.events if e.step_key == step_key and e.type is EventType.STEP_FAILURE][-1]
+
+    @staticmethod
+    def _text(result: ExecutionResult, step_key: str, type_: EventType) -> str:
+        """What STEP_STDOUT or STEP_STDERR events of ``step_key`` carry, joined."""
+        return "".join(str(e.data.get("text", "")) for e in result.events_for(step_key) if e.type is type_)
 
     @staticmethod
     def _said(result: ExecutionResult, step_key: str, type_: EventType) -> str:
@@ -349,20 +375,67 @@ class ExecutorConformance:
         h.handler.poll(handle)  # a poll after completion must not raise either
 
     def test_stdout_stderr_and_log_records_reach_the_events(self, instance: Instance) -> None:
+        """What a step prints and logs reaches its events once each, in order: every log
+        record with its level and logger, stdout and stderr apart, a last piece without a
+        newline included; on failure too."""
         result = self.execute(instance, jobs.chatty_job)
         assert result.status is RunStatus.FAILURE
-        assert result.step_states == {"chatty": "success", "chatty_failing": "failed"}
+        assert result.step_states == {"chatty": "success", "chatty_failing": "failed"}, (
+            f"{result.step_states}; failures: {[e.message for e in result.events if e.type is EventType.STEP_FAILURE]}"
+        )
         for key, what in (("chatty", "line"), ("chatty_failing", "before failing")):
-            out = self._said(result, key, EventType.STEP_STDOUT)
-            err = self._said(result, key, EventType.STEP_STDERR)
-            log = self._said(result, key, EventType.STEP_LOG)
-            assert f"kit stdout {what}" in out, f"step '{key}': stdout not in its STEP_STDOUT events: {out!r}"
-            assert f"kit stderr {what}" in err, f"step '{key}': stderr not in its STEP_STDERR events: {err!r}"
-            assert f"kit log {what}" in log, f"step '{key}': context.log record not in STEP_LOG events: {log!r}"
+            out = self._text(result, key, EventType.STEP_STDOUT)
+            err = self._text(result, key, EventType.STEP_STDERR)
+            for text, stream in ((f"kit stdout {what}\n", out), (f"kit unterminated stdout {what}", out),
+                                 (f"kit stderr {what}\n", err)):
+                name = "STEP_STDOUT" if stream is out else "STEP_STDERR"
+                assert stream.count(text) == 1, (
+                    f"step '{key}': {text!r} is in its {name} events {stream.count(text)} times, not once: {stream!r}"
+                )
             assert "kit stderr" not in out and "kit stdout" not in err, "stdout and stderr are mixed up"
+            logs = [(e.message, e.data.get("level"), e.data.get("logger"))
+                    for e in result.events_for(key) if e.type is EventType.STEP_LOG and "kit " in e.message]
+            expected = [(f"kit {lv.lower()} log {what}", lv, f"runyard.step.{key}") for lv in jobs.LOG_LEVELS]
+            assert logs == expected, (
+                f"step '{key}': its context.log records (at INFO and above) reached the STEP_LOG events as "
+                f"{logs} (message, level, logger); expected each once, in order: {expected}"
+            )
+            types = [e.type for e in result.events_for(key) if e.type in _WORKER_EVENTS]
+            assert types[:1] == [EventType.STEP_START], (
+                f"step '{key}': its events do not start with STEP_START: {types}"
+            )
+            ending = EventType.STEP_SUCCESS if key == "chatty" else EventType.STEP_FAILURE
+            assert types[-1:] == [ending] and all(t not in _ENDINGS for t in types[:-1]), (
+                f"step '{key}': its events do not end with one {ending.value}: {types}"
+            )
+            if key == "chatty":
+                assert EventType.STEP_OUTPUT in types, f"step '{key}': no STEP_OUTPUT before its ending: {types}"
         failure = result.failure_for("chatty_failing")
         assert failure is not None and failure.kind is FailureKind.ERROR
         assert failure.error_class == "builtins.ValueError" and "kit chatty failure" in failure.message
+
+    def test_large_output_reaches_the_events_without_hanging(self, instance: Instance) -> None:
+        """A step printing far more than a pipe holds is not blocked by its handler (a step
+        is never a hang), and all it printed reaches its events. A run still going after
+        `large_output_within` seconds is canceled, so a handler that blocks it fails here."""
+        cancellation = Cancellation()
+        watchdog = threading.Timer(self.large_output_within, cancellation.cancel)
+        watchdog.daemon = True
+        watchdog.start()
+        started = time.monotonic()
+        try:
+            result = self.execute(instance, jobs.loud_job, cancellation=cancellation)
+        finally:
+            watchdog.cancel()
+        assert result.success, (
+            f"a step printing {jobs.BIG_OUTPUT + 1} characters did not succeed within "
+            f"{time.monotonic() - started:.1f}s (canceled after {self.large_output_within:g}s): "
+            f"{result.status}, {result.failure_for('loud')}"
+        )
+        loud = self._text(result, "loud", EventType.STEP_STDOUT)
+        assert loud == "x" * jobs.BIG_OUTPUT + "\n", (
+            f"a step printing {jobs.BIG_OUTPUT + 1} characters had {len(loud)} of them in its STEP_STDOUT events"
+        )
 
     def test_crashes_are_reported_with_their_kind(self, instance: Instance, scratch: Path) -> None:
         result = self.execute(instance, jobs.crash_job, run_config=self.kit_config(scratch))
@@ -376,6 +449,21 @@ class ExecutorConformance:
         assert exited.exit_code == 3, f"exit code lost: {exited}"
         assert "3" in exited.message, exited.message
         assert result.step_states["double"] == "skipped"
+        # Exit status 0 without an ending is a crash too: the step never returned.
+        assert result.step_states["exit_0"] == "failed", (
+            f"a step process that exited 0 without the step returning was recorded as {result.step_states['exit_0']}"
+        )
+        quit0 = result.failure_for("exit_0")
+        assert quit0 is not None and quit0.kind is FailureKind.WORKER_LOST and quit0.exit_code == 0, (
+            f"a step process exiting with 0 without an ending reported as {quit0} "
+            "(expected WORKER_LOST with exit_code=0, from the handler)"
+        )
+        for key in ("exit_3", "exit_0") if self.events_survive_a_crash else ():
+            said = [e.message for e in result.events_for(key) if e.type is EventType.STEP_LOG]
+            assert f"kit last words of {key}" in said, (
+                f"step '{key}' logged a record, then its process ended: the record did not reach its events "
+                f"(a crash must keep the events reported before it): {said}"
+            )
         killed = result.failure_for("kill_self")
         assert killed is not None, result.events
         # SIGKILL is not OOM unless the handler knows the OOM killer sent it.
@@ -440,6 +528,20 @@ class ExecutorConformance:
         h.handler.terminate(handle, FailureKind.CANCELED)  # after it ended: still harmless
         h.handler.poll(handle)
 
+    def test_handler_terminate_right_after_launch_stops_the_step(self, handler_run: HandlerRun,
+                                                                  scratch: Path) -> None:
+        """A terminate that comes as soon as `launch` returned (a cancel at that moment),
+        before the step's process or container may exist, is not lost: the attempt ends
+        within `stop_within`, and the step never runs on."""
+        h = handler_run
+        if not h.capabilities.can_terminate:
+            pytest.skip(f"executor '{h.executor}' lacks capability 'can_terminate'")
+        handle = h.launch(jobs.beat_cancel_job, "beat_until_canceled")
+        stopped_at = time.time()
+        h.handler.terminate(handle, FailureKind.CANCELED)
+        h.poll_until_done(handle, within=120, until=lambda: stopped_at + self.stop_within + 1)
+        self.assert_stopped(None, scratch, "beat_until_canceled", stopped_at, may_not_run=True)
+
     def test_timeout_stops_the_step(self, instance: Instance, scratch: Path) -> None:
         self.require(instance, "enforces_timeouts")
         started = time.monotonic()
@@ -449,8 +551,9 @@ class ExecutorConformance:
         failure = result.failure_for("beat_timed")
         assert failure is not None and failure.kind is FailureKind.TIMEOUT, result.events
         assert result.step_states["double"] == "skipped"
-        self.assert_stopped(result, scratch, "beat_timed", self._failure_time(result, "beat_timed"))
-        assert elapsed < 2 + self.stop_within + 5, f"a 2 s timeout took {elapsed:.1f}s to end the run"
+        # The attempt that timed out is the retry (the first attempt failed at once).
+        self.assert_stopped(result, scratch, "beat_timed", self._failure_time(result, "beat_timed"), attempt=2)
+        assert elapsed < 3 + self.stop_within + 10, f"a 3 s timeout took {elapsed:.1f}s to end the run"
 
     def test_cancel_stops_running_step_and_skips_the_rest(self, instance: Instance, scratch: Path) -> None:
         self.require(instance, "can_terminate")
@@ -523,6 +626,14 @@ class ExecutorConformance:
         assert [e.data["next_attempt"] for e in retries] == [2, 3]
         attempt_ids = {e.attempt_id for e in result.events if e.type is EventType.STEP_FAILURE}
         assert len(attempt_ids) == 2  # every attempt has its own id
+        # Every event of an attempt carries its attempt number: 1, then 2 and 3 for the retries.
+        numbers: dict[str | None, set[int | None]] = {}
+        for e in result.events_for("flaky"):
+            if e.type in _WORKER_EVENTS:
+                numbers.setdefault(e.attempt_id, set()).add(e.attempt)
+        assert sorted(numbers.values(), key=str) == [{1}, {2}, {3}], (
+            f"attempt numbers carried by the events of each attempt (by attempt_id): {numbers}"
+        )
 
     def test_max_concurrent_is_respected(self, instance: Instance) -> None:
         caps = self.capabilities(instance)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from runyard import RetryPolicy, job, step
+from runyard import FailureKind, RetryPolicy, job, step
 
 
 @step
@@ -116,6 +116,14 @@ def cancel_job():  # type: ignore[no-untyped-def]
 # effects stopped, that its process (group) is gone, that it ran at the same time as others.
 
 BEAT_EVERY = 0.05  # seconds between heartbeat lines
+BIG_OUTPUT = 200_000  # characters one step prints: several times what a pipe holds
+
+_STUBBORN_CHILD = (
+    "import signal, sys, time\n"
+    "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+    "open(sys.argv[1], 'w').close()\n"
+    "time.sleep(60)\n"
+)
 
 
 def _scratch(context) -> Path:  # type: ignore[no-untyped-def]
@@ -174,10 +182,16 @@ def _identify(context, *, child: bool) -> dict:  # type: ignore[no-untyped-def, 
     if child and owns and (info["pgid"] == info["pid"] or in_kit_group):
         # Only where the kit holds the handler to it: in a process group of its own (the
         # group must go), or in the kit's own group (the step's process and this one must go).
+        # The child ignores SIGTERM (a daemon, a tool with its own signal handling): only a
+        # SIGKILL to the group ends it. It says when it is ready, so a stop cannot beat it.
+        ready = _scratch(context) / f"{context.step_key}-{context.attempt}.child-ready"
         proc = subprocess.Popen(
-            [sys.executable, "-c", "import time; time.sleep(60)"],
+            [sys.executable, "-c", _STUBBORN_CHILD, str(ready)],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
+        deadline = time.monotonic() + 30
+        while not ready.exists() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.01)
         info["child"] = proc.pid
     _write_json(_scratch(context) / f"{context.step_key}-{context.attempt}.json", info)
     return info
@@ -194,8 +208,13 @@ def _beat_forever(context, seconds: float = 60) -> int:  # type: ignore[no-untyp
     return 0
 
 
-@step(timeout=2.0)  # short, yet long enough for a step process or container to start under load
+@step(timeout=3.0,  # short, yet long enough for a step process or container to start under load
+      retry=RetryPolicy(max_retries=1, retry_on=[FailureKind.ERROR]))
 def beat_timed(context) -> int:  # type: ignore[no-untyped-def]
+    """Fails at once on its first attempt; the retry beats until its timeout stops it (a
+    timeout stops the attempt that runs, not the step's first one)."""
+    if context.attempt == 1:
+        raise RuntimeError("kit: the first attempt fails at once")
     _identify(context, child=True)
     return _beat_forever(context)
 
@@ -218,24 +237,43 @@ def leave_child_behind(context) -> int:  # type: ignore[no-untyped-def]
     return 1
 
 
-@step
-def chatty(context) -> int:  # type: ignore[no-untyped-def]
+LOG_LEVELS = ("INFO", "WARNING", "ERROR")
+
+
+def _talk(context, what: str) -> None:  # type: ignore[no-untyped-def]
+    """A log record at each of `LOG_LEVELS` (the step sets its logger to INFO, to be heard),
+    a line on stdout and on stderr, and a last piece of stdout without a newline."""
+    import logging
     import sys
 
-    print("kit stdout line")
-    print("kit stderr line", file=sys.stderr)
-    context.log.warning("kit log line")
+    context.log.setLevel(logging.INFO)
+    for level in LOG_LEVELS:
+        context.log.log(logging.getLevelName(level), f"kit {level.lower()} log {what}")
+    print(f"kit stdout {what}")
+    print(f"kit stderr {what}", file=sys.stderr)
+    sys.stdout.write(f"kit unterminated stdout {what}")  # a prompt, a progress bar's last state
+    sys.stdout.flush()
+
+
+@step
+def chatty(context) -> int:  # type: ignore[no-untyped-def]
+    _talk(context, "line")
     return 1
 
 
 @step
 def chatty_failing(context) -> int:  # type: ignore[no-untyped-def]
+    _talk(context, "before failing")
+    raise ValueError("kit chatty failure")
+
+
+@step
+def loud() -> int:
     import sys
 
-    print("kit stdout before failing")
-    print("kit stderr before failing", file=sys.stderr)
-    context.log.warning("kit log before failing")
-    raise ValueError("kit chatty failure")
+    sys.stdout.write("x" * BIG_OUTPUT + "\n")
+    sys.stdout.flush()
+    return 1
 
 
 @step
@@ -260,13 +298,30 @@ def rendezvous(context, i: int) -> int:  # type: ignore[no-untyped-def]
     raise RuntimeError(f"only {arrived()} of {want} steps were running at the same time")
 
 
+def _last_words(context) -> None:  # type: ignore[no-untyped-def]
+    context.log.warning(f"kit last words of {context.step_key}")
+    time.sleep(0.5)  # what a streaming handler reads while the step runs is read by now
+
+
 @step
 def exit_3(context) -> int:  # type: ignore[no-untyped-def]
     import os
 
     if not _identify(context, child=False)["owns_process"]:
         return -1  # a process that is not the step's own is not the step's to end
+    _last_words(context)
     os._exit(3)
+
+
+@step
+def exit_0(context) -> int:  # type: ignore[no-untyped-def]
+    """Ends its process with status 0 without returning (a library calling exit)."""
+    import os
+
+    if not _identify(context, child=False)["owns_process"]:
+        return -1
+    _last_words(context)
+    os._exit(0)
 
 
 @step
@@ -308,6 +363,11 @@ def chatty_job():  # type: ignore[no-untyped-def]
 
 
 @job
+def loud_job():  # type: ignore[no-untyped-def]
+    loud()
+
+
+@job
 def rendezvous_job():  # type: ignore[no-untyped-def]
     for i in range(3):
         rendezvous.alias(f"meet_{i}")(i)
@@ -316,6 +376,7 @@ def rendezvous_job():  # type: ignore[no-untyped-def]
 @job
 def crash_job():  # type: ignore[no-untyped-def]
     double(exit_3())
+    exit_0()
     kill_self()
 
 
