@@ -85,8 +85,10 @@ def write(path: Path, text: str) -> Path:
 
 
 def run(home: Path, *args: str, cwd: Path | None = None, stdin: str | None = None,
-        env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    full_env = {**os.environ, "RUNYARD_HOME": str(home), **(env or {})}
+        env: dict[str, str | None] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the CLI; a None in ``env`` unsets that variable."""
+    merged = {**os.environ, "RUNYARD_HOME": str(home), **(env or {})}
+    full_env = {k: v for k, v in merged.items() if v is not None}
     return subprocess.run(
         [str(RUNYARD), *args], env=full_env, cwd=cwd or home.parent, capture_output=True, text=True,
         input=stdin, timeout=60,
@@ -352,8 +354,10 @@ def test_api_execute_step_runs_one_step(home: Path, tmp_path: Path) -> None:
     )
     # Unsigned: allowed only because no key is configured and the caller says so (see
     # tests/test_step_worker_trust.py for what is refused).
+    # No key configured: backend test modules collected in the same session set one in os.environ.
     proc = run(home, "api", "execute-step", "--allow-unsigned", "--code-location", str(tmp_path),
-               "--output-store", str(outputs), stdin=request.to_json())
+               "--output-store", str(outputs), stdin=request.to_json(),
+               env={"RUNYARD_SIGNING_KEY": None, "RUNYARD_STEP_WORKER": None})
     assert proc.returncode == 0, proc.stderr
     events = [json.loads(line) for line in proc.stdout.splitlines()]
     assert [e["type"] for e in events] == ["STEP_START", "STEP_STDOUT", "STEP_OUTPUT", "STEP_SUCCESS"]
