@@ -27,6 +27,7 @@ import datetime as dt
 import json
 import os
 import platform
+import secrets
 import signal
 import statistics
 import subprocess
@@ -36,6 +37,8 @@ import textwrap
 import time
 from pathlib import Path
 from typing import Any
+
+from benv import bytecode_env
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -137,7 +140,9 @@ def child_runyard(
         start = time.perf_counter()
         result = execute_job(job, instance=instance, executor="dask", run_config={"execution": {"dask": cfg}})
         elapsed = time.perf_counter() - start
-        assert result.success and len(result.step_states) == n, result
+        if not (result.success and len(result.step_states) == n):
+            why = next((f.message for k in result.step_states if (f := result.failure_for(k)) is not None), "?")
+            raise SystemExit(f"runyard run failed: {result!r}; first step failure: {why}")
         if rep:
             times.append(elapsed)
     return {"seconds": times}
@@ -228,7 +233,11 @@ class Cluster:
     def _spawn(self, name: str, args: list[str]) -> None:
         # Workers run this checkout's runyard and runyard-dask, whichever venv they run in.
         src = os.pathsep.join(str(REPO / d) for d in ("core", "plugins", "contrib-dask"))
-        env = {**os.environ, "PYTHONPATH": src}
+        env = {**bytecode_env(), "PYTHONPATH": src}  # same bytecode state as every child
+        # A runyard step worker runs only jobs and writes only output stores it was granted:
+        # the benchmark's job files and instances are all under SCRATCH.
+        scratch = str(SCRATCH.resolve())
+        env["RUNYARD_STEP_WORKER"] = json.dumps({"code_locations": [scratch], "output_stores": [scratch]})
         with open(self.workdir / f"{name}.log", "wb") as log:
             self.procs.append(
                 subprocess.Popen([str(self.python), "-m", "distributed.cli.dask_" + args[0], *args[1:]],
@@ -281,7 +290,7 @@ class Cluster:
 
 def measure(python: Path, system: str, address: str, steps: int, reps: int, extra: list[str] | None = None,
             timeout: float = 1800) -> dict[str, Any]:
-    env = {**os.environ, "PREFECT_SERVER_ALLOW_EPHEMERAL_MODE": "true", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    env = {**bytecode_env(), "PREFECT_SERVER_ALLOW_EPHEMERAL_MODE": "true", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            "PREFECT_LOGGING_LEVEL": "WARNING", "PREFECT_HOME": str(scratch_dir("bench-dask-prefect-"))}
     env.pop("PREFECT_API_URL", None)
     cmd = [str(python), str(Path(__file__).resolve()), "--child", system, "--address", address,
@@ -310,6 +319,10 @@ def main() -> None:
     a = p.parse_args()
     if a.quick:
         a.reps, a.peer_reps = 2, 1
+    # runyard signs step requests that cross a cluster scheduler and its workers refuse
+    # unsigned ones: one throwaway key for the run process and the workers alike (both
+    # inherit this environment).
+    os.environ.setdefault("RUNYARD_SIGNING_KEY", secrets.token_hex(32))
     have_peers = PEER_PYTHON.exists()
     peer_versions: dict[str, str] = {}
     if have_peers:

@@ -3,11 +3,12 @@
 #
 #   1. the base image (Debian bookworm + python3 + pip + venv), made with mmdebstrap and
 #      `docker import` (about 20 s; skipped when the image exists);
-#   2. the project image: runyard and runyard-docker from this checkout, installed from a
-#      local wheelhouse by `runyard docker build-image`, with psycopg for PostgreSQL storage
+#   2. the project image: runyard, runyard-docker and runyard-celery from this checkout, installed
+#      from a local wheelhouse by `runyard docker build-image`, with psycopg for PostgreSQL storage
 #      (skipped when an image built from the same sources exists).
 #
 #   bash scripts/build-test-image.sh            # prints the project image's name
+#   bash scripts/build-test-image.sh --base-only   # only step 1 (the Kubernetes pause image's base)
 #   RUNYARD_TEST_BASE_IMAGE=...  RUNYARD_TEST_IMAGE=...   choose the names
 #
 # Needs a running Docker engine (scripts/services.sh docker) and root for mmdebstrap.
@@ -53,9 +54,15 @@ if ! docker image inspect "$BASE" >/dev/null 2>&1; then
     || die "the base image $BASE has no working python3"
 fi
 
+if [ "${1:-}" = --base-only ]; then echo "$BASE"; exit 0; fi
+
 [ -x "$PY" ] || die "no Python at $PY: run .tools/bin/uv sync --all-packages first (or set RUNYARD_PYTHON)"
-# psycopg: the launcher tests run a worker against PostgreSQL storage from a container.
-"$PY" -m runyard docker build-image --base "$BASE" --tag "$IMAGE" --label runyard.test=1 --if-changed \
-  --with 'psycopg[binary]>=3.1' >&2 \
+# What goes in beside runyard and runyard-docker: scripts/test-image.with (read by a test too).
+WITH=()
+while IFS= read -r line || [ -n "$line" ]; do
+  case $line in ''|'#'*) continue ;; ./*) line=$ROOT/${line#./} ;; esac
+  WITH+=(--with "$line")
+done <"$ROOT/scripts/test-image.with"
+"$PY" -m runyard docker build-image --base "$BASE" --tag "$IMAGE" --label runyard.test=1 --if-changed "${WITH[@]}" >&2 \
   || die "runyard docker build-image failed (see above)"
 echo "$IMAGE"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs runyard's whole test suite from a fresh clone. Needs Python 3.11+ with pip, and
-# the services the backends' tests talk to (PostgreSQL, Redis, RabbitMQ, Docker): scripts/services.sh starts
+# the services the backends' tests talk to (PostgreSQL, Redis, RabbitMQ, Docker, ministack, Chromium, Kubernetes): scripts/services.sh starts
 # a stopped one, or installs it with apt-get when run as root, and fails loudly otherwise.
 # It installs uv into .tools/, syncs the workspace into .venv/ from uv.lock, checks lint,
 # then runs pytest. Extra arguments go to pytest (e.g. -k engine -x).
@@ -18,7 +18,8 @@ echo "--- syncing the workspace into .venv/ (uv.lock)"
 .tools/bin/uv sync --locked --all-packages --compile-bytecode --python "$PY" --quiet
 echo "--- ruff"
 .venv/bin/ruff check .
-echo "--- services (PostgreSQL for the storage tests, Redis and RabbitMQ for Celery, Docker for runyard-docker)"
-bash scripts/services.sh postgres redis rabbitmq docker
+# Kubernetes: built from source on a cache miss (~15 min, once per machine), then started.
+echo "--- services (PostgreSQL for the storage tests, Redis and RabbitMQ for Celery, Docker for runyard-docker, ministack for runyard-ecs, Chromium for runyard ui, Kubernetes for runyard-k8s)"
+bash scripts/services.sh postgres redis rabbitmq docker ministack chromium k8s
 echo "--- pytest"
 exec .venv/bin/python -m pytest "$@"

@@ -13,8 +13,11 @@ import click
 import pytest
 from runyard import CodePointer
 from runyard.instance import Instance
+from runyard.outputs import FileOutputStore
 from runyard.plugin import StepRequest
 from runyard.storage import RunStatus
+
+from .test_runs_cli import FAILING as FAILING_JOB  # one failing job for the CLI tests
 
 RUNYARD = Path(sys.executable).parent / "runyard"
 
@@ -51,26 +54,6 @@ def alpha():
     emit()
 """
 
-FAILING_JOB = """
-from runyard import job, step
-
-@step
-def emit() -> int:
-    return 1
-
-@step
-def boom(x: int) -> int:
-    raise ValueError(f"kaput {x}")
-
-@step
-def after(x: int) -> int:
-    return x
-
-@job
-def failing():
-    after(boom(emit()))
-"""
-
 
 @pytest.fixture
 def home(tmp_path: Path) -> Path:
@@ -85,10 +68,8 @@ def write(path: Path, text: str) -> Path:
 
 
 def run(home: Path, *args: str, cwd: Path | None = None, stdin: str | None = None,
-        env: dict[str, str | None] | None = None) -> subprocess.CompletedProcess[str]:
-    """Run the CLI; a None in ``env`` unsets that variable."""
-    merged = {**os.environ, "RUNYARD_HOME": str(home), **(env or {})}
-    full_env = {k: v for k, v in merged.items() if v is not None}
+        env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    full_env = {**os.environ, "RUNYARD_HOME": str(home), **(env or {})}
     return subprocess.run(
         [str(RUNYARD), *args], env=full_env, cwd=cwd or home.parent, capture_output=True, text=True,
         input=stdin, timeout=60,
@@ -258,15 +239,16 @@ def test_malformed_instance_config_exits_2(home: Path, tmp_path: Path) -> None:
     assert "Traceback" not in proc.stderr
 
 
-def test_not_installed_executor_exits_2(home: Path, tmp_path: Path) -> None:
-    # runyard-k8s is installed in this environment but provides nothing yet: the message
-    # says so rather than telling the user to install what is installed.
+def test_not_loaded_executor_exits_2(home: Path, tmp_path: Path) -> None:
+    # A known backend that is installed but not loaded (disabled here) is a configuration
+    # error (exit 2) that says why and how to use it, rather than telling the user to
+    # install what is installed.
     f = write(tmp_path / "solo.py", ONE_JOB)
-    proc = run(home, "job", "execute", "-f", str(f), "--executor", "k8s")
+    proc = run(home, "job", "execute", "-f", str(f), "--executor", "k8s", env={"RUNYARD_DISABLE_PLUGINS": "k8s"})
     assert proc.returncode == 2
-    assert proc.stderr.strip().startswith(
-        "error: --executor: executor 'k8s': runyard-k8s 0.1.0 is installed, but it registers no runyard plugin"
-    ), proc.stderr
+    msg = proc.stderr.strip()
+    assert msg.startswith("error: --executor: executor 'k8s' is not loaded: plugin 'k8s' (runyard-k8s "), msg
+    assert "remove 'k8s' from RUNYARD_DISABLE_PLUGINS" in msg and "pip install" not in msg
 
 
 # -- help, plugins, api -------------------------------------------------------------------------
@@ -354,14 +336,12 @@ def test_api_execute_step_runs_one_step(home: Path, tmp_path: Path) -> None:
     )
     # Unsigned: allowed only because no key is configured and the caller says so (see
     # tests/test_step_worker_trust.py for what is refused).
-    # No key configured: backend test modules collected in the same session set one in os.environ.
     proc = run(home, "api", "execute-step", "--allow-unsigned", "--code-location", str(tmp_path),
-               "--output-store", str(outputs), stdin=request.to_json(),
-               env={"RUNYARD_SIGNING_KEY": None, "RUNYARD_STEP_WORKER": None})
+               "--output-store", str(outputs), stdin=request.to_json())
     assert proc.returncode == 0, proc.stderr
     events = [json.loads(line) for line in proc.stdout.splitlines()]
     assert [e["type"] for e in events] == ["STEP_START", "STEP_STDOUT", "STEP_OUTPUT", "STEP_SUCCESS"]
     assert all(e["run_id"] == "r1" and e["step_key"] == "emit" and e["attempt_id"] == "a1" for e in events)
     assert events[1]["data"] == {"text": "emitting 21\n"}
-    assert events[2]["data"] == {"ref": "r1/emit", "type": "int"}
-    assert (outputs / "r1" / "emit").is_file()
+    assert events[2]["data"]["type"] == "int" and events[2]["data"]["ref"].startswith("r1/emit/")
+    assert FileOutputStore(outputs).get(events[2]["data"]["ref"]) == 21

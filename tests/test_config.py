@@ -83,7 +83,8 @@ def test_unknown_top_level_key_lists_allowed_keys(runyard_make_instance: Callabl
         runyard_make_instance({"executor": "in_process", "exector": "in_process"})
     assert str(e.value).endswith(
         f"{CONFIG_FILE}: unknown key 'exector'; did you mean 'executor'? "
-        "(allowed keys: storage, run_launcher, executor, outputs, step_worker)"
+        "(allowed keys: storage, run_launcher, executor, outputs, step_worker, run_coordinator, run_retries, "
+        "run_monitoring, daemon)"
     )
 
 
@@ -166,7 +167,7 @@ def test_outputs_setting_moves_the_output_store(runyard_make_instance: Callable[
     inst = runyard_make_instance({"outputs": str(tmp_path / "elsewhere")})
     result = plain_job.execute_in_process(instance=inst)
     assert result.output_for("emit") == 1
-    assert (tmp_path / "elsewhere" / result.run_id / "emit").is_file()
+    assert [p.name[:6] for p in (tmp_path / "elsewhere" / result.run_id).iterdir()] == [".pack-"]
 
 
 # -- {env: NAME} ----------------------------------------------------------------------------
@@ -230,20 +231,31 @@ def test_unknown_storage_name_lists_installed_storages(runyard_make_instance: Ca
 
 
 def test_known_backend_installed_but_providing_nothing_says_so(
-    runyard_make_instance: Callable[..., Instance],
+    runyard_make_instance: Callable[..., Instance], monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # runyard-k8s is installed here but registers no plugin yet: not "pip install" advice.
-    inst = runyard_make_instance({"executor": "k8s"})
+    # A known backend whose distribution is installed but registers no plugin (an unfinished
+    # or broken install) gets "reinstall", not "pip install" advice. Every real backend here
+    # registers its plugins, so the backend 'lonely' is said to come from pluggy, which is
+    # installed and registers nothing in group 'runyard'.
+    import importlib.metadata
+
+    from runyard import registry
+
+    monkeypatch.setitem(registry.KNOWN_BACKENDS["executor"], "lonely", "lonely")
+    monkeypatch.setitem(registry.EXTRA_DISTRIBUTIONS, "lonely", "pluggy")
+    version = importlib.metadata.version("pluggy")
+    inst = runyard_make_instance({"executor": "lonely"})
     (problem,) = inst.validate()
     assert problem.startswith(
-        f"{inst.config_source}: executor: executor 'k8s': runyard-k8s 0.1.0 is installed, but it registers "
+        f"{inst.config_source}: executor: executor 'lonely': pluggy {version} is installed, but it registers "
         "no runyard plugin"
     ), problem
+    assert 'pip install --force-reinstall "runyard[lonely]"' in problem
     with pytest.raises(PluginError) as e:
         execute_job(plain_job, instance=inst)
     assert str(e.value) == problem
     with pytest.raises(PluginError) as e:
-        execute_job(plain_job, instance=inst, executor="k8s")
+        execute_job(plain_job, instance=inst, executor="lonely")
     assert str(e.value) == problem.replace(f"{inst.config_source}: executor:", "--executor:", 1)
 
 
@@ -419,5 +431,6 @@ def test_instance_validate_ok_and_unparseable(runyard_home: Path) -> None:
     assert bad.returncode == 2
     assert bad.stderr.strip() == (
         f"error: {runyard_home.resolve() / CONFIG_FILE}: unknown key 'bogus' "
-        "(allowed keys: storage, run_launcher, executor, outputs, step_worker)"
+        "(allowed keys: storage, run_launcher, executor, outputs, step_worker, run_coordinator, run_retries, "
+        "run_monitoring, daemon)"
     )

@@ -116,3 +116,37 @@ def test_failure_travels_inside_an_event() -> None:
 def test_unknown_event_type_is_rejected() -> None:
     with pytest.raises(ValueError):
         Event.from_json('{"v":1,"type":"NOT_A_TYPE","run_id":"r","timestamp":1.0}')
+
+
+def test_many_from_json_equals_from_json_one_by_one_and_shares_repeated_strings() -> None:
+    events = [_full(t) for t in EventType] * 3 + [Event(type=EventType.STEP_OUTPUT, run_id="r" * 32, step_key="s",
+                                                          data={"ref": "x" * 300, "type": "int", "n": [1, {"a": 2}]})]
+    bodies = [e.to_json() for e in events]
+    one_by_one = [Event.from_json(b) for b in bodies]
+    together = Event.many_from_json(list(bodies), chunk=7)  # several chunks, one cut mid-list
+    assert together == one_by_one == events
+    # A large run's events repeat the same strings: decoded together they are one object each.
+    assert len({id(e.run_id) for e in together}) == 1
+    assert len({id(e.attempt_id) for e in together if e.attempt_id}) == 1
+    keys = [next(iter(e.data)) for e in Event.many_from_json(list(bodies)) if e.type is EventType.STEP_OUTPUT]
+    assert len({id(k) for k in keys}) == 1  # within a chunk, equal payload keys are shared
+    assert Event.many_from_json([]) == []
+
+
+def test_the_result_s_events_are_read_from_storage_when_first_asked_for() -> None:
+    from runyard import job, step
+
+    @step
+    def one() -> int:
+        return 1
+
+    @job
+    def lazy() -> None:
+        one()
+
+    result = lazy.execute_in_process()
+    stored = [s.event for s in result._instance.storage.get_events(result.run_id)]
+    assert result._events is None  # not decoded until asked for
+    assert result.events == stored and [e.type for e in stored][0] is EventType.RUN_START
+    assert result.events is result.events  # read once
+    assert [e.type for e in result.events_for("one")][-1] is EventType.STEP_SUCCESS

@@ -267,7 +267,7 @@ def alive(pid: int) -> bool:
     """Still running: a zombie (dead, not yet reaped by its parent) does not count."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
+    except OSError:  # ESRCH when it exits between open and read
         return False
     return stat[stat.rfind(")") + 2] not in "ZX"
 

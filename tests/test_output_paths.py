@@ -49,7 +49,7 @@ def test_file_store_refuses_a_symlink_out_of_its_root(tmp_path: Path) -> None:
 def test_valid_references_still_round_trip(tmp_path: Path) -> None:
     store = FileOutputStore(tmp_path / "outputs")
     ref = store.put("3f2c9a1b", "load.csv-2", {"rows": 3})
-    assert ref == "3f2c9a1b/load.csv-2" and store.get(ref) == {"rows": 3}
+    assert ref.startswith("3f2c9a1b/load.csv-2/") and store.get(ref) == {"rows": 3}
     mem = MemoryOutputStore()
     with pytest.raises(OutputPathError):
         mem.put("run", "../x", 1)
@@ -102,3 +102,30 @@ def test_relative_outputs_path_is_relative_to_runyard_yaml(tmp_path: Path, runya
 def test_urls_and_absolute_outputs_are_unchanged(runyard_make_instance, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     assert runyard_make_instance({"outputs": "s3://bucket/prefix"}).outputs_url == "s3://bucket/prefix"
     assert runyard_make_instance({"outputs": str(tmp_path / "abs")}).outputs_url == str(tmp_path / "abs")
+
+
+def test_file_store_reads_no_output_through_a_symlink(tmp_path: Path) -> None:
+    # The run's folder is checked once; a file of the older one-file-per-output layout (and a
+    # pack) is opened with O_NOFOLLOW.
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"not a pickle of ours")
+    store = FileOutputStore(tmp_path / "outputs")
+    ref = store.put("run1", "real", 1)
+    assert store.get(ref) == 1
+    (tmp_path / "outputs" / "run1" / "step").symlink_to(secret)
+    with pytest.raises(OutputPathError, match="symbolic link"):
+        store.get("run1/step")
+    # Writing that key appends the output to the run's pack: the link is not written through.
+    assert store.get(store.put("run1", "step", 2)) == 2 and secret.read_bytes() == b"not a pickle of ours"
+
+
+def test_file_store_remakes_a_run_folder_removed_under_it(tmp_path: Path) -> None:
+    import shutil
+
+    store = FileOutputStore(tmp_path / "outputs")
+    store.put("run1", "a", 1)
+    shutil.rmtree(tmp_path / "outputs" / "run1")  # `runyard run delete` in another process
+    with pytest.raises(KeyError):
+        store.get("run1/a")
+    assert store.get(store.put("run1", "b", 2)) == 2
+    assert oct((tmp_path / "outputs" / "run1").stat().st_mode & 0o777) == oct(0o700)

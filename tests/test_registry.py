@@ -4,6 +4,7 @@ deprecated hooks, installed backends that provide nothing."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import subprocess
@@ -354,14 +355,19 @@ def test_disabled_names_come_from_the_environment() -> None:
     assert disabled_from_env({}) == frozenset()
 
 
-def test_an_installed_backend_distribution_that_provides_nothing_is_not_told_to_install_it() -> None:
-    # runyard-k8s is installed in this environment and registers no plugin (yet).
+def test_an_installed_backend_distribution_that_provides_nothing_is_not_told_to_install_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Every real backend here registers its plugins: the known backend 'lonely' is said to
+    # come from pluggy, which is installed and registers nothing in group 'runyard'.
+    monkeypatch.setitem(registry_module.KNOWN_BACKENDS["executor"], "lonely", "lonely")
+    monkeypatch.setitem(registry_module.EXTRA_DISTRIBUTIONS, "lonely", "pluggy")
     reg = PluginRegistry()
     with pytest.raises(PluginError) as e:
-        reg.executor("k8s")
+        reg.executor("lonely")
     msg = str(e.value)
-    assert msg.startswith("executor 'k8s': runyard-k8s 0.1.0 is installed, but it registers no runyard plugin "
-                          "(no entry point in group 'runyard')"), msg
+    assert msg.startswith(f"executor 'lonely': pluggy {importlib.metadata.version('pluggy')} is installed, but it "
+                          "registers no runyard plugin (no entry point in group 'runyard')"), msg
     assert "reinstall" in msg and "is not installed" not in msg
 
 
@@ -379,7 +385,7 @@ def test_a_known_backend_that_is_not_installed_gets_the_install_command(monkeypa
     # Every backend is installed in this workspace: point k8s at a distribution that is not.
     monkeypatch.setitem(registry_module.EXTRA_DISTRIBUTIONS, "k8s", "runyard-k8s-absent")
     with pytest.raises(PluginError) as e:
-        PluginRegistry().executor("k8s")
+        PluginRegistry(use_entry_points=False).executor("k8s")
     assert str(e.value) == 'executor \'k8s\' is not installed: pip install "runyard[k8s]"'
 
 

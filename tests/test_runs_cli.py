@@ -206,12 +206,14 @@ def test_exit_codes(home: Path, tmp_path: Path) -> None:
     assert failed.stdout.strip().splitlines()[-1].endswith("(1 failed, 1 skipped, 1 success)")
     run_id = failed.stdout.splitlines()[0]
     assert ry(home, "run", "wait", run_id).returncode == 1  # a finished run: its outcome at once
-    not_installed = ry(home, "job", "launch", "-f", str(ok), "--executor", "k8s")
-    assert not_installed.returncode == 2
-    assert not_installed.stderr.strip().startswith(
-        "error: --executor: executor 'k8s': runyard-k8s 0.1.0 is installed, but it registers no runyard plugin"
-    ), not_installed.stderr
-    assert "Traceback" not in not_installed.stderr
+    # An executor whose required settings are missing (k8s needs an image) is a configuration
+    # error: exit 2, the key named, no traceback, nothing launched.
+    not_configured = ry(home, "job", "launch", "-f", str(ok), "--executor", "k8s")
+    assert not_configured.returncode == 2
+    assert not_configured.stderr.strip().startswith(
+        "error: --executor: image: required key 'image' is missing"
+    ), not_configured.stderr
+    assert "Traceback" not in not_configured.stderr
     usage = ry(home, "job", "launch")
     assert usage.returncode == 2 and "give exactly one of -f FILE and -m MODULE" in usage.stderr
     # Nothing was recorded for the runs that could not be created.
@@ -248,14 +250,14 @@ def test_run_list_and_show_json_shapes(home: Path, tmp_path: Path) -> None:
     assert [r["run_id"] for r in rows] == [second, first]  # newest first
     assert set(rows[0]) == {
         "run_id", "job_name", "status", "executor", "tags", "parent_run_id", "step_selection", "code_pointer",
-        "run_config", "created_at", "started_at", "ended_at", "duration",
+        "run_config", "created_at", "started_at", "ended_at", "duration", "queue_position",
     }
     assert [r["status"] for r in rows] == ["FAILURE", "SUCCESS"]
     only_failed = json.loads(ry(home, "run", "list", "--status", "failure", "--json").stdout)
     assert [r["run_id"] for r in only_failed] == [second]
     assert len(json.loads(ry(home, "run", "list", "--limit", "1", "--json").stdout)) == 1
     table = ry(home, "run", "list").stdout.splitlines()
-    assert table[0].split() == ["RUN_ID", "JOB", "STATUS", "CREATED", "DURATION"]
+    assert table[0].split() == ["RUN_ID", "JOB", "STATUS", "CREATED", "DURATION", "TAGS"]
     assert table[1].startswith(second[:12]) and "FAILURE" in table[1]
 
     shown = ry(home, "run", "show", second[:10], "--json")  # a unique prefix is enough
@@ -266,10 +268,19 @@ def test_run_list_and_show_json_shapes(home: Path, tmp_path: Path) -> None:
     assert data["launcher"] == "default" and isinstance(data["worker"]["pid"], int)
     assert data["resolution"]["executor"]["name"] == "multi_or_in_process"
     assert data["resolution"]["run_launcher"]["name"] == "default"
-    assert data["steps"]["emit"] == {"state": "success", "attempts": 1, "failure": None}
-    assert data["steps"]["after"] == {"state": "skipped", "attempts": 0, "failure": None}
+    emit = data["steps"]["emit"]
+    assert (emit["state"], emit["attempts"], emit["failure"]) == ("success", 1, None)
+    # Per-step timings: when each attempt started and ended, and how it ended.
+    (timing,) = emit["timings"]
+    assert timing["attempt"] == 1 and timing["outcome"] == "success"
+    assert data["started_at"] <= timing["started_at"] <= timing["ended_at"] <= data["ended_at"]
+    assert emit["duration"] == timing["duration"] == timing["ended_at"] - timing["started_at"]
+    assert emit["started_at"] == timing["started_at"] and emit["ended_at"] == timing["ended_at"]
+    assert data["steps"]["after"] == {"state": "skipped", "attempts": 0, "failure": None, "started_at": None,
+                                      "ended_at": None, "duration": None, "timings": []}
     boom = data["steps"]["boom"]
     assert boom["state"] == "failed" and boom["attempts"] == 1
+    assert [t["outcome"] for t in boom["timings"]] == ["failure"]
     assert boom["failure"]["message"] == "ValueError: kaput 1"
     assert boom["failure"]["error_class"] == "builtins.ValueError" and boom["failure"]["kind"] == "error"
 
@@ -278,6 +289,11 @@ def test_run_list_and_show_json_shapes(home: Path, tmp_path: Path) -> None:
     assert "reason    step(s) failed: boom" in text
     assert any(line.split()[:3] == ["boom", "failed", "1"] and line.endswith("ValueError: kaput 1")
                for line in text.splitlines())
+    assert any(line.split()[:3] == ["emit", "success", "1"] and line.split()[3].endswith("s")
+               for line in text.splitlines()), text
+    # The failed step's error and traceback, not only in --json.
+    assert "step 'boom' failed (error): ValueError: kaput 1" in text
+    assert "Traceback (most recent call last)" in text and 'raise ValueError(f"kaput' in text
 
 
 def test_run_list_when_empty(home: Path) -> None:
@@ -345,12 +361,12 @@ def test_config_explain_shows_each_setting_and_its_layer(home: Path, tmp_path: P
     assert rows["tag_concurrency_limits"].rstrip().endswith(f"{cfg}: executor.in_process.tag_concurrency_limits")
     assert "  steps at once: 1   (job 'configured': executor_config.max_concurrent)" in text
 
-    # Without --executor the job names one that is not installed: the same error a run gets.
+    # Without --executor the job names one whose required setting it lacks: the same error a
+    # run gets, naming where the settings came from.
     missing = ry(home, "config", "explain", "-f", str(f), "-j", "elsewhere")
     assert missing.returncode == 2
     assert missing.stderr.strip().startswith(
-        "error: job 'elsewhere': executor: executor 'k8s': runyard-k8s 0.1.0 is installed, but it registers "
-        "no runyard plugin"
+        "error: job 'elsewhere': executor_config.image: required key 'image' is missing"
     ), missing.stderr
     # With --executor the job's choice is shown as overridden.
     over = json.loads(ry(home, "config", "explain", "-f", str(f), "-j", "elsewhere", "--executor", "in_process",

@@ -337,6 +337,35 @@ def test_cancel_right_after_launch_does_not_wait_out_the_grace(
     assert gone(worker["pid"]) and live_in_group(worker["pgid"]) == []
 
 
+@pytest.mark.parametrize("executor", ["multiprocess", "in_process"])
+def test_a_burst_of_sigterms_cancels_the_run_once_and_never_hangs_the_worker(
+    home: Path, tmp_path: Path, env: dict[str, str], reap: None, executor: str
+) -> None:
+    """A signal landing while the worker's first cancel held its lock hung the worker for
+    good (the run-launcher kit's terminate-twice test, 1 run in 5: STARTED for ever, the
+    stack in Cancellation.cancel twice). The worker ends the run CANCELED by itself here:
+    nobody forces it."""
+    f = write(tmp_path / "sleepy.py", SLEEPY)
+    run_id = ry(env, "job", "launch", "-f", str(f), "--executor", executor).stdout.strip()
+    wait_for_file(tmp_path / "pids")
+    worker = worker_of(home, run_id)
+    # For 2 s, as fast as they go: many land inside the handling of another.
+    until = time.monotonic() + 2
+    while time.monotonic() < until and not gone(worker["pid"]):
+        os.kill(worker["pid"], signal.SIGTERM)
+    storage = Instance(home).storage
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and not gone(worker["pid"]):
+        time.sleep(0.05)
+    run = storage.get_run(run_id)
+    assert gone(worker["pid"]), f"the worker still runs 20 s after the SIGTERMs; run {run.status.value}"
+    assert run is not None and run.status is RunStatus.CANCELED, (run.status, types_of(home, run_id))
+    (failure,) = storage.get_events(run_id, types=[EventType.STEP_FAILURE])
+    assert failure.event.failure is not None and failure.event.failure.kind.value == "canceled"
+    assert types_of(home, run_id).count("RUN_CANCELED") == 1
+    assert live_in_group(worker["pgid"]) == []
+
+
 @pytest.mark.parametrize("monitor", ["wait", "show"])
 def test_killed_worker_is_noticed_by_whoever_looks(
     home: Path, tmp_path: Path, env: dict[str, str], reap: None, monitor: str

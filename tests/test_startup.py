@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-BACKENDS = ("dask", "distributed", "celery", "docker", "kubernetes")
+BACKENDS = ("dask", "distributed", "celery", "docker", "kubernetes", "boto3", "botocore")
 RUNYARD = Path(sys.executable).parent / "runyard"
 _MARK = "RUNYARD-TEST-MODULES "
 _PRELUDE = (
@@ -119,3 +119,46 @@ def test_console_script_plugin_list(stub_path: Path, tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "in_process" in proc.stdout
     _check(imported_modules(proc.stderr), {"runyard.cli", "runyard.registry", "pluggy"})
+
+
+@pytest.mark.parametrize("args", [["--help"], ["ui", "--help"], ["run", "list"]])
+def test_cli_imports_no_web_stack(args: list[str], stub_path: Path, tmp_path: Path) -> None:
+    """The ``ui`` command's web stack (the ui extra) loads only when ``runyard ui`` serves."""
+    code = f"from runyard.cli import main\ntry:\n    main({args!r})\nexcept SystemExit:\n    pass\n"
+    modules = _python(code, stub_path, tmp_path)
+    assert "runyard.cli" in modules
+    web = sorted(m for m in modules if m.split(".")[0] in ("starlette", "uvicorn", "jinja2", "runyard.ui")
+                 or m.startswith("runyard.ui"))
+    assert web == [], f"web stack imported by `runyard {' '.join(args)}`: {web}"
+
+
+# What the pure commands must not import even when nothing is replayed (RUNYARD_CLI_CACHE=0):
+# importlib.metadata (entry points are read by runyard.entrypoints), the step worker and
+# request signing (loaded by runyard.plugin on first use), and error-only helpers.
+NOT_AT_STARTUP = ("importlib.metadata", "email", "zipfile", "runyard.worker", "runyard.trust",
+                  "difflib", "traceback", "hmac", "secrets")
+
+
+@pytest.mark.parametrize("args", [["--help"], ["plugin", "list"], ["job", "execute", "--help"],
+                                  ["instance", "validate"]])
+def test_uncached_commands_import_only_what_they_use(args: list[str], stub_path: Path, tmp_path: Path) -> None:
+    """With every contrib installed and a runyard.yaml naming backends (config parsed and
+    checked against each plugin's settings), no backend library and none of the modules
+    above are imported, and every plugin is still found."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "runyard.yaml").write_text(
+        "executor:\n  dask:\n    max_concurrent: 4\n"
+        "run_launcher:\n  k8s:\n    namespace: jobs\n    image: example/worker:1\n"
+    )
+    env = {**_env(stub_path, home), "RUNYARD_CLI_CACHE": "0", "PYTHONPROFILEIMPORTTIME": "1"}
+    proc = subprocess.run([str(RUNYARD), *args], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    modules = imported_modules(proc.stderr)
+    _check(modules, {"runyard.cli", "click"})
+    assert "runyard.registry" in modules or args[-1] == "--help" and len(args) > 1
+    found = sorted(m for m in modules if m.split(".")[0] in NOT_AT_STARTUP or m in NOT_AT_STARTUP)
+    assert found == [], f"`runyard {' '.join(args)}` imported {found}"
+    if args == ["plugin", "list"]:
+        for name in ("dask", "k8s", "ecs", "docker", "celery", "in_process", "sqlite"):
+            assert f"\n{name} " in "\n" + proc.stdout, proc.stdout

@@ -148,6 +148,47 @@ def test_step_output_without_newline_does_not_corrupt_events(tmp_path: Path, str
     assert FileOutputStore(tmp_path / "outputs").get(events[-2].data["ref"]) == 5
 
 
+LOUD_IMPORT_JOB = '''
+import os, sys, time
+from runyard import job, step
+
+print("printed while the job loads")
+os.write(2, b"raw stderr while the job loads\\n")
+sys.stdout.flush()
+time.sleep(0.5)  # the forwarder reads it before the step starts
+
+@step
+def quiet(context):
+    return 1
+
+@job
+def loud_import_job():
+    quiet()
+'''
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "at-end"])
+def test_output_written_while_the_job_loads_comes_after_the_step_start(tmp_path: Path, stream: bool) -> None:
+    """Every container executor reads a step's events beginning with its STEP_START: output
+    the job's module writes at import is reported, after the start, not before it."""
+    (tmp_path / "loud_jobs.py").write_text(LOUD_IMPORT_JOB)
+    request = StepRequest(run_id="r" * 32, step_key="quiet", attempt=1, attempt_id="a1", job_name="loud_import_job",
+                          code_pointer=CodePointer(file=str(tmp_path / "loud_jobs.py")),
+                          output_store=str(tmp_path / "outputs"), inputs={})
+    options, payload, env = _trusted(request)
+    proc = subprocess.run([RUNYARD, "api", "execute-step", *options, *(["--stream"] if stream else [])],
+                          input=payload, capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode == 0, proc.stderr
+    events = [Event.from_json(line) for line in proc.stdout.splitlines()]
+    types = [e.type for e in events]
+    assert types[0] is EventType.STEP_START, types
+    assert types[-1] is EventType.STEP_SUCCESS, types
+    out = "".join(e.data["text"] for e in events if e.type is EventType.STEP_STDOUT)
+    err = "".join(e.data["text"] for e in events if e.type is EventType.STEP_STDERR)
+    assert out == "printed while the job loads\n"
+    assert err == "raw stderr while the job loads\n"
+
+
 # -- SIGTERM ------------------------------------------------------------------------------
 
 STUBBORN_JOB = '''

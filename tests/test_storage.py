@@ -256,6 +256,78 @@ def test_compare_and_set_has_one_winner_among_threads(storage: RunStorage) -> No
         assert final is not None and final.status is wins[0] and final.ended_at is not None
 
 
+def test_transition_run_has_one_winner_and_only_its_events(storage: RunStorage) -> None:
+    run = RunRecord(job_name="ends", status=RunStatus.STARTED)
+    storage.add_run(run)
+    barrier = threading.Barrier(6)
+    wins: list[str] = []
+
+    def race(i: int) -> None:
+        barrier.wait(timeout=30)
+        ev = Event(type=EventType.RUN_FAILURE, run_id=run.run_id, message=f"racer {i}")
+        if storage.transition_run(run.run_id, RunStatus.FAILURE, [ev], only_from=[RunStatus.STARTED],
+                                  ended_at=1000.0 + i):
+            wins.append(f"racer {i}")
+
+    threads = [threading.Thread(target=race, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(wins) == 1, wins
+    assert [s.event.message for s in storage.get_events(run.run_id)] == wins
+    final = storage.get_run(run.run_id)
+    assert final is not None and final.status is RunStatus.FAILURE
+    assert final.ended_at == 1000.0 + int(wins[0].split()[1])  # the given time, not now
+
+
+def test_transition_run_is_one_change_a_failed_event_write_keeps_the_status(
+    storage: RunStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stands in for a crash between the two writes: the event insert fails after the status
+    update ran in the same transaction. Status then event as two writes would leave FAILURE
+    with no reason."""
+    run = RunRecord(job_name="torn", status=RunStatus.STARTED)
+    storage.add_run(run)
+    if isinstance(storage, SqliteRunStorage):
+        monkeypatch.setattr("runyard.storage.sqlite._INSERT_EVENT", "INSERT INTO no_such_table VALUES (?, ?, ?, ?, ?)")
+    else:
+        from psycopg import sql
+
+        monkeypatch.setattr(storage, "_insert_event", sql.SQL("INSERT INTO no_such_table VALUES (%s, %s, %s, %s, %s)"))
+    ev = Event(type=EventType.RUN_FAILURE, run_id=run.run_id, message="worker lost")
+    with pytest.raises(Exception, match="no_such_table"):
+        storage.transition_run(run.run_id, RunStatus.FAILURE, [ev], only_from=[RunStatus.STARTED])
+    got = storage.get_run(run.run_id)
+    assert got is not None and got.status is RunStatus.STARTED and got.ended_at is None
+    assert storage.get_events(run.run_id) == []
+    monkeypatch.undo()
+    assert storage.transition_run(run.run_id, RunStatus.FAILURE, [ev], only_from=[RunStatus.STARTED])
+    assert [s.event.type for s in storage.get_events(run.run_id)] == [EventType.RUN_FAILURE]
+
+
+def test_fail_run_writes_its_reason_with_the_status(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`runyard.runs.fail_run` (the daemon's and `run show`'s way to end a lost run): the
+    FAILURE status, its RUN_FAILURE event and the time of death are one change."""
+    from runyard.runs import fail_run
+
+    inst = Instance(tmp_path)
+    run = RunRecord(job_name="lost", status=RunStatus.STARTED)
+    inst.storage.add_run(run)
+    monkeypatch.setattr("runyard.storage.sqlite._INSERT_EVENT", "INSERT INTO no_such_table VALUES (?, ?, ?, ?, ?)")
+    with pytest.raises(Exception, match="no_such_table"):
+        fail_run(inst, run.run_id, "worker gone", died_at=1234.5)
+    assert inst.storage.get_run(run.run_id).status is RunStatus.STARTED  # type: ignore[union-attr]
+    monkeypatch.undo()
+    assert fail_run(inst, run.run_id, "worker gone", died_at=1234.5)
+    assert not fail_run(inst, run.run_id, "second opinion")
+    got = inst.storage.get_run(run.run_id)
+    assert got is not None and got.status is RunStatus.FAILURE and got.ended_at == 1234.5
+    [stored] = inst.storage.get_events(run.run_id)
+    assert stored.event.type is EventType.RUN_FAILURE and stored.event.message == "worker gone"
+    assert stored.event.data["died_at"] == 1234.5 and stored.event.data["failure"]["message"] == "worker gone"
+
+
 # -- events --------------------------------------------------------------------------------
 
 
@@ -709,3 +781,61 @@ def test_postgres_instance_with_unreachable_server(tmp_path: Path, monkeypatch: 
         Instance(tmp_path).storage  # noqa: B018
 
 
+
+
+def test_page_runs_filters_pages_and_counts(storage: RunStorage) -> None:
+    """What the runs page of `runyard ui` asks: by job, status, tag and parent, newest first,
+    one page at a time with the total; the SQL of each storage agrees with the generic
+    implementation third-party storages inherit."""
+    from runyard.storage import RunFilter
+
+    t = 1_000_000.0
+    for i in range(30):
+        storage.add_run(RunRecord(
+            run_id=f"r{i:02d}", job_name="etl" if i % 3 else "report", created_at=t + i,
+            status=RunStatus.SUCCESS if i % 2 else RunStatus.FAILURE,
+            tags={"team": "data" if i < 10 else "web", "odd.key 'q'": str(i)},
+            parent_run_id="r00" if i in (5, 7) else None,
+        ))
+    cases = [
+        (RunFilter(), 30),
+        (RunFilter(job_name="report"), 10),
+        (RunFilter(statuses=(RunStatus.FAILURE,)), 15),
+        (RunFilter(job_name="etl", statuses=(RunStatus.SUCCESS,), tag=("team", "data")), 3),
+        (RunFilter(tag=("odd.key 'q'", "7")), 1),
+        (RunFilter(parent_run_id="r00"), 2),
+        (RunFilter(job_name="nope"), 0),
+        # `run list --since/--until`: created at or after, and before.
+        (RunFilter(created_after=t + 20), 10),
+        (RunFilter(created_before=t + 5), 5),
+        (RunFilter(created_after=t + 10, created_before=t + 20, job_name="report"), 3),
+    ]
+    for where, expected in cases:
+        runs, total = storage.page_runs(where, limit=4, offset=1)
+        generic = RunStorage.page_runs(storage, where, limit=4, offset=1)
+        assert total == expected, where
+        assert [r.run_id for r in runs] == [r.run_id for r in generic[0]], where
+        assert generic[1] == expected
+        assert all(where.matches(r) for r in runs)
+        assert [r.created_at for r in runs] == sorted((r.created_at for r in runs), reverse=True)
+    page2, _ = storage.page_runs(RunFilter(), limit=10, offset=10)
+    assert [r.run_id for r in page2] == [f"r{i:02d}" for i in range(19, 9, -1)]
+
+
+def test_get_events_json_is_get_events_as_stored_text(storage: RunStorage) -> None:
+    import json
+
+    storage.add_run(RunRecord(run_id="rj", job_name="j"))
+    storage.store_events([
+        Event(type=EventType.STEP_START, run_id="rj", step_key="a", attempt=1),
+        Event(type=EventType.STEP_STDOUT, run_id="rj", step_key="a", data={"text": "hi\n"}),
+        Event(type=EventType.STEP_SUCCESS, run_id="rj", step_key="a", attempt=1),
+        Event(type=EventType.STEP_START, run_id="rj", step_key="b", attempt=1),
+    ])
+    for kwargs in ({}, {"step_key": "a"}, {"types": [EventType.STEP_START]}, {"after_id": 2}):
+        full = storage.get_events("rj", **kwargs)  # type: ignore[arg-type]
+        raw = storage.get_events_json("rj", **kwargs)  # type: ignore[arg-type]
+        generic = RunStorage.get_events_json(storage, "rj", **kwargs)  # type: ignore[arg-type]
+        assert [i for i, _ in raw] == [s.id for s in full] == [i for i, _ in generic]
+        assert [json.loads(b) for _, b in raw] == [s.event.to_dict() for s in full]
+    assert [i for i, _ in storage.get_events_json("rj", limit=2)] == [s.id for s in storage.get_events("rj")][:2]

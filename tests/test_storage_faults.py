@@ -20,7 +20,7 @@ import pytest
 from runyard.errors import StorageError
 from runyard.events import Event, EventType
 from runyard.instance import Instance
-from runyard.outputs import FileOutputStore
+from runyard.outputs import _RECORD, PACK_MAGIC, PACK_PREFIX, FileOutputStore
 from runyard.storage import RunRecord, RunStatus
 from runyard.storage.sqlite import SqliteRunStorage
 
@@ -101,7 +101,28 @@ def jobs_file(tmp_path: Path) -> Path:
 
 
 def partial_files(root: Path) -> list[Path]:
-    return [p for p in root.rglob("*") if p.name.endswith(".tmp")]
+    """Leftovers of a failed output write: a temporary file (the older one-file-per-output
+    layout), or a pack file holding more than its magic and complete records (a partial
+    record that was not cut off again)."""
+    found = [p for p in root.rglob("*") if p.name.endswith(".tmp")]
+    for pack in root.rglob(".pack-*"):
+        store = FileOutputStore(pack.parent.parent)
+        data = pack.read_bytes()
+        offset = len(PACK_MAGIC)
+        while offset < len(data):  # walk the records by their headers
+            if offset + _RECORD.size > len(data):
+                found.append(pack)
+                break
+            _, _, klen, dlen = _RECORD.unpack_from(data, offset)
+            key = data[offset + _RECORD.size:offset + _RECORD.size + klen].decode()
+            ref = f"{pack.parent.name}/{key}/{pack.name[len(PACK_PREFIX):]}.{offset}.{_RECORD.size + klen + dlen}"
+            try:
+                store.get(ref)
+            except KeyError:
+                found.append(pack)
+                break
+            offset += _RECORD.size + klen + dlen
+    return found
 
 
 # -- outputs ------------------------------------------------------------------------------------
@@ -116,6 +137,22 @@ def test_a_failed_output_write_removes_its_partial_file_and_reports_enospc(small
     assert partial_files(small_fs) == []
     # The space the partial file took is back: the next (small) output fits.
     assert store.get(store.put("run2", "small", b"y" * 1000)) == b"y" * 1000
+
+
+def test_a_full_disk_mid_pack_keeps_the_run_s_earlier_outputs_and_gives_the_space_back(small_fs: Path) -> None:
+    # Outputs share one pack file per process and run (issue 18): a failed append is cut off
+    # again, and the records before it are never rewritten.
+    store = FileOutputStore(small_fs / "outputs")
+    early = [store.put("run1", f"early{i}", bytes([i]) * 20_000) for i in range(3)]
+    with pytest.raises(OSError) as info:
+        store.put("run1", "big", b"x" * 1_000_000)
+    assert info.value.errno == errno.ENOSPC
+    assert [store.get(r) for r in early] == [bytes([i]) * 20_000 for i in range(3)]
+    assert [FileOutputStore(small_fs / "outputs").get(r) for r in early] == [bytes([i]) * 20_000 for i in range(3)]
+    (pack,) = (small_fs / "outputs" / "run1").iterdir()
+    assert pack.stat().st_size < 70_000  # the partial record is gone
+    after = store.put("run1", "after", b"y" * 50_000)
+    assert store.get(after) == b"y" * 50_000 and store.get(early[0]) == bytes([0]) * 20_000
 
 
 def test_a_step_whose_output_fills_the_disk_fails_with_the_os_error(small_fs: Path, tmp_path: Path) -> None:

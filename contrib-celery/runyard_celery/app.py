@@ -30,6 +30,7 @@ from celery.worker import state as worker_state
 from celery.worker.control import control_command, ok
 from runyard import ConfigError
 from runyard.plugin import (
+    EventType,
     StepInterrupted,
     WorkerPolicy,
     execute_trusted_step,
@@ -37,7 +38,7 @@ from runyard.plugin import (
     refusal_event,
 )
 
-from .settings import STOP_COMMAND, TASK_NAME
+from .settings import LIVE_META_KEY, STOP_COMMAND, TASK_NAME
 
 JSON_ONLY = {
     "task_serializer": "json",
@@ -103,11 +104,15 @@ def default_backend(broker: str, backend: str | None, *, key: str = "executor.ce
 
 
 class _RunyardTasksOnly(TaskRegistry):
-    """A task registry that keeps runyard's task only: whatever else registers itself (Celery's
-    built-ins at finalization, a ``@shared_task`` in an included module) is left out."""
+    """A task registry that keeps one of runyard's tasks only: whatever else registers itself
+    (Celery's built-ins at finalization, a ``@shared_task`` in an included module) is left out."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.only = name
 
     def __setitem__(self, name: str, task: Any) -> None:
-        if name == TASK_NAME:
+        if name == self.only:
             super().__setitem__(name, task)
 
 
@@ -118,10 +123,15 @@ def make_app(
     include: Sequence[str] = (),
     default_queue: str = "runyard",
     config_source: Mapping[str, Any] | None = None,
+    task: tuple[str, Any] | None = None,
+    key: str = "executor.celery",
 ) -> Celery:
-    """The Celery app for these settings, with runyard's task registered."""
-    app = Celery("runyard", broker=broker, backend=default_backend(broker, backend), include=list(include),
-                 set_as_current=False, tasks=_RunyardTasksOnly())
+    """The Celery app for these settings, with runyard's task registered: by default the one
+    that runs a step in the pool process; ``task`` = (name, function) registers another
+    instead (the ``celery_docker`` executor's)."""
+    name, body = task or (TASK_NAME, _run_step)
+    app = Celery("runyard", broker=broker, backend=default_backend(broker, backend, key=key), include=list(include),
+                 set_as_current=False, tasks=_RunyardTasksOnly(name))
     conf: dict[str, Any] = {**RELIABILITY, "task_default_queue": default_queue}
     user = dict(config_source or {})
     if "broker_transport_options" in user:
@@ -129,7 +139,7 @@ def make_app(
     conf.update(user)
     conf.update(JSON_ONLY)  # last: config_source cannot reintroduce pickle (the config class refuses it too)
     app.conf.update(conf)
-    app.task(name=TASK_NAME, bind=True)(_run_step)
+    app.task(name=name, bind=True)(body)
     return app
 
 
@@ -147,6 +157,82 @@ def set_worker_policy(policy: WorkerPolicy) -> None:
     _policy = policy
 
 
+_LIVE = (EventType.STEP_START, EventType.STEP_LOG, EventType.STEP_STDOUT, EventType.STEP_STDERR)
+_LIVE_EVERY = 0.2  # seconds between two writes of a task's live events to the result backend
+_LIVE_WINDOW = 200  # events a write carries at most (the latest): the result has them all
+
+
+class _LiveMeta:
+    """Publishes a running step's start, log records and output as its task's STARTED
+    meta (the hostname and pid Celery puts there, plus ``runyard_live``: ``{"from": index
+    of the first event carried, "events": [...]}``), where the engine's monitor reads
+    every running task's state anyway: no extra round trip on the engine's side. At most
+    one backend write per `_LIVE_EVERY` seconds; a timer writes what a burst left."""
+
+    def __init__(self, task: Any) -> None:
+        self.task = task
+        # The task's request is thread-local: a timer thread must name the task itself.
+        self.task_id = task.request.id
+        self.base = {"pid": os.getpid(), "hostname": getattr(task.request, "hostname", None)}
+        self.events: list[dict[str, Any]] = []
+        self.first = 0  # index of self.events[0] among every live event of the attempt
+        self.lock = threading.Lock()
+        self.last = 0.0
+        self.timer: threading.Timer | None = None
+        self.dirty = False
+        self.closed = False  # the task's result is next: a STARTED state must never follow it
+
+    def __call__(self, ev: Any) -> None:
+        if ev.type not in _LIVE:
+            return
+        with self.lock:
+            if self.closed:
+                return
+            self.events.append(ev.to_dict())
+            if len(self.events) > _LIVE_WINDOW:
+                drop = len(self.events) - _LIVE_WINDOW
+                del self.events[:drop]
+                self.first += drop
+            self.dirty = True
+            if time.monotonic() - self.last < _LIVE_EVERY:
+                if self.timer is None:
+                    self.timer = threading.Timer(_LIVE_EVERY, self.send)
+                    self.timer.daemon = True
+                    self.timer.start()
+                return
+        self.send()
+
+    def send(self) -> None:
+        with self.lock:
+            self.timer = None
+            if not self.dirty or self.closed:
+                return
+            self.dirty = False
+            self.last = time.monotonic()
+            meta = {**self.base, LIVE_META_KEY: {"from": self.first, "events": list(self.events)}}
+            try:
+                self.task.update_state(task_id=self.task_id, state="STARTED", meta=meta)
+            except Exception:  # noqa: S110 - a live copy lost is not the step's failure: the result has it
+                pass
+
+    def close(self) -> None:
+        with self.lock:
+            timer, self.timer = self.timer, None
+            self.closed = True  # the result follows with every event
+        if timer is not None:
+            timer.cancel()
+
+
+def worker_policy(request: Any) -> WorkerPolicy | dict[str, Any]:
+    """This worker's policy, or the task result refusing ``request`` when its settings are invalid."""
+    if _policy is not None:
+        return _policy
+    try:  # a worker started some other way than `runyard celery worker`
+        return load_worker_policy()
+    except Exception as e:
+        return {"events": [refusal_event(request, f"this worker's trust settings are invalid: {e}").to_dict()]}
+
+
 def _run_step(task: Any, request: Any) -> dict[str, Any]:
     """Run one step attempt in this pool process; the events are the result (JSON).
 
@@ -155,16 +241,15 @@ def _run_step(task: Any, request: Any) -> dict[str, Any]:
     SIGTERM (sent by `stop_step`) raises StepInterrupted in the step, so its ``finally``
     blocks run and the attempt reports a failure; the pool process lives on.
     """
-    policy = _policy
-    if policy is None:  # a worker started some other way than `runyard celery worker`
-        try:
-            policy = load_worker_policy()
-        except Exception as e:
-            return {"events": [refusal_event(request, f"this worker's trust settings are invalid: {e}").to_dict()]}
+    policy = worker_policy(request)
+    if isinstance(policy, dict):
+        return policy
     previous = signal.signal(signal.SIGTERM, _interrupt)
+    live = _LiveMeta(task)
     try:
-        events = execute_trusted_step(request, policy)
+        events = execute_trusted_step(request, policy, on_event=live)
     finally:
+        live.close()
         signal.signal(signal.SIGTERM, previous)
     return {"events": [ev.to_dict() for ev in events]}
 

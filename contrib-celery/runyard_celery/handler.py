@@ -33,7 +33,7 @@ from .connection import CeleryBrokerError, open_app, refusal
 from .control import WorkerControl
 from .monitor import TaskMonitor
 from .settings import PRIORITY_TAG, QUEUE_TAG, TASK_NAME, CeleryConfig
-from .states import CeleryTask, StateReader
+from .states import CeleryTask, StateReader, live_mark
 
 __all__ = ["CeleryBrokerError", "CeleryStepHandler", "CeleryTask"]
 
@@ -42,6 +42,15 @@ class CeleryStepHandler(StepHandler):
     """Runs each step attempt as a ``runyard.execute_step`` task on Celery workers."""
 
     config: CeleryConfig
+
+    task_name = TASK_NAME
+    """The task each attempt is sent as (the celery_docker executor sends its own)."""
+    step_in_pool = True
+    worker_command = "runyard celery worker"
+    """How to start a worker that takes these tasks (named when nobody consumes a queue)."""
+    """The step runs in the worker's pool process (see `states.task_failure`); when false, the
+    step's own STEP_START event (streamed by the worker), not the task's STARTED state, tells
+    the engine that it started, so its timeout does not count the container's start-up."""
 
     # -- life cycle ---------------------------------------------------------------------
 
@@ -54,7 +63,8 @@ class CeleryStepHandler(StepHandler):
         self._key = key
         self.app, self.broker, self.default_queue = open_app(cfg)
         self._control = WorkerControl(self.app, cfg)
-        self._monitor = TaskMonitor(cfg, self._control, StateReader(self.app))
+        self._monitor = TaskMonitor(cfg, self._control, StateReader(self.app),
+                                    step_in_pool=self.step_in_pool, worker_command=self.worker_command)
         self._monitor.start()
 
     def teardown(self) -> None:
@@ -86,7 +96,7 @@ class CeleryStepHandler(StepHandler):
         with monitor.lock:
             monitor.tasks[task.task_id] = task
         try:
-            self.app.send_task(TASK_NAME, args=[sign_request(request, self._key)], **options)
+            self.app.send_task(self.task_name, args=self.task_args(request), **options)
         except BaseException:
             with monitor.lock:
                 monitor.tasks.pop(task.task_id, None)
@@ -94,18 +104,27 @@ class CeleryStepHandler(StepHandler):
         monitor.kick.set()
         return task
 
+    def task_args(self, request: StepRequest) -> list[Any]:
+        """The task's arguments (JSON): the signed request."""
+        return [sign_request(request, self._key)]
+
     def poll(self, handle: CeleryTask) -> StepUpdate:
         monitor = self._monitor
         with monitor.lock:
+            live, handle.live = handle.live, []
             if not handle.over:
-                return StepUpdate.running(started=handle.started)
+                streamed, handle.streamed = handle.streamed, []
+                return StepUpdate.running([*live, *streamed], started=handle.started and self.step_in_pool)
             if handle.reported:
                 return StepUpdate.finished()
             handle.reported = True
             monitor.tasks.pop(handle.task_id, None)
+        # The result carries every event: those reported live are not reported again.
+        events = [*live, *handle.streamed, *(ev for ev in handle.events if live_mark(ev) not in handle.live_seen)]
+        handle.streamed = []
         if handle.failure is not None:
-            return StepUpdate.crashed(handle.failure, handle.events)
-        return StepUpdate.finished(handle.events)
+            return StepUpdate.crashed(handle.failure, events)
+        return StepUpdate.finished(events)
 
     def wait(self, timeout: float) -> None:
         # The engine polls every attempt after this returns, so clearing after the wait

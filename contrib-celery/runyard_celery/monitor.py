@@ -23,12 +23,14 @@ from typing import Any
 from runyard.plugin import Event, FailureInfo, FailureKind
 
 from .control import WorkerControl
-from .settings import CeleryConfig
-from .states import CeleryTask, StateReader, task_failure
+from .settings import LIVE_META_KEY, CeleryConfig
+from .states import CeleryTask, StateReader, live_mark, task_failure
 
 _POLL_MIN, _POLL_MAX = 0.001, 0.02  # backend polling interval bounds while steps are out, seconds
 _PING_EVERY = 2.0  # seconds between liveness pings of the workers running steps
-_POLL_RUNNING = 0.5  # polling interval when every step out is running: their ends need no haste
+# Polling interval when every step out is running: their ends need no haste, but their
+# live events (in the STARTED meta, see app._LiveMeta) should reach storage within a second.
+_POLL_RUNNING = 0.25
 _FAST_FOR = 2.0  # seconds of fast polling after the last change of state
 _STOP_CONFIRM = 10.0  # seconds past terminate_grace to wait for a stopped task's end before giving up
 
@@ -36,8 +38,11 @@ _STOP_CONFIRM = 10.0  # seconds past terminate_grace to wait for a stopped task'
 class TaskMonitor:
     """The tasks out, under one lock, and the threads that watch them."""
 
-    def __init__(self, config: CeleryConfig, control: WorkerControl, reader: StateReader) -> None:
+    def __init__(self, config: CeleryConfig, control: WorkerControl, reader: StateReader, *,
+                 step_in_pool: bool = True, worker_command: str = "runyard celery worker") -> None:
         self.config = config
+        self.worker_command = worker_command  # how to start a worker for these tasks (in messages)
+        self.step_in_pool = step_in_pool
         self.control = control
         self.reader = reader
         self.lock = threading.Lock()
@@ -137,6 +142,7 @@ class TaskMonitor:
         if status == "STARTED":
             info = meta.get("result") if meta else None
             host = info.get("hostname") if isinstance(info, dict) else None
+            changed = False
             if not task.started or host != task.worker:
                 # Also when the host changes: the broker redelivered the task of a worker that
                 # died (late acknowledgement) and another worker runs it now.
@@ -144,17 +150,35 @@ class TaskMonitor:
                     task.started = True
                     task.worker = host
                     task.silent_since = None
+            streamed = info.get("events") if isinstance(info, dict) else None
+            if isinstance(streamed, list) and len(streamed) > task.seen:
+                # Events a worker streams while the step runs (the celery_docker task does).
+                new = [Event.from_dict(d) for d in streamed[task.seen:]]
+                with self.lock:
+                    task.streamed.extend(new)
+                    task.seen = len(streamed)
+                self.changed.set()
+                changed = True
+            if isinstance(info, dict) and isinstance(info.get(LIVE_META_KEY), dict) and self._take_live(task, info):
+                self.changed.set()
+                changed = True
             if task.stop_kind is not None and now - task.stop_at > self.config.terminate_grace + _STOP_CONFIRM:
                 self.finish(task, failure=FailureInfo(
                     kind=task.stop_kind,
                     message=f"step '{task.step}' was asked to stop; its worker ({task.worker}) did not confirm "
                     f"within {self.config.terminate_grace + _STOP_CONFIRM:g}s"))
                 return True
-            return False
+            return changed
         assert meta is not None
         if status == "SUCCESS":
             result = meta["result"]
-            self.finish(task, events=[Event.from_dict(d) for d in result["events"]])
+            # The result holds every event of the attempt: those streamed already are not repeated.
+            events = [Event.from_dict(d) for d in result["events"][task.seen:]]
+            failure = result.get("failure")
+            self.finish(task, events=events, failure=None if failure is None else (
+                # Stopped by the engine (timeout, cancel): the engine's reason, not the container's.
+                FailureInfo(kind=task.stop_kind, message=f"step '{task.step}' was stopped")
+                if task.stop_kind is not None else FailureInfo.from_dict(failure)))
         elif status == "REVOKED":
             if task.expiring:
                 return False  # our own revoke at queue_timeout: _check_queue says why
@@ -166,10 +190,29 @@ class TaskMonitor:
                 kind, why = FailureKind.NOT_STARTED, "was revoked in Celery (by someone else, or expired)"
             self.finish(task, failure=FailureInfo(kind=kind, message=f"step '{task.step}' {why}"))
         elif status == "FAILURE":
-            self.finish(task, failure=task_failure(task, meta))
+            self.finish(task, failure=task_failure(task, meta, step_in_pool=self.step_in_pool))
         else:  # RETRY or a custom state: runyard's task never retries by itself
             return False
         return True
+
+    def _take_live(self, task: CeleryTask, info: dict[str, Any]) -> bool:
+        """Take the live events of ``task``'s STARTED meta not taken yet; whether there were any."""
+        live = info[LIVE_META_KEY]
+        try:
+            first = int(live["from"])
+            new = [Event.from_dict(d) for d in live["events"][max(0, task.live_next - first):]]
+        except (KeyError, TypeError, ValueError):
+            return False
+        if not new:
+            return False
+        with self.lock:
+            if task.over:
+                return False  # the result has them all
+            task.live_next = first + len(live["events"])
+            fresh = [ev for ev in new if live_mark(ev) not in task.live_seen]
+            task.live_seen.update(live_mark(ev) for ev in fresh)
+            task.live.extend(fresh)
+        return bool(fresh)
 
     def _check_queue(self, task: CeleryTask, limit: float) -> None:
         """``queue_timeout`` passed with the task still queued: fail it if no worker consumes
@@ -196,10 +239,10 @@ class TaskMonitor:
                 return
             if replies:
                 problem = (f"starting it: no worker consumes queue '{task.queue}' (workers answering: "
-                           f"{', '.join(sorted(replies))}); start one with: runyard celery worker -q {task.queue}")
+                           f"{', '.join(sorted(replies))}); start one with: {self.worker_command} -q {task.queue}")
             else:
                 problem = ("starting it: no Celery worker answered; start one with: "
-                           f"runyard celery worker -q {task.queue}")
+                           f"{self.worker_command} -q {task.queue}")
         with self.lock:
             if task.over or task.started or task.stop_kind is not None:
                 task.checking = False

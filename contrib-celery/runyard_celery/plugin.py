@@ -10,8 +10,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from runyard.plugin import Capabilities, ExecutorSpec, hookimpl
+from runyard.plugin import Capabilities, ExecutorSpec, RunLauncherSpec, hookimpl
 
+from .docker_settings import CeleryDockerConfig
+from .k8s_settings import CeleryK8sConfig, CeleryK8sLauncherConfig
 from .settings import CeleryConfig
 
 
@@ -36,6 +38,59 @@ def runyard_executors() -> list[ExecutorSpec]:
             ),
             description="Each step as a Celery task on Celery workers (runyard celery worker), Redis or RabbitMQ.",
             default_max_concurrent=32,
+            extra="celery",
+        ),
+        ExecutorSpec(
+            name="celery_docker",
+            api_version=1,
+            handler="runyard_celery.docker_handler:CeleryDockerStepHandler",
+            config=CeleryDockerConfig,
+            capabilities=Capabilities(
+                # The worker stops the step's container (SIGTERM, SIGKILL after the grace).
+                enforces_timeouts=True,
+                can_terminate=True,
+                supports_resources=True,  # runyard/resources: the container's memory and cpus
+                max_concurrency=None,
+                needs_shared_outputs=True,
+                reports_start=True,
+            ),
+            description="Each step as a Celery task whose worker runs it in a container of its own "
+            "(runyard celery worker --steps-in docker).",
+            default_max_concurrent=32,
+            extra="celery-docker",
+        ),
+        ExecutorSpec(
+            name="celery_k8s",
+            api_version=1,
+            handler="runyard_celery.k8s_handler:CeleryK8sStepHandler",
+            config=CeleryK8sConfig,
+            capabilities=Capabilities(
+                # The worker deletes the step's Job (its pod gets SIGTERM, SIGKILL after the grace).
+                enforces_timeouts=True,
+                can_terminate=True,
+                supports_resources=True,  # runyard/resources: the pod's limits and requests
+                max_concurrency=None,
+                needs_shared_outputs=True,
+                reports_start=True,
+            ),
+            description="Each step as a Celery task whose worker runs it as a Kubernetes Job of its own "
+            "(runyard celery worker --steps-in k8s).",
+            default_max_concurrent=32,
+            extra="celery-k8s",
+        ),
+    ]
+
+
+@hookimpl
+def runyard_run_launchers() -> list[RunLauncherSpec]:
+    return [
+        RunLauncherSpec(
+            name="celery_k8s",
+            api_version=1,
+            launcher="runyard_celery.k8s_launcher:CeleryK8sRunLauncher",
+            config=CeleryK8sLauncherConfig,
+            description="Each run's worker in a Kubernetes Job of its own, for the celery_k8s executor.",
+            extra="celery-k8s",
         )
     ]
 
@@ -69,9 +124,14 @@ def runyard_cli(cli: Any) -> None:
     @click.option("--output-store", "output_stores", multiple=True, metavar="URL",
                   help="Output store this worker may read and write (repeatable; default: "
                   "step_worker.output_stores in runyard.yaml, else its outputs: setting).")
+    @click.option("--steps-in", "steps_in", type=click.Choice(["process", "docker", "k8s"]), default="process",
+                  show_default=True,
+                  help="Where steps run: in the worker's pool processes (executor celery), each in a container "
+                  "of its own (executor celery_docker; settings from executor.celery_docker in runyard.yaml), or "
+                  "each as a Kubernetes Job (executor celery_k8s; settings from executor.celery_k8s).")
     def worker(queues: tuple[str, ...], concurrency: int | None, broker: str | None, backend: str | None,
                include: tuple[str, ...], hostname: str | None, loglevel: str, code_locations: tuple[str, ...],
-               output_stores: tuple[str, ...]) -> None:
+               output_stores: tuple[str, ...], steps_in: str) -> None:
         """Start a Celery worker that runs the steps of any runyard job it can import.
 
         Settings come from the celery executor's section of $RUNYARD_HOME/runyard.yaml, and the
@@ -79,10 +139,18 @@ def runyard_cli(cli: Any) -> None:
         RUNYARD_SIGNING_KEY (or step_worker.signing_key) and its job and output store are among
         this worker's code locations and output stores; others fail, saying why (docs/security.md).
 
+        With --steps-in docker it serves the celery_docker executor instead: each step runs in a
+        container of its own on this machine's Docker engine, with the container settings of
+        executor.celery_docker.docker in this worker's runyard.yaml. With --steps-in k8s it
+        serves the celery_k8s executor: each step runs as a Kubernetes Job, with the Job
+        settings of executor.celery_k8s.k8s (the worker needs the cluster's credentials).
+
         \b
         Example:
           RUNYARD_SIGNING_KEY=... runyard celery worker -q runyard,gpu --concurrency 4 \\
               --code-location /srv/jobs --output-store s3://bucket/runyard
+          RUNYARD_SIGNING_KEY=... runyard celery worker --steps-in docker -c 2 --code-location /srv/jobs
+          RUNYARD_SIGNING_KEY=... runyard celery worker --steps-in k8s -c 8 --code-location /srv/jobs
         """
         from .worker import run_worker  # imports Celery: only when a worker starts
 
@@ -96,4 +164,5 @@ def runyard_cli(cli: Any) -> None:
             loglevel=loglevel,
             code_locations=list(code_locations),
             output_stores=list(output_stores),
+            steps_in=steps_in,
         )

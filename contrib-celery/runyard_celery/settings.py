@@ -5,10 +5,12 @@ command), shared by the plugin module, the engine side (`handler`), the worker s
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Any
 
 import attrs
-from runyard.plugin import ExecutorConfig, above
+from runyard.plugin import EnvVar, ExecutorConfig, above
 
 QUEUE_TAG = "celery/queue"
 """Step tag naming the Celery queue its task goes to (default: the ``default_queue`` setting)."""
@@ -17,6 +19,8 @@ PRIORITY_TAG = "celery/priority"
 """Step tag giving its task's priority, 0 (lowest) to 9 (highest), on either broker."""
 
 TASK_NAME = "runyard.execute_step"
+# The key of a running task's STARTED meta that carries its live events (app._LiveMeta).
+LIVE_META_KEY = "runyard_live"
 """The one Celery task runyard sends: its only argument is a step request as JSON data."""
 
 STOP_COMMAND = "runyard_stop_step"
@@ -87,3 +91,37 @@ class CeleryConfig(ExecutorConfig):
     connect_timeout: float = attrs.field(default=10.0, validator=_SECONDS)
     terminate_grace: float = attrs.field(default=5.0, validator=attrs.validators.ge(0))
     time_limit_margin: float = attrs.field(default=10.0, validator=_SECONDS)
+
+
+def as_written(value: Any) -> Any:
+    """Settings as plain data, as written: an ``{env: NAME}`` reference stays the reference
+    (its value is read where it is used, and may be a secret). For comparing the settings
+    two sides were given (celery_docker's digests, celery_k8s's launcher/executor pair)."""
+    if isinstance(value, EnvVar):
+        return {"env": value.name}
+    if attrs.has(type(value)):
+        return {f.name: as_written(getattr(value, f.name)) for f in attrs.fields(type(value))}
+    if isinstance(value, dict):
+        return {str(k): as_written(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [as_written(v) for v in value]
+    return value
+
+
+def fingerprint(settings: Any) -> dict[str, str]:
+    """Per key of a fronted backend's settings (celery_docker's container settings,
+    celery_k8s's Job settings), a digest of its value as written (``{env: NAME}``
+    unresolved): what the engine sends along with each task so that a worker whose own
+    settings differ refuses the step, naming the keys, instead of silently running it with
+    other settings. Digests, not values: literal secrets in ``env_vars`` stay off the broker."""
+    plain = as_written(settings)
+    return {key: hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+            for key, value in sorted(plain.items())}
+
+
+def differing_keys(ours: dict[str, str], theirs: Any) -> list[str]:
+    """The keys whose digests differ (``theirs`` crossed the broker: anything but a mapping
+    of strings is all different)."""
+    if not isinstance(theirs, dict):
+        return sorted(ours)
+    return sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))

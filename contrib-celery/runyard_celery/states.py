@@ -16,7 +16,8 @@ class CeleryTask:
     """The handle of one attempt: its Celery task and what the monitor learnt of it."""
 
     __slots__ = ("request", "task_id", "queue", "sent", "started", "worker", "events", "failure",
-                 "over", "reported", "stop_kind", "stop_at", "silent_since", "expiring", "checking")
+                 "over", "reported", "stop_kind", "stop_at", "silent_since", "expiring", "checking", "streamed",
+                 "seen", "live", "live_next", "live_seen")
 
     def __init__(self, request: StepRequest, task_id: str, queue: str) -> None:
         self.request = request
@@ -34,6 +35,11 @@ class CeleryTask:
         self.silent_since: float | None = None  # its worker stopped answering pings then
         self.expiring = False  # queue_timeout passed: revoked, the failure is being written
         self.checking = False  # queue_timeout passed: asking the workers whether any consumes its queue
+        self.streamed: list[Event] = []  # events a worker streamed while the step runs, not yet polled
+        self.seen = 0  # how many of the attempt's events were taken from the streamed ones
+        self.live: list[Event] = []  # read from its STARTED meta while it runs, for the next poll
+        self.live_next = 0  # index of the next live event to take from that meta
+        self.live_seen: set[tuple[Any, ...]] = set()  # `live_mark` of those taken: not reported again
 
     @property
     def step(self) -> str:
@@ -55,8 +61,10 @@ class StateReader:
         return {i: backend.get_task_meta(i) for i in ids}
 
 
-def task_failure(task: CeleryTask, meta: dict[str, Any]) -> FailureInfo:
-    """The step's failure from a task in state FAILURE."""
+def task_failure(task: CeleryTask, meta: dict[str, Any], *, step_in_pool: bool = True) -> FailureInfo:
+    """The step's failure from a task in state FAILURE. ``step_in_pool``: the step ran in the
+    pool process, so that process killed by a signal is the step killed by it; otherwise
+    (the step ran in a container the pool process watched) it is a lost worker."""
     exc = meta.get("result")
     if isinstance(exc, dict):  # an exception Celery could not rebuild here
         name, text = str(exc.get("exc_type")), str(exc.get("exc_message"))
@@ -71,10 +79,10 @@ def task_failure(task: CeleryTask, meta: dict[str, Any]) -> FailureInfo:
         code = re.search(r"exitcode (-?\d+)", text)
         return FailureInfo(
             # Killed by a signal is its own kind (as on every executor); exited is worker_lost.
-            kind=FailureKind.SIGNAL if sig else FailureKind.WORKER_LOST,
+            kind=FailureKind.SIGNAL if sig and step_in_pool else FailureKind.WORKER_LOST,
             message=f"step '{task.step}': the Celery pool process running it died{where}: {text}",
             error_class=error_class,
-            signal=int(sig.group(1)) if sig else None,
+            signal=int(sig.group(1)) if sig and step_in_pool else None,
             exit_code=int(code.group(1)) if code else None,
         )
     if name == "TimeLimitExceeded":
@@ -89,3 +97,9 @@ def task_failure(task: CeleryTask, meta: dict[str, Any]) -> FailureInfo:
         error_class=error_class,
         traceback=meta.get("traceback"),
     )
+
+
+def live_mark(ev: Event) -> tuple[Any, ...]:
+    """What tells a live event apart from the attempt's others: the task's result repeats
+    those its STARTED meta carried while it ran, and the handler reports each once."""
+    return (ev.type, ev.timestamp, ev.message, ev.data.get("text"))

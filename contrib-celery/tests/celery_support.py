@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -36,9 +37,11 @@ DIE_WITH_PYTEST = ["setpriv", "--pdeathsig", "TERM"]
 HERE = Path(__file__).resolve().parent
 
 
-# Both sides read the step signing key from the environment: the tests' engine (this process)
-# and the workers it starts (they inherit it).
-SIGNING_KEY = os.environ.setdefault("RUNYARD_SIGNING_KEY", f"runyard-celery-tests-{SESSION}-{uuid.uuid4().hex}")
+# Both sides read the step signing key from the environment: the tests' engine (this process,
+# for each test of this folder: conftest's `_signing_key`) and the workers it starts (given
+# explicitly, since session workers start before any test's fixture). Never put in os.environ
+# at import: that leaked it into every test of a session that merely collected this folder.
+SIGNING_KEY = f"runyard-celery-tests-{SESSION}-{uuid.uuid4().hex}"
 # What the tests' workers may run: the test job modules, with outputs anywhere under pytest's
 # temporary folder (each test's instance keeps its outputs in its own tmp_path).
 CODE_LOCATIONS = ("celery_test_jobs", "runyard.testing")
@@ -82,7 +85,7 @@ class Worker:
         self.name = name or f"ryt-{SESSION}-{uuid.uuid4().hex[:6]}@{socket.gethostname()}"
         self.log = home / f"worker-{self.name.split('@')[0]}.log"
         # PYTHONPATH: the workers import the tests' job module (celery_test_jobs) like any user job.
-        env = {**os.environ, "RUNYARD_HOME": str(home),
+        env = {**os.environ, "RUNYARD_SIGNING_KEY": SIGNING_KEY, "RUNYARD_HOME": str(home),
                "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")]))}
         self.proc = subprocess.Popen(
             [*DIE_WITH_PYTEST, RUNYARD, "celery", "worker", "-q", ",".join(queues), "-c", str(concurrency),
@@ -144,10 +147,72 @@ def _group_alive(pgid: int) -> bool:
     return True
 
 
-def write_home(home: Path, config: dict[str, Any]) -> Path:
+def write_home(home: Path, config: dict[str, Any], executor: str = "celery") -> Path:
     home.mkdir(parents=True, exist_ok=True)
-    (home / "runyard.yaml").write_text(yaml.safe_dump({"executor": {"celery": config}}))
+    (home / "runyard.yaml").write_text(yaml.safe_dump({"executor": {executor: config}}))
     return home
+
+
+# -- celery_docker: Celery workers that run each step in a container ---------------------
+
+DOCKER_TEST_LABEL = "runyard.celery_test"
+"""Every step container of these tests carries it (value: the session id): the session
+fails if one is left behind, and removes it."""
+
+
+def docker_section(image: str, shared: Path, **extra: Any) -> dict[str, Any]:
+    """The workers' container settings: the locally built image, never pulled; pytest's
+    temporary folder (outputs, scratch files) at the same path in every container."""
+    return {"image": image, "pull_policy": "never", "labels": {"runyard.test": "1", DOCKER_TEST_LABEL: SESSION},
+            "volumes": [f"{shared}:{shared}"], "terminate_grace": 2, **extra}
+
+
+def docker_executor_config(broker: str, default_queue: str, image: str, shared: Path, *,
+                           docker: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
+    section = docker_section(image, shared, **(docker or {}))
+    return {**executor_config(broker, default_queue, **extra), "docker": section}
+
+
+def docker_trust_args(output_root: Path) -> tuple[str, ...]:
+    # The celery_docker jobs are loaded by file: their directory is a code location too.
+    return (*trust_args(output_root), "--code-location", str(HERE), "--steps-in", "docker")
+
+
+# -- celery_k8s: Celery workers that run each step as a Kubernetes Job --------------------------
+
+K8S_TEST_LABEL = "runyard.celery_k8s_test"
+"""Every step Job of these tests carries it (value: the session id). Not DOCKER_TEST_LABEL:
+the kubelet runs pods on the same Docker engine with their labels, and the docker tests'
+session check must not take a pod's container for a step container they left behind."""
+
+
+def k8s_job_settings(image: str, kubeconfig: str, namespace: str, shared: Path, **extra: Any) -> dict[str, Any]:
+    """The workers' Job settings: the locally built image, never pulled; the session's
+    namespace; pytest's temporary folder (outputs, scratch files) and this folder (the jobs,
+    loaded by file) at the same paths in every pod (hostPath: one node); short watchdogs."""
+    return {
+        "image": image, "image_pull_policy": "Never", "namespace": namespace, "kubeconfig_file": kubeconfig,
+        "labels": {"runyard.test": "1", K8S_TEST_LABEL: SESSION},
+        "volumes": [{"name": "pytest-tmp", "hostPath": {"path": str(shared)}},
+                    {"name": "tests", "hostPath": {"path": str(HERE)}}],
+        "volume_mounts": [{"name": "pytest-tmp", "mountPath": str(shared)},
+                          {"name": "tests", "mountPath": str(HERE), "readOnly": True}],
+        "terminate_grace": 2, "pod_creation_timeout": 60, "pending_timeout": 60, "image_pull_timeout": 10,
+        "ttl_seconds_after_finished": 120, **extra,
+    }
+
+
+def k8s_executor_config(broker: str, default_queue: str, k8s: dict[str, Any], *,
+                        k8s_extra: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
+    return {**executor_config(broker, default_queue, **extra), "k8s": {**k8s, **(k8s_extra or {})}}
+
+
+def k8s_trust_args(output_root: Path) -> tuple[str, ...]:
+    return (*trust_args(output_root), "--code-location", str(HERE), "--steps-in", "k8s")
+
+
+def leftover_containers(client: Any) -> list[Any]:
+    return client.containers.list(all=True, filters={"label": [f"{DOCKER_TEST_LABEL}={SESSION}"]})
 
 
 def pid_alive(pid: int) -> bool:
@@ -160,6 +225,38 @@ def pid_alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
     except OSError:
         return False
+
+
+def in_thread(fn: Any) -> tuple[threading.Thread, dict[str, Any]]:
+    """Run ``fn`` on a thread; its result (or error) lands in the box under "result" ("error")."""
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["result"] = fn()
+        except BaseException as e:  # surfaced by the test
+            box["error"] = e
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    return t, box
+
+
+def assert_lost_then_retried(thread: threading.Thread, box: dict[str, Any], step: str, output: Any) -> None:
+    """The run on ``thread`` (see `in_thread`) ends, and succeeds with ``output`` from
+    ``step``'s second attempt: the first failed WORKER_LOST (its pool process was killed)
+    and was retried once, by the step's retry policy."""
+    from runyard.plugin import EventType, FailureKind
+
+    thread.join(120)
+    assert not thread.is_alive(), "the run hung after the pool process was killed"
+    result = box["result"]
+    assert result.success, result.events
+    assert result.output_for(step) == output
+    first = [e for e in result.events if e.type is EventType.STEP_FAILURE and e.attempt == 1]
+    assert len(first) == 1 and first[0].failure is not None
+    assert first[0].failure.kind is FailureKind.WORKER_LOST, first[0].failure
+    assert [e.data["next_attempt"] for e in result.events if e.type is EventType.STEP_RETRY] == [2]
 
 
 def wait_until(predicate: Any, timeout: float, what: str) -> None:

@@ -114,3 +114,42 @@ def _flatten(data: Any) -> list[dict[str, Any]]:
     if isinstance(data, list):
         return [x for v in data for x in _flatten(v)]
     return []
+
+
+# -- Celery in front of containers: the half that is missing, the section that is missing ---------
+
+FRONTED = [("docker", "runyard_docker", "celery-docker"), ("k8s", "runyard_k8s", "celery-k8s")]
+
+
+@pytest.mark.parametrize(("backend", "package", "extra"), FRONTED, ids=["docker", "k8s"])
+def test_missing_fronted_backend_is_an_install_hint(tmp_path: Path, backend: str, package: str, extra: str) -> None:
+    """runyard-docker (runyard-k8s) cannot be uninstalled from the test environment: the
+    subprocess makes its import fail (sys.modules entry None), as it fails where it is not
+    installed; both the config check and the worker name the extra."""
+    (tmp_path / "runyard.yaml").write_text(
+        f"executor: {{celery_{backend}: {{broker: 'redis://127.0.0.1:6379/13', {backend}: {{image: 'x:1'}}}}}}\n")
+    code = (f"import sys; sys.modules[{package!r}] = None; sys.argv = ['runyard', 'instance', 'validate']; "
+            "from runyard.cli import main; main()")
+    for argv in (code, code.replace("'instance', 'validate'", f"'celery', 'worker', '--steps-in', {backend!r}")):
+        done = subprocess.run([sys.executable, "-c", argv], env={**os.environ, "RUNYARD_HOME": str(tmp_path)},
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode != 0, done.stdout
+        text = done.stdout + done.stderr
+        assert f'pip install "runyard[{extra}]"' in text, text
+
+
+@pytest.mark.parametrize("backend", ["docker", "k8s"])
+def test_fronted_worker_without_its_section_exits_2(tmp_path: Path, backend: str) -> None:
+    (tmp_path / "runyard.yaml").write_text("executor: {celery: {broker: 'redis://127.0.0.1:6379/13'}}\n")
+    done = subprocess.run([RUNYARD, "celery", "worker", "--steps-in", backend, "--code-location", str(HERE)],
+                          env={**os.environ, "RUNYARD_HOME": str(tmp_path)}, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert f"executor.celery_{backend} is not set" in done.stderr and f"--steps-in {backend}" in done.stderr
+
+
+def test_plugin_module_imports_no_backend_client() -> None:
+    code = ("import sys, runyard_celery.plugin as p; p.runyard_executors(); p.runyard_run_launchers(); "
+            "print([m for m in ('celery', 'kombu', 'docker', 'kubernetes') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "[]", out.stderr

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import celery_test_jobs as J
 import pytest
-from celery_support import BROKERS, FreezableProxy, executor_config, pid_alive, queue, wait_until
+from celery_support import BROKERS, FreezableProxy, executor_config, in_thread, pid_alive, queue, wait_until
 from runyard import Cancellation, ExecutionResult, Instance, RunStatus, execute_job
 from runyard.plugin import EventType, FailureKind
 from runyard_celery.app import make_app
@@ -24,20 +23,6 @@ def run(instance: Instance, job: Any, broker: str, scratch: Path, *, queue_name:
     config = executor_config(broker, queue_name or queue(f"{broker}-main"), **cfg)
     return execute_job(job, instance=instance, executor="celery", cancellation=cancellation,
                        run_config={"scratch": str(scratch), "execution": {"celery": config}})
-
-
-def in_thread(fn: Any) -> tuple[threading.Thread, dict[str, Any]]:
-    box: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            box["result"] = fn()
-        except BaseException as e:  # surfaced by the test
-            box["error"] = e
-
-    t = threading.Thread(target=target, daemon=True)
-    t.start()
-    return t, box
 
 
 def task_id_of(result: ExecutionResult, step_key: str) -> str:
@@ -51,13 +36,6 @@ def read_pid(path: Path, timeout: float = 60) -> int:
     wait_until(path.exists, timeout, f"{path.name} (the step to start on a worker)")
     wait_until(lambda: path.read_text().strip() != "", 5, f"{path.name} to be written")
     return int(path.read_text())
-
-
-@pytest.fixture
-def scratch(tmp_path: Path) -> Path:
-    d = tmp_path / "scratch"
-    d.mkdir()
-    return d
 
 
 @pytest.mark.parametrize(

@@ -119,6 +119,7 @@ class LocalScheduler:
         self.launcher: ThreadPoolExecutor | None = None
         self.pool: Executor | None = None
         self.stop_dir: str | None = None  # processes scheduler: stop requests as files
+        self.live_dir: str | None = None  # running steps' live events, a file per step
 
     def open(self, cfg: DaskConfig, max_concurrent: int) -> None:
         import dask  # noqa: F401 - fail here, clearly, if dask is missing
@@ -126,6 +127,7 @@ class LocalScheduler:
         n = max_concurrent
         # One launcher thread per step in flight: each waits in dask.compute for its step.
         self.launcher = ThreadPoolExecutor(max_workers=n, thread_name_prefix="runyard-dask-launch")
+        self.live_dir = tempfile.mkdtemp(prefix="runyard-dask-live-")
         if cfg.local_scheduler == "threads":
             self.pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="runyard-dask")
         elif cfg.local_scheduler == "processes":
@@ -144,7 +146,8 @@ class LocalScheduler:
         import dask
 
         task = dask.delayed(remote.run_local_step, pure=False)(
-            granted, payload, key, grace, stop_file=self.stop_file(key), dask_key_name=key
+            granted, payload, key, grace, stop_file=self.stop_file(key), live_file=self.live_file(key),
+            dask_key_name=key,
         )
         # The scheduler's function, not its name: given a name, dask imports distributed to
         # look for a default Client, which this mode is meant to do without.
@@ -153,6 +156,12 @@ class LocalScheduler:
             kwargs["pool"] = self.pool
         (result,) = dask.compute(task, **kwargs)
         return result
+
+    def live_file(self, key: str) -> str | None:
+        """Where the step of ``key`` appends its live events (see `remote._LiveSender`)."""
+        if self.live_dir is None:
+            return None
+        return os.path.join(self.live_dir, hashlib.sha256(key.encode()).hexdigest()[:32])
 
     def stop_file(self, key: str) -> str | None:
         if self.stop_dir is None:
@@ -177,3 +186,6 @@ class LocalScheduler:
         if self.stop_dir is not None:
             shutil.rmtree(self.stop_dir, ignore_errors=True)
             self.stop_dir = None
+        if self.live_dir is not None:
+            shutil.rmtree(self.live_dir, ignore_errors=True)
+            self.live_dir = None

@@ -16,7 +16,9 @@ import threading
 import time
 from typing import Any
 
+import attrs
 from runyard.plugin import (
+    Event,
     FailureInfo,
     FailureKind,
     HandlerContext,
@@ -37,7 +39,17 @@ from .interrupt import stop_task
 from .outcomes import distributed_outcome, local_outcome, stopped_info
 from .settings import DaskConfig
 from .starts import StartWatch
-from .submission import RESOURCE_TAGS, START_TOPIC, DaskHandle, dask_key, parse_resources, submit_batch
+from .submission import (
+    LIVE_READ_EVERY,
+    LIVE_TOPIC_PREFIX,
+    RESOURCE_TAGS,
+    START_TOPIC,
+    DaskHandle,
+    dask_key,
+    live_mark,
+    parse_resources,
+    submit_batch,
+)
 
 __all__ = ["RESOURCE_TAGS", "START_TOPIC", "DaskHandle", "DaskStepHandler", "dask_key", "parse_resources"]
 
@@ -61,6 +73,8 @@ class DaskStepHandler(StepHandler):
         self._fetcher: ResultFetcher | None = None
         self._pending: list[DaskHandle] = []  # launched, to be submitted at the next poll or wait
         self._starts = StartWatch(config)
+        self._live_topic = f"{LIVE_TOPIC_PREFIX}{context.run_id}"
+        self._by_key: dict[str, DaskHandle] = {}  # running attempts, for their live events
         # Until a step has waited this long, poll needs no look at the cluster.
         limits = [config.no_worker_timeout]
         if config.queue_timeout is not None:
@@ -85,6 +99,7 @@ class DaskStepHandler(StepHandler):
                 self._distributed.open(self.config)
                 self._client = self._distributed.client
                 self._client.subscribe_topic(START_TOPIC, self._starts.on_start)
+                self._client.subscribe_topic(self._live_topic, self._on_live)
                 self._fetcher = ResultFetcher(self._client, self._changed)
                 self._fetcher.start()
         except BaseException:
@@ -106,6 +121,7 @@ class DaskStepHandler(StepHandler):
         resources = parse_resources(request.step_key, request.tags)
         key = dask_key(request)
         handle = DaskHandle(request, key, resources)
+        self._by_key[key] = handle
         payload = sign_request(request, self._key)
         grace = self.config.interrupt_grace
         if self._granted is None and self.config.address is None:
@@ -146,7 +162,57 @@ class DaskStepHandler(StepHandler):
 
     def _submit_pending(self) -> None:
         pending, self._pending = self._pending, []
-        submit_batch(self._client, pending, self.config.interrupt_grace, self._on_done, self._stop_remote)
+        submit_batch(self._client, pending, self.config.interrupt_grace, self._on_done, self._stop_remote,
+                     self._live_topic)
+
+    def _on_live(self, event: tuple[float, Any]) -> None:
+        # On the client's event loop thread: a running step's start, log record or output.
+        msg = event[1]
+        if not isinstance(msg, dict):
+            return
+        handle = self._by_key.get(str(msg.get("key")))
+        if handle is None:
+            return
+        try:
+            ev = Event.from_dict(msg["event"])
+        except (KeyError, TypeError, ValueError):
+            return
+        self._take_live(handle, [ev])
+
+    def _take_live(self, handle: DaskHandle, events: list[Event]) -> None:
+        with handle.lock:
+            if handle.reported:
+                return  # its ending was reported with every event: this one is in there
+            fresh = [ev for ev in events if live_mark(ev) not in handle.live_seen]
+            handle.live_seen.update(live_mark(ev) for ev in fresh)
+            if not self.reports_connected:
+                handle.live.extend(fresh)
+                return
+        if fresh:
+            self.report(fresh)
+
+    def _read_live_file(self, handle: DaskHandle) -> None:
+        """Under a local scheduler: the live events the step appended to its file since the last read."""
+        path = self._local.live_file(handle.key)
+        if path is None:
+            return
+        try:
+            with open(path, "rb") as f:
+                f.seek(handle.live_pos)
+                data = f.read(1 << 20)
+        except OSError:
+            return
+        cut = data.rfind(b"\n") + 1
+        if not cut:
+            return
+        handle.live_pos += cut
+        events = []
+        for line in data[:cut].decode("utf-8", errors="replace").splitlines():
+            try:
+                events.append(Event.from_json(line))
+            except (KeyError, TypeError, ValueError):
+                continue
+        self._take_live(handle, events)
 
     def _on_done(self, handle: DaskHandle) -> None:
         if self._fetcher is not None:
@@ -166,6 +232,16 @@ class DaskStepHandler(StepHandler):
     def poll(self, handle: DaskHandle) -> StepUpdate:
         if self._pending:
             self._submit_pending()
+        if self._client is None and not handle.reported:
+            now = time.monotonic()
+            if now >= handle.tail_at:
+                handle.tail_at = now + LIVE_READ_EVERY
+                self._read_live_file(handle)
+        if handle.live:
+            with handle.lock:
+                live, handle.live = handle.live, []
+            update = self.poll(handle)
+            return attrs.evolve(update, events=[*live, *update.events])
         # The common case, cheaply: the engine polls every running step on every turn of its
         # loop, so with hundreds in flight this path is most of the handler's cost.
         if (
@@ -209,8 +285,16 @@ class DaskStepHandler(StepHandler):
 
     def _report(self, handle: DaskHandle, update: StepUpdate) -> StepUpdate:
         if update.done:
+            self._by_key.pop(handle.key, None)
+            if self._client is None:
+                self._read_live_file(handle)  # what came since the last read, before the result's copy
             with handle.lock:
                 handle.reported = True
+                live, handle.live = handle.live, []
+                if handle.live_seen:
+                    update = attrs.evolve(update, events=[
+                        *live, *(ev for ev in update.events if live_mark(ev) not in handle.live_seen)
+                    ])
             if handle.track_start:
                 self._starts.forget(handle)
         return update

@@ -31,6 +31,7 @@ from typing import Any
 from runyard.plugin import (
     STEP_TERMINAL,
     Event,
+    EventType,
     StepInterrupted,
     StepTimedOut,
     WorkerPolicy,
@@ -145,7 +146,7 @@ def _policy_for(request: Any) -> WorkerPolicy | str:
 
 
 def run_local_step(grant: tuple[str, str, dict[str, Any]], request: dict[str, Any], key: str,
-                   grace: float = 1.0, stop_file: str | None = None) -> dict[str, Any]:
+                   grace: float = 1.0, stop_file: str | None = None, live_file: str | None = None) -> dict[str, Any]:
     """`run_step` under dask's local schedulers: the engine's own processes, which get the
     run's allowance along with the task (``grant``: run id, key, allowance). Refused inside a
     distributed worker, where only the engine's worker plugin may install one."""
@@ -159,12 +160,85 @@ def run_local_step(grant: tuple[str, str, dict[str, Any]], request: dict[str, An
             event = refusal_event(request, "run_local_step is for dask's local schedulers only")
             return {"events": [event.to_dict()], "abandoned": False, "interrupted": None}
     install_grant(*grant)
-    return run_step(request, key, grace, stop_file=stop_file)
+    return run_step(request, key, grace, stop_file=stop_file, live_file=live_file)
+
+
+_LIVE = (EventType.STEP_START, EventType.STEP_LOG, EventType.STEP_STDOUT, EventType.STEP_STDERR)
+# A step's live events wait this long before the first is sent: most steps of a wide job end
+# sooner, and their result carries the events anyway. Sending each start through the
+# scheduler to the client cost a message per step there and a report per step in the engine
+# (a 500-step no-op run: the scheduler's busiest extra work, on a 2-CPU machine shared with
+# the workers). A step still running then sends what it held and streams from there on.
+LIVE_HOLD = 0.1
+
+
+class _LiveSender:
+    """Sends a running step's start, log records and output to its handler as they come:
+    as distributed events on the run's topic (message: key and event), or, under dask's
+    local schedulers, as JSON lines appended to a file the handler reads. The task's
+    result still carries every event; the handler drops those it had already."""
+
+    def __init__(self, key: str, topic: str | None, path: str | None) -> None:
+        self.key = key
+        self.topic = topic
+        self.worker: Any = None
+        self.file: Any = None
+        self.lock = threading.Lock()  # one sender at a time, in the order the events came
+        self.held: list[Event] | None = []  # None once released (see LIVE_HOLD)
+        if topic is not None:
+            dist_worker = sys.modules.get("distributed.worker")
+            if dist_worker is not None:
+                try:
+                    self.worker = dist_worker.get_worker()
+                except ValueError:
+                    pass
+        elif path is not None:
+            try:
+                self.file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed by close()
+            except OSError:
+                pass  # the events still come with the result
+
+    @property
+    def active(self) -> bool:
+        return self.worker is not None or self.file is not None
+
+    def __call__(self, ev: Event) -> None:
+        if ev.type not in _LIVE:
+            return
+        with self.lock:
+            if self.held is not None:
+                self.held.append(ev)
+            else:
+                self._send(ev)
+
+    def release(self) -> None:
+        """The step is still running after LIVE_HOLD: send what it held, and stream from now on."""
+        with self.lock:
+            held, self.held = self.held or [], None
+            for ev in held:
+                self._send(ev)
+
+    def _send(self, ev: Event) -> None:
+        try:
+            if self.worker is not None:
+                # Fire and forget, like the start report: the worker's batched stream carries it.
+                self.worker.log_event(self.topic, {"key": self.key, "event": ev.to_dict()})
+            elif self.file is not None:
+                self.file.write(ev.to_json() + "\n")
+                self.file.flush()
+        except Exception:  # noqa: S110 - a live copy lost is not the step's failure
+            pass
+
+    def close(self) -> None:
+        if self.file is not None:
+            with self.lock:
+                self.file.close()
+                self.file = None
 
 
 def run_step(
     request: dict[str, Any], key: str, grace: float = 1.0, start_topic: str | None = None,
-    stop_file: str | None = None,
+    stop_file: str | None = None, live_topic: str | None = None, live_file: str | None = None,
 ) -> dict[str, Any]:
     """The Dask task: run one attempt and return ``{"events": [...], "abandoned": bool,
     "interrupted": kind or None}`` (events as dicts).
@@ -175,6 +249,10 @@ def run_step(
     With ``start_topic``, the task first tells the run's client that it started, as a
     distributed event on that topic (message: ``key``), so the step's timeout counts from
     here rather than from its submission.
+
+    With ``live_topic`` (a distributed worker) or ``live_file`` (dask's local schedulers),
+    the step's start, log records and output also go to the handler while it runs
+    (`_LiveSender`).
 
     With ``stop_file``, the handler asks for a stop by creating that file (holding the
     kind): the way to reach a step in a process of dask's local ``processes`` scheduler,
@@ -208,6 +286,7 @@ def run_step(
     dist_worker = sys.modules.get("distributed.worker")
     task_state = dict(vars(dist_worker.thread_state)) if dist_worker is not None else {}
     context = contextvars.copy_context()
+    live = _LiveSender(key, live_topic, live_file) if live_topic or live_file else None
 
     def body() -> None:
         try:
@@ -219,7 +298,8 @@ def run_step(
                     preload_job(req.code_pointer, req.job_name)
             except Exception:
                 pass  # execute_step reports the load failure as the attempt's NOT_STARTED failure
-            state.events = context.run(execute_step, req)
+            on_event = live if live is not None and live.active else None
+            state.events = context.run(execute_step, req, on_event=on_event)
         except StepInterrupted:
             pass  # delivered after execute_step returned: the handler already reported the stop
         finally:
@@ -231,6 +311,8 @@ def run_step(
             state.wake.set()
 
     worker.jobs.put(body)
+    if live is not None and live.active and not state.wake.wait(LIVE_HOLD):
+        live.release()  # still running: its start and output so far go out now
     try:
         # An interrupt landing in the step thread's last instructions could skip the wake-up;
         # a thread that is gone needs no waiting for.
@@ -248,6 +330,8 @@ def run_step(
                 _idle.append(worker)
             else:
                 worker.jobs.put(None)  # retire it once its step ends
+    if live is not None:
+        live.close()
     if not state.done.is_set():
         return {"events": [], "abandoned": True, "interrupted": state.interrupted}
     events = state.events or []

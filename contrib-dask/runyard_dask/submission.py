@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from runyard.plugin import ConfigError, FailureKind, StepRequest, parse_resources_tag
+from runyard.plugin import ConfigError, Event, FailureKind, StepRequest, parse_resources_tag
 
 from . import remote
 
@@ -18,6 +18,12 @@ RESOURCE_TAGS = ("runyard/resources", "dask/resources")  # the second wins on a 
 # distributed event on this topic, with their key as the message. One topic for every run,
 # so a long-lived scheduler keeps one event log for runyard, not one per run.
 START_TOPIC = "runyard-dask-start"
+# Running steps send their start, log records and output on a topic per run (its client
+# alone subscribes), with their key: "runyard-dask-live-<run id>".
+LIVE_TOPIC_PREFIX = "runyard-dask-live-"
+# Under dask's local schedulers a step's live events go to a file, read by poll this long
+# after the launch and then every LIVE_READ_EVERY seconds (short steps cost no reads).
+LIVE_FIRST_READ, LIVE_READ_EVERY = 0.15, 0.2
 
 
 def dask_key(request: StepRequest) -> str:
@@ -53,6 +59,7 @@ class DaskHandle:
     __slots__ = (
         "request", "key", "future", "resources", "lock", "stopped", "reported", "result", "launched", "fetch_error",
         "error", "fetched", "payload", "submit_error", "started", "track_start",
+        "live", "live_seen", "live_pos", "tail_at",
     )
 
     def __init__(self, request: StepRequest, key: str, resources: dict[str, float]) -> None:
@@ -72,6 +79,16 @@ class DaskHandle:
         self.submit_error: BaseException | None = None
         self.track_start = False  # the task reports its start (see START_TOPIC)
         self.started = False  # it has: the step left Dask's queue and runs on a worker
+        self.live: list[Event] = []  # reported while it runs, for the next poll (no engine to report to)
+        self.live_seen: set[tuple[Any, ...]] = set()  # `live_mark` of those: not reported again
+        self.live_pos = 0  # local schedulers: bytes of its live file read
+        self.tail_at = self.launched + LIVE_FIRST_READ
+
+
+def live_mark(ev: Event) -> tuple[Any, ...]:
+    """What tells a live event apart from the attempt's others: the task's result repeats
+    those sent while it ran, and the handler reports each once."""
+    return (ev.type, ev.timestamp, ev.message, ev.data.get("text"))
 
 
 def submit_batch(
@@ -80,6 +97,7 @@ def submit_batch(
     grace: float,
     on_done: Callable[[DaskHandle], None],
     stop: Callable[[DaskHandle, Any, FailureKind], None],
+    live_topic: str | None = None,
 ) -> None:
     """Submit the attempts launched in one turn in one graph per set of resources: one
     message to the scheduler, not one per step. An attempt stopped before it was submitted
@@ -94,6 +112,7 @@ def submit_batch(
             futures = client.map(
                 remote.run_step, [h.payload for h in handles], keys, [grace] * len(handles),
                 [START_TOPIC if h.track_start else None for h in handles],
+                [None] * len(handles), [live_topic] * len(handles),
                 key=keys, resources=dict(resources) or None, pure=False, retries=0,
             )
         except Exception as e:

@@ -24,8 +24,16 @@ import pytest
 BIN = Path(sys.executable).parent
 START_TIMEOUT = 90.0  # seconds; the machine is shared and slow at times
 # The engine (this process) and the workers started with the `dask` command share the step
-# signing key through the environment, as in a real deployment (docs/security.md).
-SIGNING_KEY = os.environ.setdefault("RUNYARD_SIGNING_KEY", f"runyard-dask-tests-{os.getpid()}-{time.time_ns()}")
+# signing key through the environment, as in a real deployment (docs/security.md). It is set
+# for each test of this folder only (`_signing_key`) and given to the CLI workers explicitly:
+# set at import, it leaked into every test of a session that merely collected this folder.
+SIGNING_KEY = f"runyard-dask-tests-{os.getpid()}-{time.time_ns()}"
+
+
+@pytest.fixture(autouse=True)
+def _signing_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The engine's side of the key, for this test only (monkeypatch restores the variable)."""
+    monkeypatch.setenv("RUNYARD_SIGNING_KEY", SIGNING_KEY)
 
 
 def trust_env(tmp_root: Path) -> dict[str, str]:
@@ -46,7 +54,8 @@ class CliCluster:
 
     def __init__(self, workdir: Path, *, env: dict[str, str] | None = None) -> None:
         self.workdir = workdir
-        self.env = {**os.environ, **(env or {})}
+        # The session's cluster starts before any test's `_signing_key`, so the key is given here.
+        self.env = {**os.environ, "RUNYARD_SIGNING_KEY": SIGNING_KEY, **(env or {})}
         self.procs: list[subprocess.Popen[bytes]] = []
         self.workers: dict[str, subprocess.Popen[bytes]] = {}  # worker name -> process
         self.scheduler_file = workdir / "scheduler.json"

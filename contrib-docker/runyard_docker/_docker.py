@@ -18,7 +18,7 @@ import docker
 import docker.errors
 import docker.models.containers
 from runyard import ConfigError
-from runyard.plugin import RESOURCES_TAG, EnvVar, parse_resources_tag, resolve, signal_name
+from runyard.plugin import RESOURCES_TAG, EnvVar, environment_from, parse_resources_tag, resolve, signal_name
 
 from .settings import (
     CLEANUP_POLICIES,
@@ -262,29 +262,7 @@ def bind_code(client: docker.DockerClient, binds: Binds, path: str, where: str) 
 
 def environment(settings: DockerSettings, where: str) -> dict[str, str]:
     """``env_vars`` as a mapping; ``NAME`` takes this process's value (skipped when unset)."""
-    env: dict[str, str] = {}
-    for i, item in enumerate(settings.env_vars):
-        if isinstance(item, EnvVar):
-            item = {"env": item.name}
-        if isinstance(item, str):
-            name, eq, value = item.partition("=")
-            if eq:
-                env[name] = value
-            elif name in os.environ:
-                env[name] = os.environ[name]
-            continue
-        ((name, value),) = item.items()
-        if name == "env" and isinstance(value, str):
-            if value in os.environ:
-                env[value] = os.environ[value]
-            continue
-        if isinstance(value, dict):
-            value = EnvVar(value["env"])
-        try:
-            env[name] = str(resolve(value)) if isinstance(value, EnvVar) else str(value)
-        except ConfigError as e:
-            raise ConfigError(f"{where}.env_vars[{i}]: {e}") from None
-    return env
+    return environment_from(settings.env_vars, where)
 
 
 def limits(memory: str | None, cpus: float | None) -> dict[str, Any]:

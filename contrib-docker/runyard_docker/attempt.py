@@ -8,7 +8,7 @@ import threading
 from typing import Any
 
 import attrs
-from runyard.plugin import RESOURCES_TAG, Event, FailureInfo, FailureKind, StepRequest
+from runyard.plugin import RESOURCES_TAG, FailureInfo, FailureKind, StepRequest, StreamedAttempt
 
 from . import _docker as d
 
@@ -26,25 +26,18 @@ class StepSettings:
     limits: dict[str, Any]
 
 
-class Attempt:
-    """One attempt's container and what has been read from it."""
+class Attempt(StreamedAttempt):
+    """One attempt's container and what has been read from it (the events and stderr,
+    reported in order by `StreamedAttempt.update`)."""
 
     def __init__(self, request: StepRequest, settings: StepSettings) -> None:
-        self.request = request
+        super().__init__(request)
         self.settings = settings
-        self.lock = threading.Lock()
         self.container: Any = None
         self.stop_kind: FailureKind | None = None
-        self.pending: list[Event] = []
-        self.stderr: list[str] = []
         self.stderr_total = 0
         self.stdout_total = 0
         self.stderr_tail = ""
-        self.ending: Event | None = None
-        self.started_step = False
-        self.done = False
-        self.failure: FailureInfo | None = None
-        self.reported = False
         self.thread: threading.Thread | None = None
 
     @property

@@ -31,8 +31,10 @@ from __future__ import annotations
 import subprocess
 import threading
 import time
+from collections.abc import Mapping
 from typing import Any
 
+import attrs
 from runyard import ConfigError
 from runyard.plugin import FailureKind, StepHandler, StepRequest, StepUpdate, new_signing_key, resolve
 
@@ -41,16 +43,31 @@ from .attempt import Attempt, lost
 from .lifecycle import ContainerRunner
 from .preflight import WHERE, ContainerSetup
 from .settings import LABEL_KIND, LABEL_RUN_ID, DockerExecutorConfig
-from .stream import stderr_event
 from .watchdog import heartbeat, start_reaper, stop_reaper
 
 
 class DockerStepHandler(StepHandler):
-    """Runs every step attempt in a container of its own (see the module docstring)."""
+    """Runs every step attempt in a container of its own (see the module docstring).
+
+    Public API for composition (another executor starting steps in containers, e.g. the
+    ``celery_docker`` executor's Celery task): construct it with a `DockerExecutorConfig`
+    and a `runyard.plugin.HandlerContext`, then use the `StepHandler` contract (``setup``,
+    ``launch``, ``poll``/``wait``, ``terminate``, ``teardown``).
+
+    ``scope``: labels that set this handler's containers apart from those of other handlers
+    serving the same run (several Celery workers each run some steps of one run on one
+    engine). They are added to every container it creates, and its sweeps (``teardown``,
+    and the reaper that removes its containers if this process dies) remove only containers
+    carrying them as well as the run id. Without it, the sweeps take every step container
+    of the run: right when one handler runs the whole run, as the ``docker`` executor does.
+    """
 
     config: DockerExecutorConfig
 
-    def __init__(self, config: DockerExecutorConfig, context: Any) -> None:
+    def __init__(self, config: DockerExecutorConfig, context: Any, *, scope: Mapping[str, str] | None = None) -> None:
+        self.scope = {str(k): str(v) for k, v in (scope or {}).items()}
+        if self.scope:
+            config = attrs.evolve(config, labels={**config.labels, **self.scope})
         super().__init__(config, context)
         # Set here, not in setup: the engine calls teardown even when setup raised.
         self.client: Any = None
@@ -69,7 +86,7 @@ class DockerStepHandler(StepHandler):
         self.client = client
         self.containers.check()
         self.runner = ContainerRunner(self.containers, self.signing_key, self.changed)
-        self.reaper = start_reaper(self.context.run_id, self.containers.cleanup, resolve(cfg.docker_host))
+        self.reaper = start_reaper(self.context.run_id, self.containers.cleanup, resolve(cfg.docker_host), self.scope)
         if cfg.heartbeat_timeout > 0:
             threading.Thread(target=heartbeat, args=(cfg.heartbeat_timeout, self.stopping, self._live),
                              name="runyard-docker-heartbeat", daemon=True).start()
@@ -102,20 +119,8 @@ class DockerStepHandler(StepHandler):
         return att
 
     def poll(self, handle: Attempt) -> StepUpdate:
-        att = handle
-        with att.lock:
-            if att.reported:
-                return StepUpdate.finished()
-            events, att.pending = att.pending, []
-            if att.stderr:
-                events.append(stderr_event(att))
-            if not att.done:
-                return StepUpdate.running(events)
-            att.reported = True
-            if att.ending is not None:
-                events.append(att.ending)
-                return StepUpdate.finished(events)
-            return StepUpdate.crashed(att.failure or lost(att, None, False), events)
+        # Events, then stderr (held until the step's STEP_START: two streams), then the ending.
+        return handle.update(lost=lambda: lost(handle, None, False))
 
     def terminate(self, handle: Attempt, kind: FailureKind) -> None:
         att = handle
@@ -144,7 +149,7 @@ class DockerStepHandler(StepHandler):
                     att.thread.join(max(0.0, deadline - time.monotonic()))
             if self.containers.cleanup == "always":
                 # Whatever an attempt's thread could not remove (a stop that timed out).
-                d.remove_containers(self.client, {LABEL_RUN_ID: self.context.run_id, LABEL_KIND: "step"})
+                d.remove_containers(self.client, {**self.scope, LABEL_RUN_ID: self.context.run_id, LABEL_KIND: "step"})
         finally:
             self.stopping.set()
             reaper, self.reaper = self.reaper, None

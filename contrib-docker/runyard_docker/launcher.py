@@ -22,7 +22,6 @@ the container's last log lines, and what is left of the run is removed.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -31,6 +30,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import attrs
 import docker
 import docker.errors
 from runyard import ConfigError, Instance
@@ -50,6 +50,7 @@ from .settings import LABEL_KIND, LABEL_RUN_ID, DockerLauncherConfig
 WHERE = "run_launcher.docker"
 _LOOPBACK = {"localhost", "127.0.0.1", "::1", "ip6-localhost"}
 _TAIL_LINES = 20
+_END_TAG = "docker"  # file name prefix of the kept end records (RunLauncher.remember_end)
 
 
 class DockerRunLauncher(RunLauncher):
@@ -89,6 +90,8 @@ class DockerRunLauncher(RunLauncher):
             "labels": labels,
             "environment": {
                 **env,
+                # RUNYARD_HOME, and the launch id when `runyard daemon` launches (see worker_env).
+                **self.worker_env({}),
                 "RUNYARD_HOME": self.instance_home,
                 "RUNYARD_DOCKER_CONTAINER": name,
                 "RUNYARD_DOCKER_CLEANUP": d.cleanup_policy(cfg, WHERE),
@@ -240,7 +243,7 @@ class DockerRunLauncher(RunLauncher):
             container = client.containers.get(worker["container_id"])
         except docker.errors.NotFound:
             self._remove_steps(client, run)
-            recorded = self._recorded_end(run)
+            recorded = self.remembered_end(run, tag=_END_TAG)
             if recorded is not None:
                 return recorded
             if run.status.is_finished:
@@ -274,11 +277,13 @@ class DockerRunLauncher(RunLauncher):
         # docker-init exits 128+N when the worker dies of signal N: killed (OOM included),
         # not an exit of its own.
         killed = oom or not isinstance(code, int) or code > 128
-        health = WorkerHealth.dead(message) if killed else WorkerHealth.finished(message)
+        died_at = _finished_at(state.get("FinishedAt"))
+        health = (WorkerHealth.dead(message) if killed else WorkerHealth.finished(message))
+        health = attrs.evolve(health, died_at=died_at)
         # Several processes may ask at once (`run wait`, the watcher's own check): keep the
         # answer for those who come after the container is removed, or they would only
         # see it vanished, and the run's failure would depend on who asked first.
-        self._record_end(run, health)
+        self.remember_end(run, health, tag=_END_TAG)
         if policy != "never":
             self._remove_steps(client, run)
             if policy == "always":
@@ -288,32 +293,6 @@ class DockerRunLauncher(RunLauncher):
                     pass
         return health
 
-    def _end_record(self, run: RunRecord) -> Path | None:
-        if self.instance_home is None:
-            return None
-        return Path(self.instance_home) / "logs" / f"docker-run-{run.run_id}.exit.json"
-
-    def _record_end(self, run: RunRecord, health: WorkerHealth) -> None:
-        path = self._end_record(run)
-        if path is None:
-            return
-        try:
-            make_private_dirs(path.parent)  # owner-only: the message carries the run's output
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            with open(open_private(tmp, os.O_WRONLY | os.O_TRUNC), "w") as f:
-                f.write(json.dumps({"status": health.status.value, "message": health.message}))
-            tmp.replace(path)
-        except OSError:
-            pass  # a read-only home: later checks say the container vanished
-
-    def _recorded_end(self, run: RunRecord) -> WorkerHealth | None:
-        path = self._end_record(run)
-        try:
-            data = json.loads(path.read_text()) if path is not None else None
-        except (OSError, ValueError):
-            return None
-        return WorkerHealth(status=data["status"], message=data["message"]) if data else None
-
     @staticmethod
     def _remove_steps(client: Any, run: RunRecord) -> None:
         # Steps of a run whose worker is gone have nobody to report to: stop and remove them.
@@ -321,6 +300,22 @@ class DockerRunLauncher(RunLauncher):
             d.remove_containers(client, {LABEL_RUN_ID: run.run_id, LABEL_KIND: "step"})
         except docker.errors.APIError:
             pass
+
+
+def _finished_at(text: Any) -> float | None:
+    """Docker's ``State.FinishedAt`` (RFC 3339 with nanoseconds) as seconds since the epoch:
+    the container's time of death, recorded by the engine rather than guessed by a poller."""
+    if not isinstance(text, str) or text.startswith("0001-"):
+        return None
+    import datetime
+
+    base, _, frac = text.rstrip("Z").partition(".")
+    try:
+        when = datetime.datetime.fromisoformat(base).replace(tzinfo=datetime.UTC)
+    except ValueError:
+        return None
+    digits = "".join(c for c in frac if c.isdigit())[:6]
+    return when.timestamp() + (int(digits) / 10 ** len(digits) if digits else 0.0)
 
 
 def _socket_path(docker_host: str | None) -> str | None:

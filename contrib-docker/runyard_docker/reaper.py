@@ -22,6 +22,7 @@ Two modes, each a small process in a session of its own:
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -38,14 +39,17 @@ def _client() -> Any:
     return docker.DockerClient(base_url=host, timeout=60) if host else docker.from_env(timeout=60)
 
 
-def remove_steps(client: Any, run_id: str, *, keep_exited: bool, settle: float = _SETTLE) -> None:
-    """Remove the run's step containers. A create sent just before the worker died may
-    land after a first sweep, so sweep until none is found for ``settle`` seconds."""
+def remove_steps(client: Any, run_id: str, *, keep_exited: bool, settle: float = _SETTLE,
+                 scope: dict[str, str] | None = None) -> None:
+    """Remove the run's step containers (those carrying the ``scope`` labels too, when given).
+    A create sent just before the worker died may land after a first sweep, so sweep until
+    none is found for ``settle`` seconds."""
     import docker.errors
 
     from .settings import LABEL_KIND, LABEL_RUN_ID
 
-    filters = {"label": [f"{LABEL_RUN_ID}={run_id}", f"{LABEL_KIND}=step"]}
+    filters = {"label": [f"{LABEL_RUN_ID}={run_id}", f"{LABEL_KIND}=step",
+                         *(f"{k}={v}" for k, v in (scope or {}).items())]}
     quiet_since = time.monotonic()
     while True:
         found = False
@@ -78,7 +82,9 @@ def _watch_pipe(run_id: str) -> int:
     except OSError:
         pass
     keep_exited = os.environ.get("RUNYARD_DOCKER_CLEANUP", "always") != "always"
-    remove_steps(_client(), run_id, keep_exited=keep_exited, settle=3.0)
+    # Set by a handler that shares the run with others (DockerStepHandler's scope): only its containers.
+    scope = json.loads(os.environ.get("RUNYARD_DOCKER_REAPER_SCOPE") or "{}")
+    remove_steps(_client(), run_id, keep_exited=keep_exited, settle=3.0, scope=scope)
     return 0
 
 

@@ -9,7 +9,7 @@ import re
 from typing import Any
 
 import attrs
-from runyard.plugin import EnvVar, ExecutorConfig, one_of
+from runyard.plugin import EnvVar, ExecutorConfig, check_env_items, one_of
 
 PULL_POLICIES = ("never", "if_not_present", "always")
 CLEANUP_POLICIES = ("always", "on_success", "never")
@@ -49,7 +49,6 @@ RESERVED_KWARGS = {
     "stream": "(not a create argument)",
 }
 
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _VOLUME_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]+$")
 _MEMORY = re.compile(r"^\d+(\.\d+)?[bkmgBKMG]?$")
 _MOUNT_MODES = {"ro", "rw", "z", "Z", "shared", "slave", "private", "rshared", "rslave", "rprivate", "nocopy",
@@ -67,36 +66,6 @@ _EXCLUSIVE_MODES = (
 
 def _one_of(choices: tuple[str, ...]) -> Any:
     return one_of(*choices)
-
-
-def check_env_item(index: int, item: Any) -> None:
-    """``NAME``, ``NAME=VALUE``, ``{NAME: VALUE}``, ``{NAME: {env: OTHER}}`` or ``{env: NAME}``."""
-    where = f"env_vars[{index}]"
-    if isinstance(item, str):
-        name = item.split("=", 1)[0]
-        if not _ENV_NAME.match(name):
-            raise ValueError(f"{where}: {item!r} is not NAME or NAME=VALUE (NAME: letters, digits, _)")
-        return
-    if isinstance(item, dict) and len(item) == 1:
-        ((name, value),) = item.items()
-        if name == "env" and isinstance(value, str) and _ENV_NAME.match(value):
-            return
-        if isinstance(name, str) and _ENV_NAME.match(name):
-            if isinstance(value, str | int | float) and not isinstance(value, bool):
-                return
-            if isinstance(value, dict) and set(value) == {"env"} and isinstance(value["env"], str):
-                return
-            if isinstance(value, EnvVar):
-                return
-    raise ValueError(
-        f"{where}: expected NAME (pass this process's value through), NAME=VALUE, {{NAME: VALUE}}, "
-        f"{{NAME: {{env: OTHER}}}} or {{env: NAME}}, got {item!r}"
-    )
-
-
-def _check_env_vars(_: Any, __: attrs.Attribute, value: list[Any]) -> None:
-    for i, item in enumerate(value):
-        check_env_item(i, item)
 
 
 def parse_volume(spec: str) -> tuple[str, str, str]:
@@ -164,7 +133,7 @@ class DockerSettings:
     pull_policy: str = attrs.field(default="if_not_present", validator=_one_of(PULL_POLICIES))
     network: str | None = None
     networks: list[str] = attrs.field(factory=list)
-    env_vars: list[Any] = attrs.field(factory=list, validator=_check_env_vars)
+    env_vars: list[Any] = attrs.field(factory=list, validator=check_env_items)
     volumes: list[str] = attrs.field(factory=list, validator=_check_volumes)
     labels: dict[str, str] = attrs.field(factory=dict)
     memory: str | None = attrs.field(default=None, validator=_check_memory)

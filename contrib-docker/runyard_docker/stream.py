@@ -8,7 +8,7 @@ import codecs
 import threading
 from typing import Any
 
-from runyard.plugin import STEP_TERMINAL, Event, EventType
+from runyard.plugin import Event, EventType
 
 from .attempt import Attempt
 
@@ -42,16 +42,11 @@ def read_stream(att: Attempt, stream: Any, changed: threading.Event) -> None:
                             att.pending.append(attempt_event(att, EventType.STEP_STDOUT, {
                                 "text": f"[runyard: stdout beyond {_MAX_STDOUT} characters is not kept]\n"}))
                         continue
-                if ev.type in STEP_TERMINAL:
-                    att.ending = ev  # held back until the container exits: stderr comes first
-                else:
-                    if ev.type is EventType.STEP_START:
-                        att.started_step = True
-                    att.pending.append(ev)
+                att.take(ev)  # an ending is held back until the container exits: stderr comes first
             if text:
                 att.stderr_tail = (att.stderr_tail + text)[-_TAIL:]
                 if att.stderr_total < _MAX_STDERR:
-                    att.stderr.append(text)
+                    att.add_stderr(text)
                     att.stderr_total += len(text)
         if new or text:
             changed.set()
@@ -59,10 +54,7 @@ def read_stream(att: Attempt, stream: Any, changed: threading.Event) -> None:
         ev = parse_line(att, partial)
         if ev is not None:
             with att.lock:
-                if ev.type in STEP_TERMINAL:
-                    att.ending = ev
-                else:
-                    att.pending.append(ev)
+                att.take(ev)
 
 
 def parse_line(att: Attempt, line: bytes) -> Event | None:
@@ -85,9 +77,3 @@ def attempt_event(att: Attempt, type: EventType, data: dict[str, Any]) -> Event:
     return Event(type=type, run_id=r.run_id, step_key=r.step_key, attempt=r.attempt, attempt_id=r.attempt_id,
                  data=data)
 
-
-def stderr_event(att: Attempt) -> Event:
-    """The stderr read since the last one, as one event (under ``att.lock``)."""
-    text = "".join(att.stderr)
-    att.stderr = []
-    return attempt_event(att, EventType.STEP_STDERR, {"text": text})

@@ -5,11 +5,12 @@ containers if the run worker dies (see `reaper`)."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from .lifecycle import tar
@@ -29,9 +30,13 @@ def heartbeat(timeout: float, stopping: threading.Event, live: Callable[[], list
                 pass
 
 
-def start_reaper(run_id: str, cleanup: str, docker_host: str | None) -> subprocess.Popen[bytes]:
-    """A process that removes this run's step containers if this one dies (see `reaper`)."""
+def start_reaper(run_id: str, cleanup: str, docker_host: str | None,
+                 scope: Mapping[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """A process that removes this run's step containers (those carrying the ``scope``
+    labels too, when given) if this one dies (see `reaper`)."""
     env = {**os.environ, "RUNYARD_DOCKER_CLEANUP": cleanup}
+    if scope:
+        env["RUNYARD_DOCKER_REAPER_SCOPE"] = json.dumps(dict(scope))
     if docker_host:
         env["RUNYARD_DOCKER_REAPER_HOST"] = docker_host
     # Its own session: killing the run worker's process group must not take it along.

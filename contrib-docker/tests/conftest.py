@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import subprocess
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,13 @@ ROOT = Path(__file__).resolve().parents[2]
 TESTS = Path(__file__).resolve().parent
 JOBS_FILE = TESTS / "docker_jobs.py"
 TEST_LABEL = "runyard.test"
+# The test image's base carries runyard.test=1, so every container made from it has that label,
+# whoever started it (other sessions' Kubernetes pods, ECS tasks, Celery workers on the shared
+# engine). What this session creates carries its own id too, and only that is checked (and
+# removed) at the end.
+SESSION_LABEL = "runyard.test.session"
+SESSION = uuid.uuid4().hex
+TEST_LABELS = {TEST_LABEL: "1", SESSION_LABEL: SESSION}
 
 
 def _run(cmd: list[str], what: str, timeout: float) -> str:
@@ -36,15 +44,18 @@ def _run(cmd: list[str], what: str, timeout: float) -> str:
 
 def _ours(client: Any, basetemp: str) -> tuple[set[str], set[str], set[str]]:
     # Containers of runs of the tests' instances (under pytest's basetemp), labelled by the
-    # tests or not: a container the plugin forgot to label for the tests still counts.
+    # tests or not (a container the plugin forgot to label for the tests still counts), and
+    # whatever carries this session's label. The list call alone, no inspect of each: another
+    # session's container can be removed between the two (NotFound).
+    mine = f"{SESSION_LABEL}={SESSION}"
     containers = {
-        c.id
-        for c in client.containers.list(all=True, filters={"label": ["runyard.run_id"]})
-        if (c.labels or {}).get("runyard.instance", "").startswith(basetemp)
+        c["Id"]
+        for c in client.api.containers(all=True, filters={"label": ["runyard.run_id"]})
+        if (c.get("Labels") or {}).get("runyard.instance", "").startswith(basetemp + "/")
     }
-    containers |= {c.id for c in client.containers.list(all=True, filters={"label": [TEST_LABEL]})}
-    networks = {n.id for n in client.networks.list(filters={"label": [TEST_LABEL]})}
-    volumes = {v.id for v in client.volumes.list(filters={"label": [TEST_LABEL]})}
+    containers |= {c["Id"] for c in client.api.containers(all=True, filters={"label": [mine]})}
+    networks = {n.id for n in client.networks.list(filters={"label": [mine]})}
+    volumes = {v.id for v in client.volumes.list(filters={"label": [mine]})}
     return containers, networks, volumes
 
 
@@ -71,21 +82,24 @@ def docker_client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
             break
         time.sleep(0.25)
     if any(left):
+        import docker.errors
+
         names = []
         for cid in left[0]:
             try:
                 c = client.containers.get(cid)
-                names.append(f"container {c.name} {c.labels}")
-                c.remove(force=True, v=True)
-            except Exception:
-                pass
+            except docker.errors.NotFound:
+                continue  # it went by itself meanwhile: not left behind
+            names.append(f"container {c.name} {c.labels}")
+            c.remove(force=True, v=True)
         for nid in left[1]:
             names.append(f"network {nid[:12]}")
             client.networks.get(nid).remove()
         for vid in left[2]:
             names.append(f"volume {vid}")
             client.volumes.get(vid).remove(force=True)
-        pytest.fail("the docker tests left these behind (now removed):\n" + "\n".join(names), pytrace=False)
+        if names:
+            pytest.fail("the docker tests left these behind (now removed):\n" + "\n".join(names), pytrace=False)
 
 
 @pytest.fixture(scope="session")
@@ -104,7 +118,7 @@ def docker_settings(docker_image: str, tmp_path_factory: pytest.TempPathFactory)
     return {
         "image": docker_image,
         "pull_policy": "never",
-        "labels": {TEST_LABEL: "1"},
+        "labels": dict(TEST_LABELS),
         "volumes": [f"{base}:{base}"],
         "terminate_grace": 2,
     }

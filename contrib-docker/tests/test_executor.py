@@ -11,6 +11,8 @@ from typing import Any
 import pytest
 from runyard import ConfigError, EventType, FailureKind, RunStatus, execute_job
 
+from .conftest import SESSION, SESSION_LABEL, TEST_LABELS
+
 
 def _config(settings: dict[str, Any], **more: Any) -> dict[str, Any]:
     return {"execution": {"docker": {**settings, **more}}}
@@ -265,7 +267,7 @@ def test_settings_reach_the_container(
     data = tmp_path / "data"
     data.mkdir()
     (data / "hello.txt").write_text("mounted")
-    net = docker_client.networks.create(f"runyard-test-net-{tmp_path.name[-8:]}", labels={"runyard.test": "1"})
+    net = docker_client.networks.create(f"runyard-test-net-{tmp_path.name[-8:]}", labels=TEST_LABELS)
     monkeypatch.setenv("PASSED", "from the run worker")
     monkeypatch.setenv("OTHER", "read through {env: OTHER}")
     try:
@@ -298,7 +300,8 @@ def test_settings_reach_the_container(
         assert container.labels["team"] == "data" and container.labels["runyard.step_key"] == "look"
         assert container.labels["runyard.instance"] == str(instance.home)
     finally:
-        for c in docker_client.containers.list(all=True, filters={"label": ["team=data", "runyard.test=1"]}):
+        mine = {"label": ["team=data", f"{SESSION_LABEL}={SESSION}"]}
+        for c in docker_client.containers.list(all=True, filters=mine):
             c.remove(force=True)
         net.remove()
 
@@ -406,7 +409,7 @@ def test_cleanup_keeps_every_container_of_an_unfinished_run(
     instance.storage.add_run(run)
     assert instance.storage.set_run_status(run.run_id, RunStatus.STARTED)
     labels = {"runyard.run_id": run.run_id, "runyard.kind": "step", "runyard.instance": str(instance.home),
-              "runyard.test": "1"}
+              **TEST_LABELS}
     # A step container the run worker has created and is about to start.
     created = docker_client.containers.create(docker_settings["image"], ["true"], labels=labels)
     try:
@@ -451,7 +454,7 @@ def test_the_reaper_catches_a_create_that_lands_after_its_first_sweep(
     from runyard_docker.reaper import remove_steps
 
     run_id = uuid.uuid4().hex
-    labels = {"runyard.run_id": run_id, "runyard.kind": "step", "runyard.test": "1"}
+    labels = {"runyard.run_id": run_id, "runyard.kind": "step", **TEST_LABELS}
     errors: list[BaseException] = []
 
     def sweep() -> None:

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from runyard.plugin import CodePointer, Event, EventType, StepRequest, sign_request
 
-from .conftest import TEST_LABEL
+from .conftest import TEST_LABELS
 
 KEY = "the-run-key-the-executor-made-0123456789"
 GOOD = "from runyard import job, step\n\n@step\ndef emit():\n    return 5\n\n@job\ndef good():\n    emit()\n"
@@ -43,7 +43,7 @@ def step_container(docker_client: Any, docker_image: str, tmp_path: Path) -> Any
         out = docker_client.containers.run(
             docker_image, ["python3", "-m", "runyard_docker.step_worker", json.dumps(payload)],
             environment={"RUNYARD_SIGNING_KEY": KEY, "RUNYARD_STEP_WORKER": json.dumps(grant)},
-            volumes={str(tmp_path): {"bind": str(tmp_path), "mode": "rw"}}, labels={TEST_LABEL: "1"},
+            volumes={str(tmp_path): {"bind": str(tmp_path), "mode": "rw"}}, labels=TEST_LABELS,
             remove=True, stdout=True, stderr=False, init=True,
         )
         return [Event.from_json(line) for line in out.decode().splitlines() if line.startswith("{")]

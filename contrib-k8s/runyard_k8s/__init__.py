@@ -1,5 +1,5 @@
-"""runyard-k8s: a Kubernetes Job per step and per run.
+"""runyard-k8s: a Kubernetes Job per step (executor ``k8s``) and per run (run launcher ``k8s``).
 
-Skeleton only: this distribution registers no plugin until its issue lands, so
-naming `k8s` in runyard.yaml still fails with the install hint.
+See docs/backends/k8s.md. The plugin module (`runyard_k8s.plugin`) imports no Kubernetes
+client; `runyard_k8s.executor.K8sStepHandler` is the step handler's public entry point.
 """

@@ -5,9 +5,12 @@ The public API for job authors. Plugin authors use `runyard.plugin`.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
+# `typing` is not imported at run time: it pulls in `re`, and every `runyard` command
+# imports this package first (the console script replays cached help without it).
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any
+
     from .definitions import (
         CodePointer,
         Definitions,

@@ -1,3 +1,3 @@
-from runyard.cli import main
+from runyard.console import main
 
 main()

@@ -98,6 +98,22 @@ def become_subreaper() -> bool:
 
 
 
+def run_worker(run_id: str) -> int:
+    """The run worker's body (``runyard api execute-run RUN_ID``, or a worker forked by a
+    launcher): execute the stored run here with the instance at ``$RUNYARD_HOME``; return
+    the exit status, 0 if the run succeeded and 1 otherwise. Orphans of the steps'
+    processes are adopted, and none outlives the run."""
+    from .instance import Instance
+    from .runs import execute_run
+
+    become_subreaper()
+    try:
+        result = execute_run(Instance.from_env(), run_id)
+    finally:
+        kill_descendants()
+    return 0 if result.status.value == "SUCCESS" else 1
+
+
 def kill_descendants() -> list[int]:
     """Kill every process this one started (and what they started) that still runs."""
     try:

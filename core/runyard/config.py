@@ -7,7 +7,6 @@ was expected and what was found.
 
 from __future__ import annotations
 
-import difflib
 import functools
 import os
 import re
@@ -59,6 +58,8 @@ def resolve(value: str | EnvVar | None) -> str | None:
 
 def did_you_mean(name: str, choices: Any) -> str:
     """``"did you mean 'docker'?"`` when ``name`` is a near miss of one of ``choices``, else ""."""
+    import difflib
+
     close = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1, cutoff=0.6)
     return f"did you mean '{close[0]}'?" if close else ""
 

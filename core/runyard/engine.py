@@ -19,7 +19,7 @@ from typing import Any
 import attrs
 
 from .definitions import CodePointer, FromStep, FromSteps
-from .events import STEP_TERMINAL, Event, EventType, FailureInfo, FailureKind
+from .events import STEP_LIVE, STEP_TERMINAL, Event, EventType, FailureInfo, FailureKind
 from .plan import ExecutionPlan
 from .plugin import Capabilities, StepHandler, StepRequest, TagConcurrencyLimit
 
@@ -27,16 +27,23 @@ EventSink = Callable[[Sequence[Event]], None]
 
 
 class Cancellation:
-    """A token a caller keeps to cancel a run that is executing (from any thread)."""
+    """A token a caller keeps to cancel a run that is executing (from any thread).
+
+    From a signal handler call `cancel_from_signal`, never `cancel`: a handler runs on the
+    main thread between two of its bytecodes, maybe while that thread holds a lock `cancel`
+    needs (this token's own, when a second SIGTERM interrupts the first one's cancel; the
+    engine's; a step handler's), and taking it again hangs the process for good (a run
+    worker sent SIGTERM twice did, 1 run in 5 of the run-launcher kit)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._requested = False
+        self._signaled = False
         self._callbacks: list[Callable[[], None]] = []
 
     @property
     def requested(self) -> bool:
-        return self._requested
+        return self._requested or self._signaled
 
     def cancel(self) -> None:
         with self._lock:
@@ -47,12 +54,25 @@ class Cancellation:
         for cb in callbacks:
             cb()
 
+    def cancel_from_signal(self) -> None:
+        """Ask for the cancel without taking a lock: a plain flag, which the engine's
+        threads act on (calling `cancel`) within `FLUSH_EVERY` seconds."""
+        self._signaled = True
+
+    def act_on_signal(self) -> None:
+        """`cancel`, when a signal asked for it and nothing has cancelled yet. Not from a
+        signal handler."""
+        if self._signaled and not self._requested:
+            self.cancel()
+
     def subscribe(self, callback: Callable[[], None]) -> None:
         with self._lock:
             self._callbacks.append(callback)
             already = self._requested
         if already:
             callback()
+        else:
+            self.act_on_signal()  # signaled before anyone was there to act on it
 
 
 @attrs.define
@@ -67,6 +87,7 @@ class _Attempt:
     done: bool = False  # a terminal state was recorded; later reports are ignored
     started: bool = False  # the handler reported that it left its queue (reports_start)
     has_output: bool = False  # this attempt reported STEP_OUTPUT
+    reported_start: bool = False  # its STEP_START is recorded (live or from poll): never twice
 
 
 class StepState:
@@ -89,7 +110,15 @@ class EngineResult:
 
 
 _IDLE_MIN, _IDLE_MAX = 0.0005, 0.02  # poll back-off bounds when nothing changes, seconds
-_FLUSH_EVERY = 0.05  # seconds between event flushes to storage while steps run
+FLUSH_EVERY = 0.25
+"""Seconds between writes of buffered events to storage while the run goes on. Events
+are written in batches (one transaction each), never one by one: a step printing line
+after line costs a commit per batch, not per line. A background thread writes the
+buffer when the engine's own thread is busy (an in-process step runs on it), so an
+event reaches storage within about this long after it was reported."""
+FLUSH_EVENTS = 2000  # buffered events that are written at once, without waiting out FLUSH_EVERY
+LIVE_TYPES = STEP_LIVE  # what `StepHandler.report` takes; outputs and endings come from `poll`
+_KEPT_WHEN_STOPPED = frozenset({EventType.STEP_LOG, EventType.STEP_STDOUT, EventType.STEP_STDERR})
 DRAIN_TIMEOUT = 10.0
 """Seconds the engine keeps polling a stopped attempt (timed out, canceled) for the handler
 to say it is gone. Counted once per attempt from its stop: a run that is canceled does not
@@ -126,10 +155,17 @@ class Engine:
         self.run_config = dict(run_config or {})
         self.outputs: dict[str, str] = dict(parent_outputs or {})
         self.states: dict[str, str] = {k: StepState.PENDING for k in plan.steps}
-        self._buffer: list[Event] = []
+        # Appended to by the engine's thread and by handlers reporting live (any thread),
+        # drained by whichever thread flushes: deque appends and pops are atomic.
+        self._buffer: deque[Event] = deque()
         self._last_flush = time.monotonic()
+        self._flush_lock = threading.Lock()
+        self._flush_error: BaseException | None = None
+        self._flusher_stop = threading.Event()
         self._running: dict[str, _Attempt] = {}
+        self._attempts: dict[str, _Attempt] = {}  # every attempt launched, by attempt id
         self._draining: list[_Attempt] = []  # stopped attempts still being reaped
+        self._draining_ids: set[str] = set()
         self._lock = threading.Lock()
         self._canceled = False
         self._limit_counts = [0] * len(self.tag_limits)
@@ -139,8 +175,10 @@ class Engine:
         }
         self._retry_heap: list[tuple[float, int, str, int]] = []
         self._seq = itertools.count()
+        self._cancellation = cancellation
         if cancellation is not None:
             cancellation.subscribe(self.cancel)
+        handler.connect_reporter(self.report)
 
     # -- public -------------------------------------------------------------------
 
@@ -156,14 +194,43 @@ class Engine:
                 except Exception as e:  # report and go on: the loop still ends the run
                     self._emit(EventType.ENGINE, message=f"terminate of '{a.key}' failed: {e}")
 
+    def report(self, events: Sequence[Event]) -> None:
+        """Take events of running attempts from a handler, from any thread (see
+        `StepHandler.report`). They are written with the next batch."""
+        for ev in events:
+            if ev.type not in LIVE_TYPES:
+                raise ValueError(
+                    f"StepHandler.report takes {', '.join(sorted(t.value for t in LIVE_TYPES))} events only; "
+                    f"return {ev.type.value} from poll"
+                )
+            att = self._attempts.get(ev.attempt_id or "")
+            if att is None:
+                continue  # not an attempt of this run
+            if ev.type is EventType.STEP_START:
+                if att.done or att.reported_start:
+                    continue
+                att.reported_start = True
+                if self.capabilities.reports_start and not att.started:
+                    att.started = True
+                    timeout = self.plan.steps[att.key].node.step.timeout
+                    if timeout:
+                        att.deadline = time.monotonic() + timeout
+            elif att.done and att.attempt_id not in self._draining_ids:
+                continue  # ended on its own: what comes after its ending is dropped, as in poll
+            self._buffer.append(ev)
+
     def run(self) -> EngineResult:
         remaining = {k: len(ps.upstream) for k, ps in self.plan.steps.items()}
         ready: deque[tuple[str, int]] = deque((k, 1) for k, n in remaining.items() if n == 0)
         self._remaining = remaining
         self._ready = ready
         error: BaseException | None = None
+        flusher = threading.Thread(target=self._flush_in_background, name="runyard-engine-flush", daemon=True)
         try:
             self.handler.setup()
+            # Started after setup: a handler may fork there (multiprocess's fork server is
+            # forked when the process has no other thread, and exec'd, slower, otherwise).
+            flusher.start()
             self._loop()
         except BaseException as e:
             error = e
@@ -172,7 +239,13 @@ class Engine:
             try:
                 self._stop_all(FailureKind.CANCELED)
             finally:
-                self._teardown(error)
+                try:
+                    self._teardown(error)
+                finally:
+                    self._flusher_stop.set()
+                    if flusher.ident is not None:
+                        flusher.join()
+                    self._flush()
         return EngineResult(self.states, self.outputs, self._canceled)
 
     def _teardown(self, error: BaseException | None) -> None:
@@ -194,6 +267,8 @@ class Engine:
     def _loop(self) -> None:
         idle = _IDLE_MIN
         while True:
+            if self._cancellation is not None:
+                self._cancellation.act_on_signal()
             if self._canceled:
                 self._finish_cancel()
                 return
@@ -207,12 +282,11 @@ class Engine:
             self._reap_draining()
             if not self._running and not self._ready and not self._retry_heap:
                 return
-            if time.monotonic() - self._last_flush >= _FLUSH_EVERY:
+            if len(self._buffer) >= FLUSH_EVENTS or time.monotonic() - self._last_flush >= FLUSH_EVERY:
                 self._flush()
             if progressed:
                 idle = _IDLE_MIN
                 continue
-            self._flush()
             timeout = idle
             if self._retry_heap and not self._running:
                 timeout = max(0.0, self._retry_heap[0][0] - time.monotonic())
@@ -267,6 +341,7 @@ class Engine:
         queued = self.capabilities.reports_start
         deadline = time.monotonic() + step.timeout if step.timeout and not queued else None
         att = _Attempt(key, attempt, attempt_id, None, deadline, limits)
+        self._attempts[attempt_id] = att
         try:
             att.handle = self.handler.launch(request)
         except Exception as e:
@@ -294,6 +369,10 @@ class Engine:
             if update.events:
                 progressed = True
                 for ev in update.events:
+                    if ev.type is EventType.STEP_START:
+                        if att.reported_start:
+                            continue  # reported live already
+                        att.reported_start = True
                     self._on_worker_event(att, ev)
             if update.done:
                 progressed = True
@@ -360,26 +439,37 @@ class Engine:
                 return
         for i in att.limits:
             self._limit_counts[i] -= 1
+        if not (draining and att.handle is not None):
+            # Not kept past its end: a wide run would hold every attempt (and its request)
+            # until it ends, which the garbage collector then walks again and again.
+            self._attempts.pop(att.attempt_id, None)
         if draining and att.handle is not None:
             att.drain_until = time.monotonic() + DRAIN_TIMEOUT
             self._draining.append(att)
+            self._draining_ids.add(att.attempt_id)
 
     def _reap_draining(self) -> None:
-        # Poll stopped attempts until the backend says they are gone, discarding their
-        # events; one that outlives its drain is given up on, once, and said so.
+        # Poll stopped attempts until the backend says they are gone, keeping what they
+        # logged and printed up to the stop (a user wants a canceled step's last words) and
+        # dropping the rest (their ending: the engine recorded the stop already); one that
+        # outlives its drain is given up on, once, and said so.
         if not self._draining:
             return
         still: list[_Attempt] = []
         for a in self._draining:
             try:
-                gone = self.handler.poll(a.handle).done
+                update = self.handler.poll(a.handle)
+                self._buffer.extend(ev for ev in update.events if ev.type in _KEPT_WHEN_STOPPED)
+                gone = update.done
             except Exception as e:
                 self._emit(EventType.ENGINE, step_key=a.key, attempt=a.attempt, attempt_id=a.attempt_id,
                            message=f"polling stopped step '{a.key}' failed: {type(e).__name__}: {e}")
                 gone = True
             if gone:
+                self._attempts.pop(a.attempt_id, None)
                 continue
             if time.monotonic() >= a.drain_until:
+                self._attempts.pop(a.attempt_id, None)
                 self._emit(
                     EventType.ENGINE,
                     step_key=a.key,
@@ -392,6 +482,7 @@ class Engine:
                 continue
             still.append(a)
         self._draining = still
+        self._draining_ids = {a.attempt_id for a in still}
 
     # -- outcomes ---------------------------------------------------------------------
 
@@ -472,7 +563,44 @@ class Engine:
         self._buffer.append(Event(type=type, run_id=self.run_id, **kw))
 
     def _flush(self) -> None:
-        self._last_flush = time.monotonic()
-        if self._buffer:
-            batch, self._buffer = self._buffer, []
-            self.sink(batch)
+        """Write what is buffered, in one batch. Called by the engine's thread and by the
+        background flusher; the lock keeps batches in order."""
+        with self._flush_lock:
+            if self._flush_error is not None:
+                error, self._flush_error = self._flush_error, None
+                raise error  # the background flusher's write failed: the run fails as it would here
+            self._last_flush = time.monotonic()
+            buffer = self._buffer
+            if not buffer:
+                return
+            # Taken one by one: another thread may be appending. What it appends after the
+            # len() is left for the next batch.
+            popleft = buffer.popleft
+            batch = [popleft() for _ in range(len(buffer))]
+            try:
+                self.sink(batch)
+            except BaseException:
+                buffer.extendleft(reversed(batch))  # not written: kept for the next try
+                raise
+
+    def _flush_in_background(self) -> None:
+        # Writes the buffer while the engine's thread is busy elsewhere (an in-process step
+        # runs on it; a handler's poll may block): live events and finished steps reach
+        # storage without waiting for it.
+        stop = self._flusher_stop
+        cancellation = self._cancellation
+        while not stop.wait(FLUSH_EVERY):
+            if cancellation is not None:
+                # A signal's cancel, while the engine's thread runs an in-process step or
+                # blocks in a poll: from here, where no lock of that thread is held.
+                try:
+                    cancellation.act_on_signal()
+                except Exception as e:  # noqa: BLE001 - the loop still ends the run
+                    self._emit(EventType.ENGINE, message=f"cancel failed: {type(e).__name__}: {e}")
+            if not self._buffer or time.monotonic() - self._last_flush < FLUSH_EVERY:
+                continue
+            try:
+                self._flush()
+            except BaseException as e:
+                self._flush_error = e
+                return

@@ -63,16 +63,27 @@ class ExecutionResult:
     """The outcome of executing a job: status, events and access to step outputs."""
 
     def __init__(
-        self, *, run: RunRecord, engine: EngineResult | None, events: list[Event], instance: Instance, output_store: str
+        self, *, run: RunRecord, engine: EngineResult | None, events: list[Event] | None, instance: Instance,
+        output_store: str,
     ) -> None:
         self.run = run
         self.run_id = run.run_id
         self.status = run.status
-        self.events = events
+        self._events = events
         self.step_states: Mapping[str, str] = dict(engine.states) if engine else {}
         self._outputs = dict(engine.outputs) if engine else {}
         self._instance = instance
         self._store_url = output_store
+
+    @property
+    def events(self) -> list[Event]:
+        """Every event of the run, read from the instance's storage when first asked for.
+
+        Not read before: a large run's events decoded cost more memory than the rest of the
+        run (about 1.5 KB per step; issue 18), and most callers look only at the status."""
+        if self._events is None:
+            self._events = [s.event for s in self._instance.storage.get_events(self.run_id)]
+        return self._events
 
     @property
     def success(self) -> bool:
@@ -317,7 +328,9 @@ def execute_job(
             Event(
                 type=EventType.RUN_START,
                 run_id=run.run_id,
-                data={"executor": res.executor.name, "steps": len(plan), "max_concurrent": res.max_concurrent},
+                # A run created here has no RUN_QUEUED event: its plan's graph goes here.
+                data={"executor": res.executor.name, "steps": len(plan), "max_concurrent": res.max_concurrent,
+                      **({"plan": plan.graph()} if new else {})},
             )
         ]
     )
@@ -347,8 +360,7 @@ def execute_job(
     if storage.set_run_status(run.run_id, status, only_from=_UNFINISHED):
         sink([Event(type=ev_type, run_id=run.run_id, message=msg)])
     final = storage.get_run(run.run_id) or run
-    events = [s.event for s in storage.get_events(run.run_id)]
-    res = ExecutionResult(run=final, engine=result, events=events, instance=instance, output_store=store.url)
+    res = ExecutionResult(run=final, engine=result, events=None, instance=instance, output_store=store.url)
     if raise_on_error and not res.success:
         raise RunyardError(f"job '{job.name}' run {run.run_id} ended {status.value}: {msg}")
     return res

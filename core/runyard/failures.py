@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import traceback as _traceback
-
 from .events import FailureInfo, FailureKind
 
 
@@ -23,7 +21,9 @@ def failure_from_exception(
 ) -> FailureInfo:
     """A `FailureInfo` describing ``error``: its class name, its formatted traceback (unless
     ``with_traceback=False``) and ``message`` (default ``"ValueError: the text"``)."""
-    tb = "".join(_traceback.format_exception(error)) if with_traceback else None
+    import traceback  # only when something failed: not a start-up cost
+
+    tb = "".join(traceback.format_exception(error)) if with_traceback else None
     return FailureInfo(
         kind=kind,
         message=message if message is not None else f"{type(error).__name__}: {error}",

@@ -19,7 +19,8 @@ from .storage import RunStorage
 from .yamlfile import beside, load_yaml_file
 
 SECTIONS: tuple[Kind, ...] = ("storage", "run_launcher", "executor")
-TOP_LEVEL_KEYS = (*SECTIONS, "outputs", "step_worker")  # step_worker: see trust.py
+# step_worker: see trust.py; the last four are runyard daemon's (runyard.daemon.settings).
+TOP_LEVEL_KEYS = (*SECTIONS, "outputs", "step_worker", "run_coordinator", "run_retries", "run_monitoring", "daemon")
 CONFIG_FILE = "runyard.yaml"
 
 
@@ -69,6 +70,10 @@ class Instance:
         self._outputs_url = beside(self.home, outputs)  # relative to runyard.yaml's folder
         # What step workers of this instance accept (runyard.trust.StepWorkerSettings).
         self.step_worker_config: Any = raw.get("step_worker")
+        # What runyard daemon reads: run_coordinator, run_retries, run_monitoring, daemon.
+        self.daemon_config: dict[str, Any] = {
+            k: raw[k] for k in ("run_coordinator", "run_retries", "run_monitoring", "daemon") if k in raw
+        }
 
     @classmethod
     def from_env(cls, *, registry: PluginRegistry | None = None, validate: bool = False) -> Instance:
@@ -118,6 +123,13 @@ class Instance:
                 self.plugin_config(kind, sel)
             except Exception as e:  # collect, so the user sees every problem at once
                 problems.append(str(e))
+        if self.daemon_config:
+            from .daemon.settings import settings
+
+            try:
+                settings(self)
+            except Exception as e:
+                problems.append(str(e))
         if self.step_worker_config is not None:
             from .trust import instance_settings
 
@@ -126,6 +138,11 @@ class Instance:
             except Exception as e:
                 problems.append(str(e))
         return problems
+
+    @property
+    def queues_runs(self) -> bool:
+        """Whether launches go through the daemon's queue (a ``run_coordinator`` section)."""
+        return "run_coordinator" in self.daemon_config
 
     def check(self) -> None:
         """Raise one `ConfigError` listing every problem of ``runyard.yaml`` (see `validate`)."""

@@ -78,6 +78,12 @@ class ExecutionPlan:
     def __len__(self) -> int:
         return len(self.steps)
 
+    def graph(self) -> list[list[str | list[str]]]:
+        """``[[key, [upstream keys]], ...]`` in plan order: the JSON form recorded with the run
+        (its RUN_QUEUED event, or RUN_START for a run executed where it was created), which
+        `runyard ui` draws without importing the job."""
+        return [[k, list(s.upstream)] for k, s in self.steps.items()]
+
 
 def resolve_selection(job: JobDefinition, selection: Iterable[str]) -> set[str]:
     """Resolve step keys and glob patterns (``load_*``) to the keys they name."""

@@ -9,6 +9,7 @@ Versioned: `API_VERSION` changes only when a contract breaks; additions keep it.
 
 from __future__ import annotations
 
+import contextvars
 import enum
 import json
 import os
@@ -20,9 +21,11 @@ import attrs
 import pluggy
 
 from .config import EnvVar, resolve
+from .config import structure as structure_config
 from .definitions import CodePointer
+from .envvars import check_env_item, check_env_items, environment_from
 from .errors import ConfigError, PluginError
-from .events import STEP_TERMINAL, Event, EventType, FailureInfo, FailureKind
+from .events import STEP_LIVE, STEP_TERMINAL, Event, EventType, FailureInfo, FailureKind
 from .failures import error_class_name, failure_from_exception
 from .private import make_private_dirs, open_private
 from .procs import (
@@ -37,33 +40,33 @@ from .procs import (
     stop_process_group,
 )
 from .resources import RESOURCES_TAG, parse_resources_tag
-from .storage import RunRecord, RunStatus, RunStorage, StoredEvent
-from .storage_location import StorageLocation, locate_storage
-from .trust import (
-    SIGNING_KEY_ENV,
-    STEP_WORKER_ENV,
-    RequestRefused,
-    WorkerPolicy,
-    admit_or_refuse,
-    configured_signing_key,
-    execute_trusted_step,
-    grant_for_run,
-    load_worker_policy,
-    missing_key_error,
-    new_signing_key,
-    policy_from_grant,
-    refusal_event,
-    sign_request,
-    signing_key_at,
-    verify_request,
-)
+from .storage import RunFilter, RunRecord, RunStatus, RunStorage, StoredEvent
 from .validators import above, at_least, one_of
-from .worker import StepContext, StepInterrupted, StepTimedOut
 
 if TYPE_CHECKING:
     from .definitions import JobDefinition
     from .storage.postgres import PostgresRunStorage
     from .storage.sqlite import SqliteRunStorage
+    from .storage_location import StorageLocation, locate_storage  # noqa: F401
+    from .trust import (  # noqa: F401
+        SIGNING_KEY_ENV,
+        STEP_WORKER_ENV,
+        RequestRefused,
+        WorkerPolicy,
+        admit_or_refuse,
+        configured_signing_key,
+        execute_trusted_step,
+        grant_for_run,
+        load_worker_policy,
+        missing_key_error,
+        new_signing_key,
+        policy_from_grant,
+        refusal_event,
+        sign_request,
+        signing_key_at,
+        verify_request,
+    )
+    from .worker import StepContext, StepInterrupted, StepTimedOut  # noqa: F401
 
 API_VERSION = 1
 """Major version of the plugin API. A spec declaring another version is not loaded."""
@@ -242,6 +245,10 @@ class WorkerHealth:
 
     status: WorkerStatus = attrs.field(converter=WorkerStatus)
     message: str = ""
+    died_at: float | None = None
+    """When a DEAD or FINISHED worker ended (seconds since the epoch), if the launcher knows
+    (a container's ``State.FinishedAt``). runyard records it as the run's end; without it,
+    the monitor estimates the time of death from when it last saw the worker running."""
 
     @classmethod
     def running(cls, message: str = "") -> WorkerHealth:
@@ -273,6 +280,80 @@ class WorkerHealth:
         """Same as `is_gone`: DEAD and FINISHED alike leave nobody to end the run, and that
         is what runyard acts on (an unfinished run fails, a cancel stops waiting)."""
         return self.is_gone
+
+
+LAUNCH_ID_ENV = "RUNYARD_LAUNCH_ID"
+"""Set by `RunLauncher.worker_env` while `runyard daemon` launches a run (``RUN_ID:LAUNCH_ID``):
+the worker then executes the run only once that launch is recorded and is still the run's
+latest, so a worker orphaned by a daemon that died mid-launch never runs it a second time."""
+
+current_launch: contextvars.ContextVar[str | None] = contextvars.ContextVar("runyard_launch", default=None)
+
+worker_fork: contextvars.ContextVar[Callable[[], None] | None] = contextvars.ContextVar(
+    "runyard_worker_fork", default=None
+)
+"""Set by ``runyard job launch`` around its launch: this process is a short-lived command
+that has just loaded the run's job and holds no lease or thread, so `RunLauncher.fork_worker`
+may start the run worker as a fork of it rather than a new interpreter (which would import
+runyard, every plugin and the job again). The value is called before forking: it closes this
+process's storage connections, which a child must not share."""
+
+
+class ForkedWorker:
+    """A process this one forked (a run worker started by `RunLauncher.fork_worker`, a step
+    process): watched and reaped like a `subprocess.Popen` (``pid``, ``returncode``,
+    ``poll()``, ``wait()``, ``kill()``)."""
+
+    def __init__(self, pid: int, *, what: str = "run worker") -> None:
+        self.pid = pid
+        self.what = what
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:
+                self.returncode = -9  # reaped elsewhere: how it ended cannot be known
+                return self.returncode
+            if pid:
+                code, sig = split_wait_status(status)
+                self.returncode = -sig if sig is not None else code
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        import subprocess
+        import time
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = 0.0005
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise subprocess.TimeoutExpired(f"{self.what} {self.pid}", timeout or 0.0)
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
+        assert self.returncode is not None
+        return self.returncode
+
+    def kill(self) -> None:
+        if self.returncode is None:
+            try:
+                os.kill(self.pid, 9)
+            except ProcessLookupError:
+                pass
+
+
+def single_threaded() -> bool:
+    """True when this process has no other thread, Python's or native (Linux: /proc): when
+    ``os.fork()`` is safe (a forked child gets no copy of a lock another thread held)."""
+    import threading
+
+    if threading.active_count() != 1:
+        return False
+    try:
+        return len(os.listdir("/proc/self/task")) == 1
+    except OSError:
+        return False  # cannot tell: do not fork
 
 
 class RunLauncher:
@@ -336,6 +417,122 @@ class RunLauncher:
         processes or containers), since nobody will stop them otherwise."""
         return WorkerHealth.unknown("this run launcher does not check its workers")
 
+    def remember_end(self, run: RunRecord, health: WorkerHealth, *, tag: str) -> None:
+        """Keep ``health`` (a worker found DEAD or FINISHED) in the instance's ``logs/``
+        (``TAG-run-RUN_ID.exit.json``, owner-only), for `remembered_end` to answer later
+        checks once what showed it is removed (a container, a Job): checks from several
+        processes then agree, whoever asked first. Best effort: a read-only home keeps nothing."""
+        path = self._end_path(run, tag)
+        if path is None:
+            return
+        try:
+            make_private_dirs(path.parent)  # owner-only: the message carries the run's output
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            with open(open_private(tmp, os.O_WRONLY | os.O_TRUNC), "w") as f:
+                f.write(json.dumps({"status": health.status.value, "message": health.message,
+                                    "died_at": getattr(health, "died_at", None)}))
+            tmp.replace(path)
+        except OSError:
+            pass
+
+    def record_forced_end(self, run: RunRecord, how: str) -> bool:
+        """End a STARTED ``run`` FAILURE now, from `terminate` with ``force``, before you stop
+        its worker; True if this ended it. For platforms that cannot kill a worker without
+        warning (ECS StopTask and a pod's deletion send SIGTERM first): the warned worker
+        would cancel its steps and end the run CANCELED, while a forced terminate means
+        the worker got no chance. The engine ends a run only from an unfinished status, so
+        the worker's own end, written later, is fenced out; its steps' endings are still
+        stored. ``how`` says what you do to the worker (it goes into the reason).
+
+        A run being canceled (CANCELING: a cancel escalating to force still ends CANCELED),
+        one not yet started (whoever forces it records why, e.g. a start timeout) and a
+        finished one are left alone. Added in API version 1.
+        """
+        if self.instance_home is None:
+            return False
+        from .instance import Instance
+
+        storage = Instance(self.instance_home).storage
+        if not storage.set_run_status(run.run_id, RunStatus.FAILURE, only_from=[RunStatus.STARTED]):
+            return False
+        reason = f"run worker terminated by force: {how}"
+        info = FailureInfo(kind=FailureKind.WORKER_LOST, message=reason)
+        storage.store_events([Event(type=EventType.RUN_FAILURE, run_id=run.run_id, message=reason,
+                                    data={"failure": info.to_dict(), "forced": True})])
+        return True
+
+    def remembered_end(self, run: RunRecord, *, tag: str) -> WorkerHealth | None:
+        """What `remember_end` kept for ``run`` (None: nothing)."""
+        path = self._end_path(run, tag)
+        try:
+            data = json.loads(path.read_text()) if path is not None else None
+        except (OSError, ValueError):
+            return None
+        if not data:
+            return None
+        return WorkerHealth(status=data["status"], message=data["message"], died_at=data.get("died_at"))
+
+    def _end_path(self, run: RunRecord, tag: str) -> Any:
+        if self.instance_home is None:
+            return None
+        from pathlib import Path
+
+        return Path(self.instance_home) / "logs" / f"{tag}-run-{run.run_id}.exit.json"
+
+    def fork_worker(self, run: RunRecord, *, output: int) -> ForkedWorker | None:
+        """Start ``run``'s worker on this machine as a fork of this process, in a new session
+        (its own process group), with ``output`` (a file descriptor) as its stdout and stderr,
+        stdin from /dev/null and `worker_env` as its environment; None when this process
+        does not allow it (`worker_fork` unset, or more than one thread): then start
+        `worker_command` instead.
+
+        A fork skips the new interpreter's start-up and imports (runyard, every plugin, the
+        job), most of a short run's launch time. The worker does what ``runyard api
+        execute-run`` does and then leaves with ``os._exit``: nothing of this process's
+        state (atexit handlers, buffered output) runs twice.
+        """
+        prepare = worker_fork.get()
+        if prepare is None or not hasattr(os, "fork") or not single_threaded():
+            return None
+        env = self.worker_env()
+        prepare()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (AttributeError, OSError, ValueError):
+                pass
+        pid = os.fork()
+        if pid:
+            return ForkedWorker(pid)
+        code = 70  # EX_SOFTWARE: the worker's own set-up failed (said on its stderr)
+        try:
+            os.setsid()
+            stdin = os.open(os.devnull, os.O_RDONLY)
+            os.dup2(stdin, 0)
+            os.dup2(output, 1)
+            os.dup2(output, 2)
+            os.close(stdin)
+            os.environ.clear()
+            os.environ.update(env)
+            worker_fork.set(None)
+            from .cli_worker import run_worker
+
+            code = run_worker(run.run_id)
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+        except BaseException:
+            import traceback
+
+            traceback.print_exc()
+            code = 1
+        finally:
+            for stream in (sys.stdout, sys.stderr):
+                try:
+                    stream.flush()
+                except BaseException:  # noqa: S110 - leaving whatever happens
+                    pass
+            os._exit(code)
+
     @staticmethod
     def worker_command(run: RunRecord | str, *, python: str | None = None) -> list[str]:
         """The command that runs a run worker for ``run`` (a record or a run id).
@@ -352,8 +549,12 @@ class RunLauncher:
         """The environment of a worker on this machine: ``base`` (default: this process's
         environment) with ``RUNYARD_HOME`` set to the instance's home."""
         env = dict(os.environ if base is None else base)
+        env.pop(LAUNCH_ID_ENV, None)  # inherited from a run worker above: not this launch's
         if self.instance_home is not None:
             env["RUNYARD_HOME"] = self.instance_home
+        launch = current_launch.get()
+        if launch is not None:
+            env[LAUNCH_ID_ENV] = launch
         return env
 
 
@@ -460,6 +661,83 @@ class StepUpdate:
         return cls(events, True, failure)
 
 
+class StreamedAttempt:
+    """What a handler has read of one attempt whose step worker runs elsewhere (a
+    container, a pod, a remote task) and streams its events back, and what `poll` reports
+    of it, in the order the engine needs. Subclass it for your attempt's state.
+
+    Reader threads, holding ``lock``, call `take` with each of the worker's events and
+    `add_stderr` with text its process wrote outside events (its own stderr: start-up
+    errors, warnings). The attempt's own thread, holding ``lock``, sets ``done`` once it is
+    over and, when the worker reported no ending, ``failure``. `poll` returns `update()`.
+
+    `update` guarantees this order, whatever order the streams were read in:
+
+    1. the worker's events as they came, its STEP_START first of all;
+    2. stderr, as one STEP_STDERR event per poll, held until the STEP_START has been
+       taken (or the attempt is over): stderr comes on another stream than the events
+       and may be read first, yet a step's events must begin with its start;
+    3. at the end, the worker's own ending (STEP_SUCCESS or STEP_FAILURE, held back by
+       `take` until the attempt is over, so nothing follows it), or else ``failure``.
+
+    Added in API version 1.
+    """
+
+    def __init__(self, request: StepRequest) -> None:
+        import threading
+
+        self.request = request
+        self.lock = threading.Lock()
+        self.pending: list[Event] = []
+        self.stderr: list[str] = []
+        self.ending: Event | None = None
+        self.started_step = False  # the worker's STEP_START has been taken
+        self.done = False
+        self.failure: FailureInfo | None = None
+        self.reported = False  # `update` has said the attempt is over
+
+    def take(self, event: Event) -> None:
+        """One of the worker's events (under ``lock``); the first ending is kept for the end."""
+        if event.type in STEP_TERMINAL:
+            if self.ending is None:
+                self.ending = event
+            return
+        if event.type is EventType.STEP_START:
+            self.started_step = True
+        self.pending.append(event)
+
+    def add_stderr(self, text: str) -> None:
+        """Text the worker's process wrote outside its events (under ``lock``)."""
+        if text:
+            self.stderr.append(text)
+
+    def event(self, type_: EventType, data: dict[str, Any], message: str = "") -> Event:
+        """An event of this attempt (for what the handler itself has to say)."""
+        r = self.request
+        return Event(type=type_, run_id=r.run_id, step_key=r.step_key, attempt=r.attempt, attempt_id=r.attempt_id,
+                     data=data, message=message)
+
+    def update(self, *, started: bool = False, lost: Callable[[], FailureInfo] | None = None) -> StepUpdate:
+        """What `StepHandler.poll` returns now (takes ``lock``). ``started``: passed on to
+        `StepUpdate.running`. ``lost()``: the failure when the attempt is over with neither
+        an ending nor ``failure`` (called under ``lock``; default: WORKER_LOST)."""
+        with self.lock:
+            if self.reported:
+                return StepUpdate.finished()
+            events, self.pending = self.pending, []
+            if self.stderr and (self.started_step or self.done):
+                text, self.stderr = "".join(self.stderr), []
+                events.append(self.event(EventType.STEP_STDERR, {"text": text}))
+            if not self.done:
+                return StepUpdate.running(events, started=started)
+            self.reported = True
+            if self.ending is not None:
+                return StepUpdate.finished([*events, self.ending])
+            failure = self.failure or (lost() if lost is not None else FailureInfo(
+                kind=FailureKind.WORKER_LOST, message=f"step '{self.request.step_key}' ended without an outcome"))
+            return StepUpdate.crashed(failure, events)
+
+
 @attrs.frozen(kw_only=True)
 class HandlerContext:
     """What a step handler is told about the run it serves.
@@ -508,6 +786,41 @@ class StepHandler:
 
     def setup(self) -> None:
         """Acquire what the run needs (a pool, a client, a cluster)."""
+
+    def report(self, events: Sequence[Event]) -> None:
+        """Pass events of a running attempt to the engine now, from any thread.
+
+        For STEP_START, STEP_LOG, STEP_STDOUT and STEP_STDERR only (`STEP_LIVE`; others
+        raise ValueError): the engine writes them to storage with its next batch, within about
+        `runyard.engine.FLUSH_EVERY` seconds, while the step still runs, so that
+        ``runyard run logs --follow`` shows them and a worker that dies mid-step leaves a
+        record that the step started. Report each event once: an event reported here is
+        not returned from `poll` as well (a STEP_START returned again is ignored; other
+        events would be recorded twice). STEP_OUTPUT and the ending still come from
+        `poll`. Events of an attempt that has ended are dropped, except its logs and
+        output after a stop (a cancel, a timeout): what it wrote up to then is kept.
+
+        Call it from a thread that reads the step's event stream (a pipe, a container's
+        output, a message subscription), or from `poll` when that blocks for the whole
+        step. Added in API 1 (issue 14); handlers that never call it still work, their
+        events reaching storage when `poll` returns them.
+        """
+        reporter = self.__dict__.get("_runyard_reporter")
+        if reporter is None:
+            raise RuntimeError(
+                f"{type(self).__name__}.report was called before an engine connected it (connect_reporter)"
+            )
+        reporter(events)
+
+    def connect_reporter(self, reporter: Callable[[Sequence[Event]], None]) -> None:
+        """Where `report` sends events: the engine calls this once, before `setup`. A test
+        driving a handler without an engine passes its own collector."""
+        self.__dict__["_runyard_reporter"] = reporter
+
+    @property
+    def reports_connected(self) -> bool:
+        """Whether `report` has somewhere to send events (an engine or a test connected one)."""
+        return "_runyard_reporter" in self.__dict__
 
     def launch(self, request: StepRequest) -> Any:
         """Start one attempt of a step and return a handle for it. Must not block on the step."""
@@ -584,12 +897,33 @@ def preload_step_worker() -> None:
 _LAZY_STORAGES = {"SqliteRunStorage": ".storage.sqlite", "PostgresRunStorage": ".storage.postgres"}
 
 
+# The rest of the API that only running steps and checking step requests use, imported
+# on first use too: every plugin module imports this one, so `runyard --help` and `runyard
+# plugin list` would otherwise pay for the step worker (logging, sockets, output stores)
+# and request signing (hashlib, hmac, secrets).
+_LAZY = {
+    **{name: ".trust" for name in (
+        "SIGNING_KEY_ENV", "STEP_WORKER_ENV", "RequestRefused", "WorkerPolicy", "admit_or_refuse",
+        "configured_signing_key", "execute_trusted_step", "grant_for_run", "load_worker_policy",
+        "missing_key_error", "new_signing_key", "policy_from_grant", "refusal_event", "sign_request",
+        "signing_key_at", "verify_request",
+    )},
+    **{name: ".worker" for name in ("StepContext", "StepInterrupted", "StepTimedOut")},
+    **{name: ".storage_location" for name in ("StorageLocation", "locate_storage")},
+}
+
+
 def __getattr__(name: str) -> Any:
+    import importlib
+
+    module = _LAZY.get(name)
+    if module is not None:
+        value = getattr(importlib.import_module(module, __package__), name)
+        globals()[name] = value  # found directly from now on
+        return value
     module = _LAZY_STORAGES.get(name)
     if module is None:
         raise AttributeError(f"module 'runyard.plugin' has no attribute '{name}'")
-    import importlib
-
     # Not cached here: sys.modules caches the module, and a driver that cannot load keeps
     # raising ImportError rather than handing out a class imported before.
     return getattr(importlib.import_module(module, __package__), name)
@@ -607,6 +941,7 @@ __all__ = [
     "ExecutorSpec",
     "FailureInfo",
     "FailureKind",
+    "ForkedWorker",
     "GroupStop",
     "HandlerContext",
     "PluginError",
@@ -617,8 +952,10 @@ __all__ = [
     "RunLauncherConfig",
     "RunLauncherSpec",
     "RunRecord",
+    "RunFilter",
     "RunStatus",
     "RunStorage",
+    "STEP_LIVE",
     "STEP_TERMINAL",
     "SqliteRunStorage",
     "StepContext",
@@ -627,12 +964,17 @@ __all__ = [
     "StepRequest",
     "StepTimedOut",
     "StepUpdate",
+    "StreamedAttempt",
     "StorageLocation",
     "StorageSpec",
     "StoredEvent",
     "TagConcurrencyLimit",
     "WorkerHealth",
     "above",
+    "check_env_item",
+    "check_env_items",
+    "environment_from",
+    "structure_config",
     "at_least",
     "describe_exit",
     "error_class_name",
@@ -654,6 +996,7 @@ __all__ = [
     "resolve",
     "signal_name",
     "signal_process_group",
+    "single_threaded",
     "split_wait_status",
     "stop_process_group",
     # Trust: signed step requests and workers' own allowances (runyard.trust, docs/security.md).
@@ -673,4 +1016,5 @@ __all__ = [
     "sign_request",
     "signing_key_at",
     "verify_request",
+    "worker_fork",
 ]

@@ -11,15 +11,11 @@ deprecated with pluggy's ``warn_on_impl`` warn when a plugin implementing them l
 
 from __future__ import annotations
 
-import difflib
 import importlib
-import importlib.metadata
-import inspect
 import os
 import types
 import warnings
 from collections.abc import Iterable
-from importlib.metadata import EntryPoint, entry_points
 from typing import Any, Literal
 
 import attrs
@@ -37,13 +33,15 @@ _LABEL = {"executor": "executor", "run_launcher": "run launcher", "storage": "st
 # Backends runyard knows of but does not ship in the core distribution: naming one that
 # is not installed gets the install command rather than a bare "unknown".
 KNOWN_BACKENDS: dict[Kind, dict[str, str]] = {
-    "executor": {"dask": "dask", "celery": "celery", "docker": "docker", "k8s": "k8s"},
-    "run_launcher": {"docker": "docker", "k8s": "k8s"},
+    "executor": {"dask": "dask", "celery": "celery", "docker": "docker", "k8s": "k8s", "ecs": "ecs",
+                 "celery_docker": "celery-docker", "celery_k8s": "celery-k8s"},
+    "run_launcher": {"docker": "docker", "k8s": "k8s", "ecs": "ecs", "celery_k8s": "celery-k8s"},
     "storage": {"postgres": "postgres"},
 }
 # The distribution each of those extras installs (postgres only adds a driver to runyard).
 EXTRA_DISTRIBUTIONS = {"dask": "runyard-dask", "celery": "runyard-celery", "docker": "runyard-docker",
-                       "k8s": "runyard-k8s"}
+                       "k8s": "runyard-k8s", "ecs": "runyard-ecs", "celery-docker": "runyard-celery",
+                       "celery-k8s": "runyard-celery"}
 
 DISABLE_ENV = "RUNYARD_DISABLE_PLUGINS"
 """Comma-separated entry-point names of plugins not to load (``RUNYARD_DISABLE_PLUGINS=docker,celery``)."""
@@ -122,9 +120,13 @@ class PluginRegistry:
         self.disabled: list[DisabledPlugin] = []
         self.warnings: list[PluginWarning] = []
         if use_entry_points:
-            self._load_entry_points(entry_points(group="runyard"))
+            # Read from the distributions' entry_points.txt: importlib.metadata would cost
+            # a fifth of `runyard --help` (see runyard.entrypoints).
+            from .entrypoints import entry_points
 
-    def _load_entry_points(self, eps: Iterable[EntryPoint]) -> None:
+            self._load_entry_points(entry_points("runyard"))
+
+    def _load_entry_points(self, eps: Iterable[Any]) -> None:
         for ep in eps:
             dist = ep.dist.name if ep.dist else "?"
             version = ep.dist.version if ep.dist else "?"
@@ -187,12 +189,16 @@ class PluginRegistry:
         return sorted(n for n, c in vars(self.pm.hook).items() if isinstance(c, pluggy.HookCaller) and c.has_spec())
 
     def _unknown_hook_message(self, hook: str) -> str:
+        import difflib
+
         near = difflib.get_close_matches(hook, self._spec_names(), n=1)
         hint = f"did you mean '{near[0]}'?" if near else f"runyard's hooks are {', '.join(self._spec_names())}"
         return f"it implements hook '{hook}', which runyard does not have ({hint})"
 
     def _argument_problems(self, plugin: object) -> list[str]:
         """Hook implementations taking arguments their hook does not pass."""
+        import inspect
+
         found = []
         for attr in self._spec_names():
             if self.pm.parse_hookimpl_opts(plugin, attr) is None:
@@ -316,6 +322,8 @@ class PluginRegistry:
                 f"{installed}. Check `runyard plugin list`; a {dist_name} that does not provide it may be "
                 f"unfinished or broken: reinstall it (pip install --force-reinstall \"runyard[{extra}]\")"
             )
+        import difflib
+
         near = difflib.get_close_matches(name, self.names(kind), n=1)
         hint = f" (did you mean '{near[0]}'?)" if near else ""
         return f"unknown {label} '{name}'{hint}; installed {label}s: {installed}"
@@ -334,6 +342,8 @@ class PluginRegistry:
 
 
 def _installed_version(distribution: str) -> str | None:
+    import importlib.metadata
+
     try:
         return importlib.metadata.version(distribution)
     except importlib.metadata.PackageNotFoundError:

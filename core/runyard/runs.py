@@ -3,6 +3,7 @@ re-execute. The CLI's ``job launch`` and ``run …`` commands are thin wrappers 
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 from collections.abc import Iterable, Mapping
@@ -25,8 +26,29 @@ ACTIVE = (RunStatus.STARTING, RunStatus.STARTED, RunStatus.CANCELING)
 STARTING_GRACE = 30.0  # seconds a launched worker may take to mark its run STARTED
 
 
+LAUNCH_RECORD_TIMEOUT = 120.0  # seconds a fenced worker waits for its launch to be recorded
+
+
 class RunNotFound(RunyardError):
     pass
+
+
+class SupersededLaunch(RunyardError):
+    """A worker of a fenced launch that is not (or no longer) the run's recorded launch."""
+
+
+def _own_launch_id(run_id: str) -> str | None:
+    """The launch id `runyard daemon` gave this worker (``RUNYARD_LAUNCH_ID``), if it is for
+    ``run_id``; removed from the environment so that nothing this worker starts inherits it."""
+    import os
+
+    from .plugin import LAUNCH_ID_ENV
+
+    value = os.environ.pop(LAUNCH_ID_ENV, None)
+    if not value:
+        return None
+    rid, _, lid = value.partition(":")
+    return lid if rid == run_id and lid else None
 
 
 class AmbiguousRunId(RunyardError):
@@ -78,8 +100,12 @@ def create_run(
     tags: Mapping[str, str] | None = None,
     step_selection: Iterable[str] | None = None,
     parent_run_id: str | None = None,
+    run_id: str | None = None,
 ) -> RunRecord:
     """Validate everything a run needs and record it QUEUED. Nothing is started.
+
+    ``run_id``: a chosen id (the daemon gives a retry an id derived from its parent's, so
+    that a retry is created once whatever happens to the daemon).
 
     The run is resolved now (executor, settings, concurrency, capabilities, run launcher)
     and the resolution stored with it: the worker executes what was validated here,
@@ -100,8 +126,16 @@ def create_run(
         launcher=True,
     )
     run = new_run_record(job, pointer, run_config, v.resolution, tags, parent_run_id, selection)
+    if run_id is not None:
+        run = attrs.evolve(run, run_id=run_id)
+    from .daemon.settings import check_tags
+
+    check_tags(run.tags, f"job '{job.name}'")
     instance.storage.add_run(run)
-    instance.storage.store_events([_event(run, EventType.RUN_QUEUED, f"run of job '{job.name}' queued")])
+    # The plan's graph goes with the run: readers (runyard ui) draw it without the job's code.
+    instance.storage.store_events(
+        [_event(run, EventType.RUN_QUEUED, f"run of job '{job.name}' queued", plan=v.plan.graph())]
+    )
     return run
 
 
@@ -152,15 +186,36 @@ def get_launcher(
     return resolved.name, cls(config, str(instance.home) if instance.home else None)
 
 
-def launch_run(instance: Instance, run: RunRecord) -> RunRecord:
-    """Hand a QUEUED run to the instance's run launcher."""
+def launch_run(
+    instance: Instance, run: RunRecord, *, launch_id: str | None = None, by: str | None = None,
+    relaunch: bool = False,
+) -> RunRecord:
+    """Hand a QUEUED run to the instance's run launcher.
+
+    ``launch_id`` (given by `runyard daemon`, with ``by`` naming the daemon) fences the
+    launch: the worker gets it in its environment and executes the run only once this
+    launch is recorded (RUN_LAUNCHED) and is still the run's latest, so a launch can be
+    redone safely (``relaunch``: the run is STARTING, left so by a daemon that died between
+    recording RUN_STARTING and RUN_LAUNCHED) without the run ever executing twice.
+    """
+    from .plugin import current_launch
+
     if instance.is_ephemeral:
         raise RunyardError("an ephemeral instance cannot launch runs: its storage lives in this process only")
     storage = instance.storage
     name, launcher = get_launcher(instance, run=run)
-    if not storage.set_run_status(run.run_id, RunStatus.STARTING, only_from=[RunStatus.QUEUED]):
+    if relaunch:
+        if launch_id is None:
+            raise RunyardError("a relaunch needs a launch id: only a fenced launch can be redone safely")
+        current = storage.get_run(run.run_id)
+        if current is None or current.status is not RunStatus.STARTING:
+            raise RunyardError(f"run {run.run_id} is not STARTING; it cannot be relaunched")
+    elif not storage.set_run_status(run.run_id, RunStatus.STARTING, only_from=[RunStatus.QUEUED]):
         raise RunyardError(f"run {run.run_id} is not QUEUED; it cannot be launched again")
-    storage.store_events([_event(run, EventType.RUN_STARTING, f"launching with run launcher '{name}'")])
+    fence = {"launch_id": launch_id, "daemon": by} if launch_id else {}
+    what = "relaunching" if relaunch else "launching"
+    storage.store_events([_event(run, EventType.RUN_STARTING, f"{what} with run launcher '{name}'", **fence)])
+    token = current_launch.set(f"{run.run_id}:{launch_id}" if launch_id else None)
     try:
         worker = launcher.launch(run)
     except Exception as e:
@@ -171,19 +226,92 @@ def launch_run(instance: Instance, run: RunRecord) -> RunRecord:
             kind=FailureKind.NOT_STARTED,
         )
         raise
+    finally:
+        current_launch.reset(token)
     storage.store_events(
-        [_event(run, EventType.RUN_LAUNCHED, f"run worker started by '{name}'", launcher=name, worker=worker)]
+        [_event(run, EventType.RUN_LAUNCHED, f"run worker started by '{name}'", launcher=name, worker=worker,
+                **fence)]
     )
     return storage.get_run(run.run_id) or run
 
 
-def fail_run(instance: Instance, run_id: str, reason: str, *, kind: FailureKind = FailureKind.WORKER_LOST) -> bool:
-    """End an unfinished run FAILURE with ``reason``; False if it had already ended."""
-    if not instance.storage.set_run_status(run_id, RunStatus.FAILURE, only_from=UNFINISHED):
-        return False
+def launch_state(instance: Instance, run_id: str) -> tuple[dict[str, Any] | None, bool]:
+    """The data of the run's latest RUN_STARTING event (None if it has none) and whether
+    a RUN_LAUNCHED event records that launch (for a fenced launch: its launch id)."""
+    events = instance.storage.get_events(run_id, types=[EventType.RUN_STARTING, EventType.RUN_LAUNCHED])
+    starting = [e.event for e in events if e.event.type is EventType.RUN_STARTING]
+    if not starting:
+        return None, any(e.event.type is EventType.RUN_LAUNCHED for e in events)
+    latest = dict(starting[-1].data)
+    lid = latest.get("launch_id")
+    after = False
+    for e in events:
+        ev = e.event
+        if ev.type is EventType.RUN_STARTING:
+            after = ev is starting[-1]
+        elif after and (lid is None or ev.data.get("launch_id") == lid):
+            return latest, True
+    return latest, False
+
+
+def _wait_for_own_launch(instance: Instance, run: RunRecord, launch_id: str, timeout: float) -> str | None:
+    """In a worker started by a fenced launch: wait until the launch is recorded; return why
+    this worker must not execute the run (None: go ahead)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        current = instance.storage.get_run(run.run_id)
+        if current is None or current.status is not RunStatus.STARTING:
+            return f"the run is {current.status.value if current else 'gone'}"
+        latest, launched = launch_state(instance, run.run_id)
+        if latest is None or latest.get("launch_id") != launch_id:
+            return "a later launch of the run superseded this worker's launch"
+        if launched:
+            return None
+        if time.monotonic() > deadline:
+            return f"the launch that started this worker was not recorded within {timeout:g}s (its daemon died?)"
+        time.sleep(0.02)
+
+
+def fail_run(
+    instance: Instance, run_id: str, reason: str, *, kind: FailureKind = FailureKind.WORKER_LOST,
+    died_at: float | None = None, **data: Any,
+) -> bool:
+    """End an unfinished run FAILURE with ``reason``; False if it had already ended.
+
+    ``died_at``: when the run really ended (a dead worker's time of death), recorded as its
+    ``ended_at`` instead of the time this was noticed. ``data`` goes into the event.
+    """
     info = FailureInfo(kind=kind, message=reason)
-    instance.storage.store_events([_event(run_id, EventType.RUN_FAILURE, reason, failure=info.to_dict())])
-    return True
+    if died_at is not None:
+        data["died_at"] = died_at
+    # The status and its RUN_FAILURE event in one change: no reader sees FAILURE without
+    # the reason, and a crash cannot lose it.
+    event = _event(run_id, EventType.RUN_FAILURE, reason, failure=info.to_dict(), **data)
+    return instance.storage.transition_run(run_id, RunStatus.FAILURE, [event], only_from=UNFINISHED, ended_at=died_at)
+
+
+def close_lost_steps(instance: Instance, run_id: str, reason: str) -> list[str]:
+    """End every step attempt the storage still shows running, for a run whose worker is
+    gone: nobody else will ever report how they ended. Returns their step keys."""
+    running: dict[str, Event] = {}
+    for stored in instance.storage.get_events(
+        run_id, types=[EventType.STEP_START, EventType.STEP_SUCCESS, EventType.STEP_FAILURE]
+    ):
+        ev = stored.event
+        if ev.step_key is None:
+            continue
+        if ev.type is EventType.STEP_START:
+            running[ev.step_key] = ev
+        else:
+            running.pop(ev.step_key, None)
+    info = FailureInfo(kind=FailureKind.WORKER_LOST, message=reason)
+    events = [
+        Event(type=EventType.STEP_FAILURE, run_id=run_id, step_key=key, attempt=ev.attempt,
+              attempt_id=ev.attempt_id, message=reason, data={"failure": info.to_dict()})
+        for key, ev in running.items()
+    ]
+    instance.storage.store_events(events)
+    return list(running)
 
 
 # -- the run worker ------------------------------------------------------------------
@@ -203,10 +331,17 @@ def execute_run(instance: Instance, run_id: str) -> RunRecord:
     run = get_run(instance, run_id)
     if run.status not in (RunStatus.QUEUED, RunStatus.STARTING):
         raise RunyardError(f"run {run.run_id} is {run.status.value}; only a queued or starting run can be executed")
+    launch_id = _own_launch_id(run.run_id)
+    if launch_id is not None:
+        why = _wait_for_own_launch(instance, run, launch_id, LAUNCH_RECORD_TIMEOUT)
+        if why is not None:
+            # Leave the run alone: whoever launched it later (or the daemon) owns it now.
+            raise SupersededLaunch(f"run {run.run_id}: this worker does not execute it: {why}")
     cancellation = Cancellation()
 
     def on_signal(signum: int, frame: Any) -> None:
-        cancellation.cancel()
+        # No lock taken here (see Cancellation.cancel_from_signal): the engine's threads cancel.
+        cancellation.cancel_from_signal()
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
@@ -273,10 +408,9 @@ def check_run(instance: Instance, run: RunRecord) -> RunRecord:
         latest = instance.storage.get_run(run.run_id)
         if latest is not None and latest.status in ACTIVE:  # it may have just finished
             if latest.status is RunStatus.CANCELING:
-                if instance.storage.set_run_status(run.run_id, RunStatus.CANCELED, only_from=[RunStatus.CANCELING]):
-                    instance.storage.store_events(
-                        [_event(run, EventType.RUN_CANCELED, "run canceled (worker stopped)")]
-                    )
+                instance.storage.transition_run(run.run_id, RunStatus.CANCELED,
+                                                [_event(run, EventType.RUN_CANCELED, "run canceled (worker stopped)")],
+                                                only_from=[RunStatus.CANCELING])
             else:
                 fail_run(instance, run.run_id, f"run worker died before the run finished: {health.message}")
     return instance.storage.get_run(run.run_id) or run
@@ -291,17 +425,19 @@ def cancel_run(instance: Instance, run_id: str, *, grace: float = 10.0) -> RunRe
     storage = instance.storage
     run = get_run(instance, run_id)
     if run.status is RunStatus.QUEUED:
-        if storage.set_run_status(run.run_id, RunStatus.CANCELED, only_from=[RunStatus.QUEUED]):
-            storage.store_events([_event(run, EventType.RUN_CANCELED, "run canceled before it started")])
+        storage.transition_run(run.run_id, RunStatus.CANCELED,
+                               [_event(run, EventType.RUN_CANCELED, "run canceled before it started")],
+                               only_from=[RunStatus.QUEUED])
         return storage.get_run(run.run_id) or run
     if run.status.is_finished:
         return run
-    if storage.set_run_status(run.run_id, RunStatus.CANCELING, only_from=[RunStatus.STARTING, RunStatus.STARTED]):
-        storage.store_events([_event(run, EventType.RUN_CANCELING, "cancel requested")])
+    storage.transition_run(run.run_id, RunStatus.CANCELING, [_event(run, EventType.RUN_CANCELING, "cancel requested")],
+                           only_from=[RunStatus.STARTING, RunStatus.STARTED])
     name, worker = worker_info(instance, run.run_id)
     if worker is None:
-        storage.set_run_status(run.run_id, RunStatus.CANCELED, only_from=[RunStatus.CANCELING])
-        storage.store_events([_event(run, EventType.RUN_CANCELED, "run canceled before its worker started")])
+        storage.transition_run(run.run_id, RunStatus.CANCELED,
+                               [_event(run, EventType.RUN_CANCELED, "run canceled before its worker started")],
+                               only_from=[RunStatus.CANCELING])
         return storage.get_run(run.run_id) or run
     _, launcher = get_launcher(instance, name, run=run)
     launcher.terminate(run, worker)
@@ -320,9 +456,9 @@ def cancel_run(instance: Instance, run_id: str, *, grace: float = 10.0) -> RunRe
         time.sleep(0.05)
     # Whatever is left of the run (a worker ignoring SIGTERM, a step's orphaned child) goes now.
     launcher.terminate(run, worker, force=True)
-    if storage.set_run_status(run.run_id, RunStatus.CANCELED, only_from=[RunStatus.CANCELING]):
-        why = "run canceled (its worker stopped)" if stopped else f"run worker killed after {grace:g}s grace"
-        storage.store_events([_event(run, EventType.RUN_CANCELED, why)])
+    why = "run canceled (its worker stopped)" if stopped else f"run worker killed after {grace:g}s grace"
+    storage.transition_run(run.run_id, RunStatus.CANCELED, [_event(run, EventType.RUN_CANCELED, why)],
+                           only_from=[RunStatus.CANCELING])
     return storage.get_run(run.run_id) or run
 
 
@@ -368,6 +504,25 @@ def reexecution_selection(
     return parent.step_selection
 
 
+def child_runs(instance: Instance, run_id: str) -> list[RunRecord]:
+    """Runs whose parent is ``run_id`` (re-executions and the daemon's retries), oldest first."""
+    from .storage import RunFilter
+
+    # Indexed on parent_run_id in the SQL storages.
+    children, _ = instance.storage.page_runs(RunFilter(parent_run_id=run_id), limit=10_000)
+    return list(reversed(children))
+
+
+def queue_positions(instance: Instance) -> dict[str, int]:
+    """Each QUEUED run's place in the daemon's queue (1 = considered next)."""
+    from .daemon.queue import queue_order
+    from .daemon.settings import settings
+
+    queued = instance.storage.list_runs(limit=-1, statuses=[RunStatus.QUEUED])
+    ordered = queue_order(queued, settings(instance).coordinator)
+    return {r.run_id: i for i, r in enumerate(ordered, 1)}
+
+
 @attrs.frozen
 class WaitResult:
     run: RunRecord
@@ -375,35 +530,73 @@ class WaitResult:
 
 
 def wait_for_run(
-    instance: Instance, run_id: str, *, timeout: float | None = None, on_events: Any = None, health_every: float = 1.0
+    instance: Instance, run_id: str, *, timeout: float | None = None, on_events: Any = None, health_every: float = 1.0,
+    every: float = 0.2,
 ) -> WaitResult:
-    """Poll until the run finishes, checking its worker's health; ``on_events`` gets new events."""
+    """Poll until the run finishes, checking its worker's health; ``on_events`` gets new
+    events. Storage is read at most ``every`` seconds apart (sooner while events come)."""
     storage = instance.storage
     run = get_run(instance, run_id)
     last_id = 0
     started = time.monotonic()
     last_health = 0.0
     delay = 0.02
-    while True:
-        new = storage.get_events(run.run_id, after_id=last_id)
-        if new:
-            last_id = new[-1].id
-            if on_events is not None:
-                on_events([s.event for s in new])
-            delay = 0.02
-        run = storage.get_run(run.run_id) or run
-        if run.status.is_finished:
-            tail = storage.get_events(run.run_id, after_id=last_id)
-            if tail and on_events is not None:
-                on_events([s.event for s in tail])
-            return WaitResult(run, False)
-        now = time.monotonic()
-        if now - last_health >= health_every:
-            last_health = now
-            run = check_run(instance, run)
+    exit_fd: int | None = None  # the worker's pidfd, when it runs here: its exit wakes the wait
+    watched = False
+    try:
+        while True:
+            if not watched and run.status is not RunStatus.QUEUED:
+                watched = True
+                exit_fd = _worker_exit_fd(instance, run.run_id)
+            new = storage.get_events(run.run_id, after_id=last_id)
+            if new:
+                last_id = new[-1].id
+                if on_events is not None:
+                    on_events([s.event for s in new])
+                delay = 0.02
+            run = storage.get_run(run.run_id) or run
             if run.status.is_finished:
-                continue
-        if timeout is not None and now - started > timeout:
-            return WaitResult(run, True)
-        time.sleep(delay)
-        delay = min(delay * 1.5, 0.2)
+                tail = storage.get_events(run.run_id, after_id=last_id)
+                if tail and on_events is not None:
+                    on_events([s.event for s in tail])
+                return WaitResult(run, False)
+            now = time.monotonic()
+            if now - last_health >= health_every:
+                last_health = now
+                run = check_run(instance, run)
+                if run.status.is_finished:
+                    continue
+            if timeout is not None and now - started > timeout:
+                return WaitResult(run, True)
+            if exit_fd is not None and _wait_readable(exit_fd, delay):
+                # The worker has exited: what it wrote last is in storage now. Look once
+                # more at once, then check its health (it may have died before ending the run).
+                os.close(exit_fd)
+                exit_fd = None
+                last_health = 0.0
+            elif exit_fd is None:
+                time.sleep(delay)
+            delay = min(delay * 1.5, every)
+    finally:
+        if exit_fd is not None:
+            os.close(exit_fd)
+
+
+def _worker_exit_fd(instance: Instance, run_id: str) -> int | None:
+    """A pidfd of the run's worker when it is a process on this machine (its launch record
+    names a pid and this host); None otherwise. Should the pid be another process's by now,
+    its exit only wakes the wait early."""
+    _, worker = worker_info(instance, run_id)
+    if not worker or not hasattr(os, "pidfd_open") or worker.get("host") != os.uname().nodename:
+        return None
+    try:
+        return os.pidfd_open(int(worker["pid"]))
+    except (KeyError, TypeError, ValueError, OSError):
+        return None
+
+
+def _wait_readable(fd: int, timeout: float) -> bool:
+    import select
+
+    return bool(select.select([fd], [], [], timeout)[0])
+

@@ -153,20 +153,103 @@ class _EventLogHandler(logging.Handler):
         )
 
 
+class _LiveText:
+    """A step's captured stdout or stderr that is also reported as it is written: whole
+    lines as STEP_STDOUT/STEP_STDERR events through ``emit``, at most one event per
+    `LIVE_EVERY` seconds (a timer sends what a burst left), the rest by `finish` at the
+    step's end. Text already reported is not reported again. Made at the stream's first
+    write (`_LiveStreams`); it has no lock of its own."""
+
+    __slots__ = ("_kind", "_base", "_emit", "_parts", "_last", "_timer")
+
+    def __init__(self, kind: EventType, base: dict[str, Any], emit: Callable[[Event], None]) -> None:
+        self._kind = kind
+        self._base = base
+        self._emit = emit
+        self._parts: list[str] = []  # written, not reported yet
+        self._last = 0.0
+        self._timer: threading.Timer | None = None
+
+    def write(self, s: str) -> int:
+        with _live_lock:
+            self._parts.append(s)
+        if "\n" in s:
+            if time.monotonic() - self._last >= LIVE_EVERY:
+                self._send(whole_lines=True)
+            elif self._timer is None:
+                self._timer = threading.Timer(LIVE_EVERY, self._send, kwargs={"whole_lines": True, "timer": True})
+                self._timer.daemon = True
+                self._timer.start()
+        return len(s)
+
+    def flush(self) -> None:
+        pass
+
+    def _send(self, *, whole_lines: bool, timer: bool = False) -> None:
+        with _live_lock:
+            if timer:
+                self._timer = None
+            text = "".join(self._parts)
+            if whole_lines:
+                cut = text.rfind("\n") + 1
+                text, rest = text[:cut], text[cut:]
+            else:
+                rest = ""
+            self._parts = [rest] if rest else []
+            if not text:
+                return
+            self._last = time.monotonic()
+            # Under the lock: two sends of one stream never overtake each other.
+            self._emit(Event(type=self._kind, data={"text": text}, **self._base))
+
+    def finish(self) -> None:
+        """Report what is left (a last piece without a newline included)."""
+        timer = self._timer
+        if timer is not None:
+            timer.cancel()
+        if self._parts:
+            self._send(whole_lines=False)
+
+
+_live_lock = threading.RLock()  # shared by every step's live streams: held only for a moment
+
+
+LIVE_EVERY = 0.1
+"""Seconds between two live output events of one stream of an in-process step: a step
+printing in a tight loop makes a few events a second, not one per line."""
+
+
 def _failure_event(base: dict[str, Any], info: FailureInfo) -> Event:
     return Event(type=EventType.STEP_FAILURE, message=info.message, data={"failure": info.to_dict()}, **base)
 
 
 class _Emitting(list):  # type: ignore[type-arg]
-    """The attempt's event list, calling ``on_event`` with each event as it is added."""
+    """The attempt's event list, calling ``on_event`` with each event as it is added.
 
-    def __init__(self, on_event: Callable[[Event], None]) -> None:
-        super().__init__()
-        self._on_event = on_event
+    Made as ``_Emitting()`` with ``_on_event`` set after, and appending through
+    ``list.append``: no ``__init__`` or ``super()`` of its own, which a run of thousands of
+    in-process steps pays for on every step and event (issue 14's benchmark)."""
+
+    __slots__ = ("_on_event",)
+    _on_event: Callable[[Event], None]
 
     def append(self, ev: Event) -> None:
-        super().append(ev)
+        list.append(self, ev)
         self._on_event(ev)
+
+
+class _LiveStreams(dict):  # type: ignore[type-arg]
+    """The ``out``/``err`` capture of a step reporting live, each `_LiveText` made at its
+    stream's first write: most steps print nothing, and then none is made or finished."""
+
+    __slots__ = ("base", "emit")
+    base: dict[str, Any]
+    emit: Callable[[Event], None]
+
+    def __missing__(self, slot: str) -> _LiveText:
+        kind = EventType.STEP_STDOUT if slot == "out" else EventType.STEP_STDERR
+        text = self[slot] = _LiveText(kind, self.base, self.emit)
+        return text
 
 
 def execute_step(
@@ -202,10 +285,21 @@ def execute_step(
         if on_event is not None:
             on_event(failed)
         return [failed]
-    events: list[Event] = _Emitting(on_event) if on_event is not None else []
+    events: list[Event]
+    if on_event is not None:
+        events = _Emitting()
+        events._on_event = on_event
+    else:
+        events = []
     events.append(Event(type=EventType.STEP_START, data={"pid": os.getpid(), "host": _HOST}, **base))
     started = time.perf_counter()
-    out, err = io.StringIO(), io.StringIO()
+    streams: dict[str, Any]
+    if on_event is not None and capture_output:
+        # Reported as it is written (the caller streams events while the step runs).
+        streams = _LiveStreams()
+        streams.base, streams.emit = base, events.append
+    else:
+        streams = {"out": io.StringIO(), "err": io.StringIO()}
     log_handler = _EventLogHandler(events, base)
     root = logging.getLogger()
     try:
@@ -232,7 +326,7 @@ def execute_step(
             )
         if capture_output:
             _install_streams()
-            _capture.buffers = {"out": out, "err": err}
+            _capture.buffers = streams
         root.addHandler(log_handler)
         try:
             value = node.step.fn(*args, **kwargs)
@@ -240,7 +334,7 @@ def execute_step(
             _capture.buffers = None
             root.removeHandler(log_handler)
         ref = store.put(request.run_id, request.step_key, value)
-        _append_captured(events, base, out, err)
+        _append_captured(events, base, streams)
         events.append(
             Event(
                 type=EventType.STEP_OUTPUT,
@@ -252,10 +346,10 @@ def execute_step(
             Event(type=EventType.STEP_SUCCESS, data={"duration": time.perf_counter() - started}, **base)
         )
     except StepInterrupted as e:
-        _append_captured(events, base, out, err)
+        _append_captured(events, base, streams)
         events.append(_failure_event(base, FailureInfo(kind=e.kind, message=str(e))))
     except (Exception, SystemExit) as e:  # a step calling sys.exit() failed; it must not end the worker
-        _append_captured(events, base, out, err)
+        _append_captured(events, base, streams)
         events.append(
             _failure_event(
                 base,
@@ -272,8 +366,14 @@ def execute_step(
     return events
 
 
-def _append_captured(events: list[Event], base: dict[str, Any], out: io.StringIO, err: io.StringIO) -> None:
-    for kind, buf in ((EventType.STEP_STDOUT, out), (EventType.STEP_STDERR, err)):
+def _append_captured(events: list[Event], base: dict[str, Any], streams: dict[str, Any]) -> None:
+    if type(streams) is _LiveStreams:
+        for slot in ("out", "err"):
+            live = streams.get(slot)  # not [slot]: that would make one now
+            if live is not None:
+                live.finish()
+        return
+    for kind, buf in ((EventType.STEP_STDOUT, streams["out"]), (EventType.STEP_STDERR, streams["err"])):
         text = buf.getvalue()
         if text:
             events.append(Event(type=kind, data={"text": text}, **base))
@@ -303,7 +403,11 @@ class FdEventStream:
         self.live = live
         self.lock = threading.Lock()
         self.ended = False
+        self.started = False
         self._held: list[str] = []
+        # Output written while the job loads (prints at import, warnings), kept until the
+        # STEP_START goes out, so every executor reads a step's events starting with its start.
+        self._early: list[str] = []
         self._pending = {EventType.STEP_STDOUT: "", EventType.STEP_STDERR: ""}
         self._decoders = {t: _utf8_decoder() for t in self._pending}
         self._fds: dict[EventType, int] = {}
@@ -349,6 +453,12 @@ class FdEventStream:
                 return  # an ending was written already (see `end`): nothing may follow it
             if ev.type in (EventType.STEP_SUCCESS, EventType.STEP_FAILURE):
                 self.ended = True
+            if ev.type is EventType.STEP_START:
+                self.started = True
+                self._put(ev.to_json() + "\n")
+                self._put_early()
+                return
+            self._put_early()  # an ending with no start (the job did not load): its output first
             self._put(ev.to_json() + "\n")
 
     def end(self, failure: FailureInfo) -> bool:
@@ -358,6 +468,7 @@ class FdEventStream:
             if self.ended:
                 return False
             self.ended = True
+            self._put_early()
             self._put(_failure_event(self.base, failure).to_json() + "\n")
             return True
 
@@ -375,6 +486,7 @@ class FdEventStream:
                 pass
         late = self._drain(final=True, report=False)
         with self.lock:
+            self._put_early()
             if self._held:
                 self._write("".join(self._held))
                 self._held = []
@@ -386,6 +498,11 @@ class FdEventStream:
             os.close(fd)
 
     # -- internals --
+
+    def _put_early(self) -> None:  # called with the lock held
+        early, self._early = self._early, []
+        for line in early:
+            self._put(line)
 
     def _put(self, line: str) -> None:  # called with the lock held
         if self.live:
@@ -425,7 +542,11 @@ class FdEventStream:
                 if not report or self.ended:
                     leftover += out
                     continue
-                self._put(Event(type=kind, data={"text": out}, **self.base).to_json() + "\n")
+                line = Event(type=kind, data={"text": out}, **self.base).to_json() + "\n"
+                if self.started:
+                    self._put(line)
+                else:
+                    self._early.append(line)
         return leftover
 
     def _forward(self) -> None:

@@ -16,10 +16,11 @@ import ctypes
 import os
 import signal
 import threading
-from pathlib import Path
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from runyard.plugin import (
+    STEP_LIVE,
     Event,
     EventType,
     FailureInfo,
@@ -33,6 +34,8 @@ from runyard.plugin import (
     interrupt_thread,
     kill_processes,
 )
+
+from .mp_os import read_proc_stat
 
 _MAIN = threading.main_thread().ident
 
@@ -57,27 +60,14 @@ def _parents() -> dict[int, list[int]]:
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
-        stat = _read_stat(entry)
+        stat = read_proc_stat(entry)
         if stat is not None and stat[0] != b"Z":
             children.setdefault(int(stat[1]), []).append(int(entry))
     return children
 
 
-def _read_stat(pid: int | str) -> list[bytes] | None:
-    """The fields of /proc/PID/stat after the command name (state first), or None."""
-    try:
-        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY)
-        try:
-            raw = os.read(fd, 4096)
-        finally:
-            os.close(fd)
-    except OSError:
-        return None
-    return raw[raw.rindex(b")") + 2 :].split()
-
-
 def _start_time(pid: int) -> bytes | None:
-    stat = _read_stat(pid)
+    stat = read_proc_stat(pid)
     return stat[19] if stat is not None else None
 
 
@@ -93,23 +83,44 @@ def _forks() -> int | None:
         return None
 
 
+def _roots(whole_process: bool) -> list[int] | None:
+    """The children `_process_tree` starts from: the calling thread's where the kernel lists
+    them, else (when ``whole_process``) the process's; None when not known."""
+    try:
+        # os.open/os.read rather than pathlib: this runs after every step.
+        fd = os.open(f"/proc/self/task/{threading.get_native_id()}/children", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            data = b""
+            while chunk := os.read(fd, 65536):
+                data += chunk
+        finally:
+            os.close(fd)
+        return [int(c) for c in data.split()]
+    except OSError:
+        if not whole_process:
+            return None
+    try:
+        return _parents().get(os.getpid(), [])
+    except OSError:
+        return None
+
+
 def _process_tree(whole_process: bool) -> set[tuple[int, bytes]] | None:
     """Processes the calling thread started, and their descendants, as (pid, start time):
     a reused pid is another process. Per thread where the kernel lists children per
     thread, so that a step never touches what other threads of this process started
     (another run's steps, a test runner's helpers); else every descendant of this process
     when ``whole_process``; else None (not known)."""
-    try:
-        mine = Path(f"/proc/self/task/{threading.get_native_id()}/children").read_text().split()
-    except OSError:
-        if not whole_process:
-            return None
-        mine = None
+    roots = _roots(whole_process)
+    if roots is None:
+        return None
+    if not roots:
+        return set()  # no child, so no descendant: no need to scan all of /proc
     try:
         children = _parents()
     except OSError:
         return None
-    stack = [int(c) for c in mine] if mine is not None else list(children.get(os.getpid(), ()))
+    stack = list(roots)
     found: set[tuple[int, bytes]] = set()
     while stack:
         pid = stack.pop()
@@ -136,6 +147,14 @@ class _Handle:
 
 
 class InProcessStepHandler(StepHandler):
+    _reporter: Callable[[Sequence[Event]], None] | None = None
+
+    def connect_reporter(self, reporter: Callable[[Sequence[Event]], None]) -> None:
+        super().connect_reporter(reporter)
+        # Kept to call directly from each step: `report` and `reports_connected` are a
+        # Python call apiece, which a run of thousands of short steps pays for every step.
+        self._reporter = reporter
+
     def setup(self) -> None:
         self._lock = threading.Lock()
         self._current: _Handle | None = None
@@ -168,10 +187,27 @@ class InProcessStepHandler(StepHandler):
             timer = threading.Timer(handle.request.timeout, self.terminate, (handle, FailureKind.TIMEOUT))
             timer.daemon = True
             timer.start()
-        forks = _forks()
+        # With no process before the step, the step's thread having no child afterwards says
+        # it left nothing (checked in _clean_up); reading /proc/stat costs more than that.
+        forks = _forks() if self._known else None
+        live = None
+        kept: list[Event] = []
+        report = self._reporter
+        if report is not None:
+            # The step runs on the engine's thread, inside this call: its start, logs and
+            # output go to the engine as they happen, the rest (kept here, so no second pass
+            # sorts them out) is returned at the end.
+            keep = kept.append
+
+            def live(ev: Event) -> None:
+                if ev.type in STEP_LIVE:
+                    report((ev,))
+                else:
+                    keep(ev)
+
         try:
             try:
-                events = execute_step(handle.request)
+                events = execute_step(handle.request, on_event=live)
             finally:
                 with self._lock:
                     self._current = None
@@ -183,6 +219,8 @@ class InProcessStepHandler(StepHandler):
             self._clean_up(forks)
             return StepUpdate.crashed(FailureInfo(kind=e.kind, message=str(e)))
         left = self._clean_up(forks)
+        if live is not None:
+            events = kept
         if left and events:
             req = handle.request
             note = Event(
@@ -202,6 +240,8 @@ class InProcessStepHandler(StepHandler):
         """Kill what the step that just ended left running."""
         if self._known is None or (forks_before is not None and _forks() == forks_before):
             return []
+        if not self._known and _roots(self._whole_process) == []:
+            return []  # nothing before, no child now: nothing left running
         left = _kill_left_over(self._known, self._whole_process)
         self._known = _process_tree(self._whole_process) or set()
         return left

@@ -1,7 +1,8 @@
 """The default run launcher: one OS process per run on this machine.
 
 The worker (`RunLauncher.worker_command`: this interpreter, ``-m runyard api
-execute-run``) runs in a new session, its own process group, so terminating the run
+execute-run``; forked from the launching process instead where `RunLauncher.fork_worker`
+allows it: ``runyard job launch``) runs in a new session, its own process group, so terminating the run
 reaches every process the run started, steps' subprocesses included. The worker's output
 goes to ``$RUNYARD_HOME/logs/RUN_ID.log``; its last lines go into the reason of a dead
 worker. The launch record holds the pid, its start time (a reused pid is not mistaken for
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from runyard.plugin import (
+    ForkedWorker,
     RunLauncher,
     RunRecord,
     WorkerHealth,
@@ -27,19 +29,19 @@ from runyard.plugin import (
     stop_process_group,
 )
 
+from .mp_os import read_proc_stat
+
 # Workers this process started: waiting on them is the only way to learn their exit
 # status, and it keeps finished children from lingering as zombies.
-_children: dict[int, subprocess.Popen[bytes]] = {}
+_children: dict[int, subprocess.Popen[bytes] | ForkedWorker] = {}
 
 
 def _start_time(pid: int) -> str | None:
     """The process's start time in clock ticks since boot (Linux), to tell a reused pid apart."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+    fields = read_proc_stat(pid)
+    if fields is None:
         return None
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return fields[19] if fields[0] != "Z" else None  # a zombie has finished
+    return fields[19].decode() if fields[0] != b"Z" else None  # a zombie has finished
 
 
 def _describe_exit(code: int) -> str:
@@ -49,6 +51,9 @@ def _describe_exit(code: int) -> str:
         except ValueError:
             return f"killed by signal {-code}"
     return f"exited with code {code}"
+
+
+_END_TAG = "default"  # file name prefix of the kept end records (RunLauncher.remember_end)
 
 
 class DefaultRunLauncher(RunLauncher):
@@ -64,15 +69,19 @@ class DefaultRunLauncher(RunLauncher):
             make_private_dirs(log.parent)  # owner-only: a run's output is its owner's business
             out = open(open_private(log), "ab")  # noqa: SIM115 - handed to the child, closed below
         try:
-            proc = subprocess.Popen(
-                self.worker_command(run),
-                env=self.worker_env(),
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=out,
-                start_new_session=True,
-                close_fds=True,
-            )
+            # Forked from `runyard job launch`, which has imported runyard and the job
+            # already; a new interpreter (`worker_command`) everywhere else.
+            proc: Any = self.fork_worker(run, output=out.fileno()) if log is not None else None
+            if proc is None:
+                proc = subprocess.Popen(
+                    self.worker_command(run),
+                    env=self.worker_env(),
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=out,
+                    start_new_session=True,
+                    close_fds=True,
+                )
         finally:
             if out is not subprocess.DEVNULL:
                 out.close()
@@ -83,6 +92,7 @@ class DefaultRunLauncher(RunLauncher):
             "start_time": _start_time(proc.pid),
             "host": os.uname().nodename,
             "log": str(log) if log else None,
+            "forked": isinstance(proc, ForkedWorker),  # from the launching command, not a new interpreter
         }
 
     def _alive(self, worker: Mapping[str, Any]) -> bool:
@@ -125,12 +135,22 @@ class DefaultRunLauncher(RunLauncher):
             code = child.poll()
             if code is None:
                 return WorkerHealth.running()
+            # Reaped: a long-lived launching process (runyard daemon) keeps no record of it.
+            # Later calls find the pid gone and answer from the run's status.
+            _children.pop(pid, None)
             self._kill_leftovers(worker)
             what = f"run worker (pid {pid}) {_describe_exit(code)}{self._tail(worker)}"
             # A negative code is a signal: killed. Otherwise it exited by itself.
-            return WorkerHealth.dead(what) if code < 0 else WorkerHealth.finished(what)
+            health = WorkerHealth.dead(what) if code < 0 else WorkerHealth.finished(what)
+            # Kept on disk: later checks (this process's, another's) give the same reason,
+            # the signal included, rather than "gone" once the record above is dropped.
+            self.remember_end(run, health, tag=_END_TAG)
+            return health
         if self._alive(worker):
             return WorkerHealth.running()
+        remembered = self.remembered_end(run, tag=_END_TAG)
+        if remembered is not None:
+            return remembered
         self._kill_leftovers(worker)
         if run.status.is_finished:
             return WorkerHealth.finished(f"run worker (pid {pid}) has exited; the run is {run.status.value}")

@@ -23,12 +23,13 @@ from typing import TYPE_CHECKING, Any
 from runyard.plugin import (
     FailureInfo,
     FailureKind,
+    ForkedWorker,
     GroupStop,
     StepRequest,
     describe_exit,
     reap_group_leader,
     signal_process_group,
-    split_wait_status,
+    single_threaded,
     stop_process_group,
 )
 
@@ -114,50 +115,11 @@ class _Backend:
         os.close(self.done_w)
 
 
-def _single_threaded() -> bool:
-    """True when this process has no other thread, Python's or native (Linux: /proc)."""
-    if threading.active_count() != 1:
-        return False
-    try:
-        return len(os.listdir("/proc/self/task")) == 1
-    except OSError:
-        return False  # cannot tell: do not fork
-
-
-class _Forked:
+class _Forked(ForkedWorker):
     """What the fork server needs of a `subprocess.Popen`, for a child forked directly."""
 
     def __init__(self, pid: int) -> None:
-        self.pid = pid
-        self.returncode: int | None = None
-
-    def poll(self) -> int | None:
-        if self.returncode is None:
-            try:
-                pid, status = os.waitpid(self.pid, os.WNOHANG)
-            except ChildProcessError:
-                self.returncode = -signal.SIGKILL  # reaped elsewhere: we cannot know how it ended
-                return self.returncode
-            if pid:
-                code, sig = split_wait_status(status)
-                self.returncode = -sig if sig is not None else code
-        return self.returncode
-
-    def wait(self, timeout: float | None = None) -> int:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        delay = 0.0005
-        while self.poll() is None:
-            if deadline is not None and time.monotonic() >= deadline:
-                raise subprocess.TimeoutExpired(f"fork server {self.pid}", timeout or 0)
-            time.sleep(delay)
-            delay = min(delay * 2, 0.05)
-        assert self.returncode is not None
-        return self.returncode
-
-    def kill(self) -> None:
-        if self.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, signal.SIGKILL)
+        super().__init__(pid, what="fork server")
 
 
 class _ForkServer(_Backend):
@@ -176,7 +138,7 @@ class _ForkServer(_Backend):
     def open(self) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            if not self.spawn and _single_threaded():
+            if not self.spawn and single_threaded():
                 self.proc = self._fork(ours, theirs)
             else:
                 self.proc = self._exec(theirs)

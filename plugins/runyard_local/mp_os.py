@@ -60,6 +60,23 @@ def become_subreaper() -> bool:
     return _prctl(_PR_SET_CHILD_SUBREAPER, 1)
 
 
+def read_proc_stat(pid: int | str) -> list[bytes] | None:
+    """The fields of /proc/PID/stat after the command name (state first), or None.
+
+    Raw os calls, not pathlib: `runyard daemon` asks this for every unfinished run every
+    second, and the file is one short line."""
+    try:
+        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY)
+        try:
+            raw = os.read(fd, 4096)
+        finally:
+            os.close(fd)
+    except OSError:
+        return None
+    # After the command name, which is in parentheses and may contain spaces.
+    return raw[raw.rindex(b")") + 2 :].split()
+
+
 def children_of(pid: int) -> list[int]:
     """Processes whose parent is ``pid`` (Linux /proc; empty elsewhere)."""
     with contextlib.suppress(OSError, ValueError):
@@ -74,13 +91,8 @@ def children_of(pid: int) -> list[int]:
     for name in entries:
         if not name.isdigit():
             continue
-        try:
-            stat = Path("/proc", name, "stat").read_text()
-        except OSError:
-            continue
-        # Fields after the command name, which is in parentheses and may contain spaces.
-        fields = stat[stat.rfind(")") + 2 :].split()
-        if len(fields) > 1 and fields[1] == str(pid):
+        fields = read_proc_stat(name)
+        if fields is not None and len(fields) > 1 and fields[1] == str(pid).encode():
             found.append(int(name))
     return found
 

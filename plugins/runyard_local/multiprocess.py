@@ -63,6 +63,12 @@ from .mp_backends import LOAD_HINT, TAIL_CHARS, _Backend, _DirectFork, _ForkServ
 from .plugin import START_METHODS, MultiOrInProcessConfig, MultiprocessConfig
 
 _MAX_CAPTURE = 8 << 20  # bytes of each of stdout and stderr stored per attempt
+# A running step's files are first read this long after its launch, then every
+# _TAIL_EVERY: steps shorter than that (most, in a wide job) cost no extra reads, and a
+# line a step writes reaches the engine within _TAIL_EVERY (plus its flush interval).
+_FIRST_TAIL, _TAIL_EVERY = 0.15, 0.2
+_TAIL_CHUNK = 1 << 20  # bytes of one stream read per tail
+_LIVE = (EventType.STEP_START, EventType.STEP_LOG)  # what a step process's events file holds, live
 _HOST = socket.gethostname()
 
 
@@ -71,7 +77,8 @@ class _Attempt:
     """The handle of one attempt: where its files are and what became of its process."""
 
     __slots__ = ("request", "id", "out", "err", "events", "noted", "exit", "failure",
-                 "reported", "stopping", "pid", "group_stop", "oom0", "started")
+                 "reported", "stopping", "pid", "group_stop", "oom0", "started",
+                 "tail_at", "ev_pos", "ev_seen", "out_pos", "err_pos")
 
     def __init__(self, request: StepRequest, id: str, directory: str) -> None:
         self.request = request
@@ -87,6 +94,13 @@ class _Attempt:
         self.group_stop: GroupStop | None = None  # fork: SIGTERM sent, SIGKILL after the grace period
         self.oom0: int | None = None
         self.started = 0.0
+        # Reading the files while the step runs (`MultiprocessStepHandler._tail`): when
+        # next, and how far each file has been reported.
+        self.tail_at = time.monotonic() + _FIRST_TAIL
+        self.ev_pos = 0  # bytes of the events file read
+        self.ev_seen = 0  # events parsed from those bytes
+        self.out_pos = 0  # bytes of stdout reported
+        self.err_pos = 0
 
     @property
     def over(self) -> bool:
@@ -154,12 +168,48 @@ class MultiprocessStepHandler(StepHandler):
         if not handle.over:
             self._backend.collect()
             if not handle.over:
-                return StepUpdate.running()
+                if time.monotonic() < handle.tail_at:
+                    return StepUpdate.running()
+                handle.tail_at = time.monotonic() + _TAIL_EVERY
+                return StepUpdate.running(self._tail(handle))
         handle.reported = True
         try:
-            return self._outcome(handle)
+            update = self._outcome(handle)
         finally:
             handle.remove_files()
+        return update
+
+    def _tail(self, att: _Attempt) -> list[Event]:
+        """What a running step reported and wrote since the last look: its new events
+        (STEP_START, log records) and its new whole lines of stdout and stderr."""
+        req = att.request
+        found: list[Event] = []
+        data = _read_from(f"{att.events}.tmp", att.ev_pos)
+        cut = data.rfind(b"\n") + 1
+        if cut:
+            att.ev_pos += cut
+            for line in data[:cut].decode("utf-8", errors="replace").splitlines():
+                with contextlib.suppress(ValueError, KeyError, TypeError):
+                    ev = Event.from_json(line)
+                    att.ev_seen += 1
+                    if ev.type in _LIVE:
+                        found.append(ev)
+        now = time.time()
+        streams = ((EventType.STEP_STDOUT, att.out, "out_pos"), (EventType.STEP_STDERR, att.err, "err_pos"))
+        for type_, path, slot in streams:
+            pos = getattr(att, slot)
+            if pos >= _MAX_CAPTURE // 2:
+                continue  # past what is stored from the start: the end comes with the ending
+            # Never past the head of the output that `_read_capped` keeps of a huge one.
+            data = _read_from(path, pos, min(_TAIL_CHUNK, _MAX_CAPTURE // 2 - pos))
+            # Cut at a newline byte, which is never inside a UTF-8 sequence.
+            cut = data.rfind(b"\n") + 1
+            if cut:
+                setattr(att, slot, pos + cut)
+                found.append(Event(type=type_, run_id=req.run_id, step_key=req.step_key, attempt=req.attempt,
+                                   attempt_id=req.attempt_id, timestamp=now,
+                                   data={"text": data[:cut].decode("utf-8", errors="replace")}))
+        return found
 
     def terminate(self, handle: _Attempt, kind: FailureKind) -> None:
         with self._lock:
@@ -190,6 +240,9 @@ class MultiprocessStepHandler(StepHandler):
             return StepUpdate.crashed(att.failure, self._captured(att, time.time()))
         # A process that died mid-step left its events so far in the .tmp file.
         events = _read_events(att.events) or _read_events(f"{att.events}.tmp")
+        if att.ev_seen:
+            # Those read while it ran were reported then.
+            events = [ev for i, ev in enumerate(events) if i >= att.ev_seen or ev.type not in _LIVE]
         ends = [i for i, ev in enumerate(events) if ev.type in STEP_TERMINAL or ev.type is EventType.STEP_OUTPUT]
         if ends and events[ends[-1]].type in STEP_TERMINAL:
             end = ends[-1]
@@ -202,7 +255,7 @@ class MultiprocessStepHandler(StepHandler):
             at = ends[0]
             return StepUpdate.finished([*events[:at], *self._captured(att, events[at].timestamp), *events[at:]])
         exit = att.exit or {"code": None, "signal": None}  # (noted, yet no ending: cannot happen)
-        if not events:
+        if not events and not att.ev_seen:
             # It died before execute_step could report anything, its STEP_START included:
             # say when and where it started, as the worker would have.
             events = [
@@ -219,8 +272,9 @@ class MultiprocessStepHandler(StepHandler):
     def _captured(self, att: _Attempt, timestamp: float) -> list[Event]:
         req = att.request
         found = []
-        for type_, path in ((EventType.STEP_STDOUT, att.out), (EventType.STEP_STDERR, att.err)):
-            text = _read_capped(path)
+        streams = ((EventType.STEP_STDOUT, att.out, att.out_pos), (EventType.STEP_STDERR, att.err, att.err_pos))
+        for type_, path, pos in streams:
+            text = _read_capped(path, pos)
             if text:
                 found.append(
                     Event(
@@ -243,18 +297,29 @@ def _read_events(path: str) -> list[Event]:
     return events
 
 
-def _read_capped(path: str) -> str:
+def _read_from(path: str, pos: int, limit: int = _TAIL_CHUNK) -> bytes:
     try:
         with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size <= _MAX_CAPTURE:
+            f.seek(pos)
+            return f.read(limit)
+    except OSError:
+        return b""
+
+
+def _read_capped(path: str, pos: int = 0) -> str:
+    """The file from byte ``pos`` on (what was not reported while the step ran), capped."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(pos)
+            size = os.fstat(f.fileno()).st_size - pos
+            if size <= _MAX_CAPTURE - pos:
                 data = f.read()
             else:
                 # Keep the beginning and the end (where errors usually are) of huge output.
                 half = _MAX_CAPTURE // 2
-                head = f.read(half)
-                f.seek(size - half)
-                data = head + f"\n[... runyard: {size - 2 * half} bytes not stored ...]\n".encode() + f.read()
+                head = f.read(max(half - pos, 0))
+                f.seek(pos + size - half)
+                data = head + f"\n[... runyard: {pos + size - 2 * half} bytes not stored ...]\n".encode() + f.read()
     except OSError:
         return ""
     return data.decode("utf-8", errors="replace")
@@ -304,6 +369,10 @@ class MultiOrInProcessStepHandler(StepHandler):
             InProcessStepHandler if config.selected_mode() == "in_process" else MultiprocessStepHandler
         )
         self.delegate = impl(config.delegate_config(), context)
+
+    def connect_reporter(self, reporter: Any) -> None:
+        super().connect_reporter(reporter)
+        self.delegate.connect_reporter(reporter)
 
     def setup(self) -> None:
         self.delegate.setup()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib
 import sys
-import traceback
 from typing import Any
 
 import click
@@ -17,6 +16,8 @@ _COMMANDS = {
     "config": ("runyard.cli.config", "config", "Explain the executor and launcher settings a run would use."),
     "plugin": ("runyard.cli.plugin", "plugin", "List the executors, run launchers and storages installed."),
     "instance": ("runyard.cli.instance", "instance", "Show and check the instance ($RUNYARD_HOME, runyard.yaml)."),
+    "daemon": ("runyard.cli.daemon", "daemon", "Run the daemon: run monitoring, the run queue, retries, timeouts."),
+    "ui": ("runyard.cli.ui", "ui", "Serve a run viewer in the browser (needs runyard[ui])."),
     "api": ("runyard.cli.api", "api", "Machine interface used by executors and launchers (step worker)."),
 }
 
@@ -90,6 +91,8 @@ def main(argv: list[str] | None = None) -> Any:
         sys.exit(1)
     except RunyardError as e:
         if debug:
+            import traceback
+
             traceback.print_exc()
         click.echo(f"error: {e}", err=True)
         sys.exit(2)

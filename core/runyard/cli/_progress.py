@@ -65,6 +65,7 @@ class Progress:
     # -- events -------------------------------------------------------------------------
 
     def feed(self, events: Sequence[Event]) -> None:
+        plain: list[str] = []  # without the live display: one write per batch, not per step
         for ev in events:
             if ev.type is EventType.RUN_START:
                 self.total = ev.data.get("steps", self.total)
@@ -73,7 +74,12 @@ class Progress:
             self.states[ev.step_key] = _STATE[ev.type]
             line = self._line_for(ev)
             if line is not None:
-                self._print(line, failure=ev.type is EventType.STEP_FAILURE)
+                if self._live is None:
+                    plain += line
+                else:
+                    self._print(line, failure=ev.type is EventType.STEP_FAILURE)
+        if plain:
+            self._print(["\n".join(plain)], failure=False)
 
     def _line_for(self, ev: Event) -> list[str] | None:
         if ev.type is EventType.STEP_FAILURE:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import sys
 import time
-import traceback
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
@@ -23,6 +22,8 @@ def debug_enabled() -> bool:
 def fail(message: str, code: int) -> NoReturn:
     """Print ``error: message`` on stderr (with the traceback under --debug) and exit ``code``."""
     if debug_enabled() and sys.exc_info()[0] is not None:
+        import traceback
+
         traceback.print_exc()
     click.echo(f"error: {message}", err=True)
     sys.exit(code)
@@ -83,7 +84,29 @@ def end_reason(instance: Instance, run: RunRecord) -> dict[str, Any] | None:
     if ev.failure is not None:
         out.update(ev.failure.to_dict())
         out["message"] = ev.message or ev.failure.message
+    if run.status is RunStatus.CANCELED:
+        # Who asked for the cancel and why (the daemon's max_runtime) is on RUN_CANCELING.
+        asked = instance.storage.get_events(run.run_id, types=[EventType.RUN_CANCELING])
+        if asked and asked[-1].event.data.get("reason"):
+            out["reason"] = asked[-1].event.data["reason"]
+            out["message"] = f"{asked[-1].event.message} ({ev.message})"
     return out
+
+
+def report_started(instance: Instance, run: RunRecord, *, wait: bool, as_json: bool, summary: dict[str, Any]) -> None:
+    """End a command that started ``run``: print its id (or ``summary`` as JSON) and return;
+    with ``wait``, print the id and follow the run, exiting by its outcome."""
+    from ._common import echo_json
+
+    if not wait:
+        if as_json:
+            echo_json(summary)
+        else:
+            click.echo(run.run_id)
+        return
+    if not as_json:
+        click.echo(run.run_id)
+    sys.exit(wait_and_report(instance, run, timeout=None, as_json=as_json))
 
 
 def wait_and_report(instance: Instance, run: RunRecord, *, timeout: float | None, as_json: bool) -> int:

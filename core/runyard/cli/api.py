@@ -158,14 +158,6 @@ def execute_run(run_id: str) -> None:
     Example (what the default run launcher starts):
       python -m runyard api execute-run 3f2c9a1b04de4f6e8d7c6b5a49382716
     """
-    from .. import cli_worker
-    from ..instance import Instance
-    from ..runs import execute_run as run
+    from ..cli_worker import run_worker
 
-    # As in `job execute`: orphans of the steps' processes are adopted, and none outlives the run.
-    cli_worker.become_subreaper()
-    try:
-        result = run(Instance.from_env(), run_id)
-    finally:
-        cli_worker.kill_descendants()
-    sys.exit(0 if result.status.value == "SUCCESS" else 1)
+    sys.exit(run_worker(run_id))

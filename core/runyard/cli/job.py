@@ -102,6 +102,7 @@ def execute(pointer, job_name, config_path, executor, tags, steps, parent_run_id
     job_def, loc = load_job(pointer, job_name)
     storage = instance.storage  # opened now: a damaged database fails before anything runs
     cancellation = Cancellation()
+    signaled: list[str] = []  # the signal that asked for the cancel
     run_ids: list[str] = []  # the run's id, once it is recorded
     # Orphans of the steps' processes (a daemonized grandchild) are adopted by this process,
     # so that none outlives the run.
@@ -137,13 +138,15 @@ def execute(pointer, job_name, config_path, executor, tags, steps, parent_run_id
             abandon()
         # To the real stderr: during an in-process step sys.stderr captures the step's output.
         why = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        signaled.append(why)
         click.echo(f"canceling the run ({why}; Ctrl-C again to abandon it)", file=sys.__stderr__)
-        in_background(
-            record, RunStatus.CANCELING, [RunStatus.STARTING, RunStatus.STARTED], EventType.RUN_CANCELING,
-            f"cancel requested ({why})",
-        )
-        # Last: stopping an in-process step raises inside it, which may be right here.
-        cancellation.cancel()
+        # No lock taken here: the engine's threads cancel (see Cancellation.cancel_from_signal).
+        cancellation.cancel_from_signal()
+
+    def record_canceling() -> None:
+        why = f"cancel requested ({signaled[0]})" if signaled else "cancel requested"
+        in_background(record, RunStatus.CANCELING, [RunStatus.STARTING, RunStatus.STARTED],
+                      EventType.RUN_CANCELING, why)
 
     def on_events(events: Any) -> None:
         if not run_ids:
@@ -164,6 +167,7 @@ def execute(pointer, job_name, config_path, executor, tags, steps, parent_run_id
 
     started = time.monotonic()
     progress = None if as_json else Progress(live=use_live(), label=job_def.name, started=started)
+    cancellation.subscribe(record_canceling)  # before the engine's: CANCELING, then the steps stop
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         result = execute_job(
@@ -210,7 +214,9 @@ def launch(pointer, job_name, config_path, executor, tags, wait_, as_json) -> No
 
     The run is validated and recorded first (configuration errors exit 2 before anything
     starts), then handed to the instance's run launcher (by default: a process group of
-    its own on this machine). With --wait, follow it like `runyard run wait`.
+    its own on this machine). With a run_coordinator section in runyard.yaml the run is
+    left QUEUED instead, and `runyard daemon` launches it when the queue's limits allow.
+    With --wait, follow it like `runyard run wait`.
 
     \b
     Examples:
@@ -221,7 +227,7 @@ def launch(pointer, job_name, config_path, executor, tags, wait_, as_json) -> No
     from ..instance import Instance
     from ..loader import load_job
     from ..runs import create_run
-    from ._runs import start, wait_and_report
+    from ._runs import report_started, start
 
     run_config = load_run_config(config_path)
     tag_map = parse_tags(tags)
@@ -231,13 +237,17 @@ def launch(pointer, job_name, config_path, executor, tags, wait_, as_json) -> No
         instance, job_def, pointer=pointer, definitions=loc.definitions, run_config=run_config,
         executor=executor, tags=tag_map,
     )
-    run = start(instance, run)
-    if not wait_:
-        if as_json:
-            echo_json({"run_id": run.run_id, "job_name": run.job_name, "status": run.status.value})
-        else:
-            click.echo(run.run_id)
-        return
-    if not as_json:
-        click.echo(run.run_id)
-    sys.exit(wait_and_report(instance, run, timeout=None, as_json=as_json))
+    if not instance.queues_runs:
+        from ..console import standalone
+        from ..plugin import worker_fork
+
+        # A command of its own (not a CliRunner inside another program): the launcher may
+        # fork the worker from here, where runyard and the job are imported already.
+        token = worker_fork.set(instance.storage.close if standalone() else None)
+        try:
+            run = start(instance, run)
+        finally:
+            worker_fork.reset(token)
+    # else: recorded QUEUED; `runyard daemon` launches it when the queue's limits allow.
+    report_started(instance, run, wait=wait_, as_json=as_json,
+                   summary={"run_id": run.run_id, "job_name": run.job_name, "status": run.status.value})

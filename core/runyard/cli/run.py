@@ -76,15 +76,66 @@ def _took(run: RunRecord) -> str:
     return f"{d:.2f}s"
 
 
+def _parse_when(value: str | None, option: str) -> float | None:
+    """A time given as ``2026-12-01``, ``2026-12-01T14:30`` (local time) or an age
+    (``90s``, ``30m``, ``2h``, ``7d``): seconds since the epoch."""
+    if value is None:
+        return None
+    text = value.strip()
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    if text[-1:].lower() in units and text[:-1].replace(".", "", 1).isdigit():
+        return time.time() - float(text[:-1]) * units[text[-1].lower()]
+    try:
+        return datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        raise click.BadParameter(
+            f"expected a date/time like 2026-12-01 or 2026-12-01T14:30, or an age like 30m, 2h, 7d; got {value!r}",
+            param_hint=option,
+        ) from None
+
+
+def _parse_tag(value: str | None) -> tuple[str, str] | None:
+    if value is None:
+        return None
+    key, sep, val = value.partition("=")
+    if not sep or not key:
+        raise click.BadParameter(f"expected KEY=VALUE, got {value!r}", param_hint="--tag")
+    return key, val
+
+
+def _describe(where: Any) -> str:
+    """``where`` (a RunFilter) in words, for "no runs …"."""
+    parts = []
+    if where.job_name is not None:
+        parts.append(f"of job {where.job_name}")
+    if where.statuses:
+        parts.append(f"with status {', '.join(s.value for s in where.statuses)}")
+    if where.tag is not None:
+        parts.append(f"tagged {where.tag[0]}={where.tag[1]}")
+    if where.created_after is not None:
+        parts.append(f"created since {_when(where.created_after)}")
+    if where.created_before is not None:
+        parts.append(f"created before {_when(where.created_before)}")
+    return " ".join(parts)
+
+
 @run.command("list")
 @click.option(
     "--status", "statuses", multiple=True, type=click.Choice(_STATUSES, case_sensitive=False),
     help="Only runs with this status (repeatable).",
 )
+@click.option("--job", "job_name", help="Only runs of this job.")
+@click.option("--tag", metavar="KEY=VALUE", help="Only runs with this tag.")
+@click.option("--since", help="Only runs created at or after this time (2026-12-01, 2026-12-01T14:30, "
+              "or an age: 2h, 7d).")
+@click.option("--until", help="Only runs created before this time (same forms as --since).")
 @click.option("--limit", default=20, show_default=True, type=click.IntRange(min=1), help="At most this many runs.")
+@click.option("--offset", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Skip this many matching runs first (the next page: --offset of the previous + --limit).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
-def list_runs(statuses: tuple[str, ...], limit: int, as_json: bool) -> None:
-    """List runs, newest first.
+def list_runs(statuses: tuple[str, ...], job_name: str | None, tag: str | None, since: str | None,
+              until: str | None, limit: int, offset: int, as_json: bool) -> None:
+    """List runs, newest first, a page at a time.
 
     Unfinished runs are checked first: one whose worker died shows as FAILURE.
 
@@ -92,37 +143,61 @@ def list_runs(statuses: tuple[str, ...], limit: int, as_json: bool) -> None:
     Examples:
       runyard run list
       runyard run list --status failure --limit 5 --json
+      runyard run list --job etl --tag team=data --since 2d --offset 20
     """
     from ..runs import ACTIVE
-    from ..storage import RunStatus
+    from ..storage import RunFilter, RunStatus
     from ._runs import run_dict
 
+    where = RunFilter(
+        job_name=job_name,
+        statuses=tuple(RunStatus(s.upper()) for s in statuses) or None,
+        tag=_parse_tag(tag),
+        created_after=_parse_when(since, "--since"),
+        created_before=_parse_when(until, "--until"),
+    )
     instance = _instance()
     storage = instance.storage
     for r in storage.list_runs(limit=10_000, statuses=ACTIVE):
         _observe(instance, r)
-    wanted = [RunStatus(s.upper()) for s in statuses] or None
-    runs = storage.list_runs(limit=limit, statuses=wanted)
+    runs, total = storage.page_runs(where, limit=limit, offset=offset)
+    from ..runs import queue_positions
+
+    positions = queue_positions(instance) if any(r.status is RunStatus.QUEUED for r in runs) else {}
     if as_json:
-        echo_json([run_dict(r) for r in runs])
+        echo_json([{**run_dict(r), "queue_position": positions.get(r.run_id)} for r in runs])
         return
     if not runs:
-        click.echo("no runs" + (f" with status {', '.join(s.upper() for s in statuses)}" if statuses else ""))
+        what = _describe(where)
+        click.echo(f"no runs{' ' + what if what else ''}" + (f" past the first {offset}" if offset and total else ""))
         return
     width = max(len("JOB"), *(len(r.job_name) for r in runs))
-    click.echo(f"{'RUN_ID':<12}  {'JOB':<{width}}  {'STATUS':<9}  {'CREATED':<19}  DURATION")
+    click.echo(f"{'RUN_ID':<12}  {'JOB':<{width}}  {'STATUS':<9}  {'CREATED':<19}  {'DURATION':<9}  TAGS")
     for r in runs:
+        tag_text = " ".join(f"{k}={v}" for k, v in r.tags.items())
+        # A queued run shows its place in the daemon's queue: QUEUED#1 starts next.
+        status = f"{r.status.value}#{positions[r.run_id]}" if r.run_id in positions else r.status.value
         click.echo(
-            f"{r.run_id[:12]:<12}  {r.job_name:<{width}}  {r.status.value:<9}  {_when(r.created_at):<19}  {_took(r)}"
+            f"{r.run_id[:12]:<12}  {r.job_name:<{width}}  {status:<9}  {_when(r.created_at):<19}  "
+            f"{_took(r):<9}  {tag_text}".rstrip()
         )
+    if offset + len(runs) < total:
+        click.echo(f"(runs {offset + 1}-{offset + len(runs)} of {total}; next page: --offset {offset + len(runs)})",
+                   err=True)
 
 
 def _step_details(instance: Instance, run: RunRecord) -> dict[str, dict[str, Any]]:
+    """Each step's state, attempts, timings (per attempt and in all) and last failure."""
     from ..events import EventType
     from ..runs import step_states
 
     states = step_states(instance, run.run_id)
-    steps: dict[str, dict[str, Any]] = {k: {"state": s, "attempts": 0, "failure": None} for k, s in states.items()}
+    steps: dict[str, dict[str, Any]] = {
+        k: {"state": s, "attempts": 0, "failure": None, "started_at": None, "ended_at": None, "duration": None,
+            "timings": []}
+        for k, s in states.items()
+    }
+    by_attempt: dict[tuple[str, int], dict[str, Any]] = {}
     for stored in instance.storage.get_events(
         run.run_id, types=[EventType.STEP_START, EventType.STEP_FAILURE, EventType.STEP_SUCCESS]
     ):
@@ -132,12 +207,41 @@ def _step_details(instance: Instance, run: RunRecord) -> dict[str, dict[str, Any
             continue
         if ev.attempt is not None:
             info["attempts"] = max(info["attempts"], ev.attempt)
+            timing = by_attempt.get((ev.step_key or "", ev.attempt))
+            if timing is None:
+                timing = {"attempt": ev.attempt, "started_at": None, "ended_at": None, "duration": None,
+                          "outcome": "running"}
+                by_attempt[(ev.step_key or "", ev.attempt)] = timing
+                info["timings"].append(timing)
+            if ev.type is EventType.STEP_START:
+                timing["started_at"] = ev.timestamp
+            elif timing["ended_at"] is None:  # the first ending of an attempt is its outcome
+                timing["ended_at"] = ev.timestamp
+                timing["outcome"] = "success" if ev.type is EventType.STEP_SUCCESS else "failure"
+            if timing["started_at"] is not None and timing["ended_at"] is not None:
+                timing["duration"] = max(0.0, timing["ended_at"] - timing["started_at"])
         if ev.type is EventType.STEP_FAILURE:
             f = ev.failure
             info["failure"] = f.to_dict() if f else {"message": ev.message}
         elif ev.type is EventType.STEP_SUCCESS:
             info["failure"] = None  # an earlier attempt failed, a retry succeeded
+    for info in steps.values():
+        starts = [t["started_at"] for t in info["timings"] if t["started_at"] is not None]
+        ends = [t["ended_at"] for t in info["timings"] if t["ended_at"] is not None]
+        info["started_at"] = min(starts) if starts else None
+        if ends and all(t["ended_at"] is not None for t in info["timings"]):
+            info["ended_at"] = max(ends)
+        if info["started_at"] is not None and info["ended_at"] is not None:
+            info["duration"] = max(0.0, info["ended_at"] - info["started_at"])
     return steps
+
+
+def _step_took(info: dict[str, Any]) -> str:
+    if info["duration"] is not None:
+        return f"{info['duration']:.2f}s"
+    if info["started_at"] is not None and info["state"] == "running":
+        return f"{time.time() - info['started_at']:.1f}s…"
+    return "-"
 
 
 @run.command("show")
@@ -152,16 +256,19 @@ def show(run_id: str, as_json: bool) -> None:
     Example:
       runyard run show 3f2c9a1b04de --json
     """
-    from ..runs import worker_info
+    from ..runs import child_runs, worker_info
     from ._runs import end_reason, run_dict
 
     instance = _instance()
     r = _checked(instance, run_id)
+    children = child_runs(instance, r.run_id)
     steps = _step_details(instance, r)
     reason = end_reason(instance, r)
     launcher, worker = worker_info(instance, r.run_id)
     if as_json:
         echo_json({**run_dict(r), "steps": steps, "failure": reason, "launcher": launcher, "worker": worker,
+                   "children": [{"run_id": c.run_id, "status": c.status.value, "tags": dict(c.tags)}
+                                for c in children],
                    "resolution": r.resolution})  # what it executes with (as `config explain --json` prints)
         return
     pointer = r.code_pointer or {}
@@ -177,6 +284,7 @@ def show(run_id: str, as_json: bool) -> None:
         ("executor", r.executor or "-"),
         ("tags", " ".join(f"{k}={v}" for k, v in r.tags.items()) or "-"),
         ("parent", r.parent_run_id or "-"),
+        ("children", " ".join(f"{c.run_id} ({c.status.value})" for c in children) or "-"),
         ("steps", ", ".join(r.step_selection) if r.step_selection is not None else "all"),
         ("created", _when(r.created_at)),
         ("started", _when(r.started_at)),
@@ -197,12 +305,21 @@ def show(run_id: str, as_json: bool) -> None:
         click.echo("\nno step has run")
         return
     width = max(len("STEP"), *(len(k) for k in steps))
-    click.echo(f"\n{'STEP':<{width}}  {'STATE':<8}  ATTEMPTS")
+    click.echo(f"\n{'STEP':<{width}}  {'STATE':<8}  {'ATTEMPTS':<8}  DURATION")
     for key, info in steps.items():
-        line = f"{key:<{width}}  {info['state']:<8}  {info['attempts']}"
+        line = f"{key:<{width}}  {info['state']:<8}  {info['attempts']:<8}  {_step_took(info)}"
         if info["failure"]:
             line += f"  {info['failure'].get('message', '')}".splitlines()[0]
         click.echo(line)
+    for key, info in steps.items():
+        failure = info["failure"]
+        if not failure or info["state"] != "failed":
+            continue
+        kind = f" ({failure['kind']})" if failure.get("kind") else ""
+        click.echo(f"\nstep '{key}' failed{kind}: {failure.get('message', '')}")
+        tb = failure.get("traceback")
+        if tb:
+            click.echo(str(tb).rstrip())
 
 
 def _print_log_event(ev: Any, prefix: bool) -> None:
@@ -243,19 +360,25 @@ def logs(run_id: str, step_key: str | None, follow: bool) -> None:
             steps = ", ".join(known) or "none ran"
             raise RunyardError(f"run {r.run_id} has no step '{step_key}' (its steps: {steps})")
     kinds = {EventType.STEP_STDOUT, EventType.STEP_STDERR, EventType.STEP_LOG}
+    printed = [0]
 
     def emit(events: Any) -> None:
         for ev in events:
             if ev.type in kinds and (step_key is None or ev.step_key == step_key):
                 _print_log_event(ev, prefix=step_key is None)
+                printed[0] += 1
 
     if follow and not r.status.is_finished:
         try:
-            wait_for_run(instance, r.run_id, on_events=emit)
+            r = wait_for_run(instance, r.run_id, on_events=emit, every=0.1).run
         except KeyboardInterrupt:
             sys.exit(1)
-        return
-    emit(s.event for s in instance.storage.get_events(r.run_id, step_key=step_key, types=list(kinds)))
+    else:
+        emit(s.event for s in instance.storage.get_events(r.run_id, step_key=step_key, types=list(kinds)))
+    if not printed[0]:
+        # On stderr: a script reading stdout gets nothing, a person learns why.
+        whose = f"step '{step_key}' of run {r.run_id}" if step_key else f"run {r.run_id}"
+        click.echo(f"{whose} ({r.status.value}) has no output: no step printed or logged anything", err=True)
 
 
 @run.command("wait")
@@ -336,7 +459,7 @@ def reexecute(run_id: str, from_failure: bool, steps: str | None, wait_: bool, a
     from ..errors import RunyardError
     from ..loader import load_job
     from ..runs import create_run, reexecution_selection
-    from ._runs import start, wait_and_report
+    from ._runs import report_started, start
 
     if from_failure and steps:
         raise click.UsageError("give --from-failure or --steps, not both")
@@ -352,17 +475,11 @@ def reexecute(run_id: str, from_failure: bool, steps: str | None, wait_: bool, a
         instance, job_def, pointer=pointer, definitions=loc.definitions, run_config=parent.run_config,
         executor=parent.executor, tags=parent.tags, step_selection=selection, parent_run_id=parent.run_id,
     )
-    child = start(instance, child)
-    if not wait_:
-        if as_json:
-            echo_json({"run_id": child.run_id, "parent_run_id": parent.run_id, "status": child.status.value,
-                       "step_selection": selection})
-        else:
-            click.echo(child.run_id)
-        return
-    if not as_json:
-        click.echo(child.run_id)
-    sys.exit(wait_and_report(instance, child, timeout=None, as_json=as_json))
+    if not instance.queues_runs:  # with a run queue, the daemon launches it
+        child = start(instance, child)
+    report_started(instance, child, wait=wait_, as_json=as_json,
+                   summary={"run_id": child.run_id, "parent_run_id": parent.run_id, "status": child.status.value,
+                            "step_selection": selection})
 
 
 @run.command("delete")

@@ -36,14 +36,28 @@ from psycopg.pq import TransactionStatus
 from ..config import EnvVar, resolve
 from ..errors import ConfigError, StorageError
 from ..events import Event, EventType
-from . import RunRecord, RunStatus, RunStorage, StoredEvent
+from . import EventRowReads, Lease, RunFilter, RunRecord, RunStatus, RunStorage
 
 RUNS_TABLE = "runyard_runs"
 EVENTS_TABLE = "runyard_events"
+LEASES_TABLE = "runyard_leases"  # created on first use by `runyard daemon`, not before
 
 # Advisory lock keys (two int4s: a namespace and an object). Arbitrary, fixed forever.
 _LOCK_SCHEMA = 0x52590001  # creating the tables
 _LOCK_RUN_EVENTS = 0x52590002  # appending events of one run (object: hashtext(run_id))
+
+_LEASES_SCHEMA = """
+CREATE TABLE IF NOT EXISTS {leases} (
+    name TEXT PRIMARY KEY,
+    holder TEXT NOT NULL,
+    epoch BIGINT NOT NULL,
+    acquired_at DOUBLE PRECISION NOT NULL,
+    renewed_at DOUBLE PRECISION NOT NULL,
+    expires_at DOUBLE PRECISION NOT NULL,
+    info TEXT NOT NULL
+);
+"""
+_NOW = "extract(epoch from clock_timestamp())::float8"  # the server's clock: daemons on skewed hosts agree
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS {runs} (
@@ -62,6 +76,8 @@ CREATE TABLE IF NOT EXISTS {runs} (
     resolution TEXT
 );
 CREATE INDEX IF NOT EXISTS {runs_created} ON {runs} (created_at);
+CREATE INDEX IF NOT EXISTS {runs_job_created} ON {runs} (job_name, created_at);
+CREATE INDEX IF NOT EXISTS {runs_parent} ON {runs} (parent_run_id);
 CREATE TABLE IF NOT EXISTS {events} (
     id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     run_id TEXT NOT NULL,
@@ -140,7 +156,7 @@ class _ConnectionLost(Exception):
         self.cause = cause
 
 
-class PostgresRunStorage(RunStorage):
+class PostgresRunStorage(EventRowReads, RunStorage):
     """Runs and events in PostgreSQL; safe for many threads and processes at once.
 
     ``url``: a libpq URL or ``key=value`` string, or an `EnvVar` read at each connect (it
@@ -183,6 +199,8 @@ class PostgresRunStorage(RunStorage):
 
         self._runs = table(RUNS_TABLE)
         self._events = table(EVENTS_TABLE)
+        self._leases = table(LEASES_TABLE)
+        self._leases_ready = False
         cols = sql.SQL(", ").join(map(sql.Identifier, _RUN_COLUMNS))
         self._select_runs = sql.SQL("SELECT {cols} FROM {runs}").format(cols=cols, runs=self._runs)
         self._insert_run = sql.SQL("INSERT INTO {runs} ({cols}) VALUES ({ph})").format(
@@ -363,6 +381,8 @@ class PostgresRunStorage(RunStorage):
             runs=self._runs,
             events=self._events,
             runs_created=sql.Identifier(f"{RUNS_TABLE}_created"),
+            runs_job_created=sql.Identifier(f"{RUNS_TABLE}_job_created"),
+            runs_parent=sql.Identifier(f"{RUNS_TABLE}_parent"),
             events_run=sql.Identifier(f"{EVENTS_TABLE}_run"),
         )
         try:
@@ -456,9 +476,37 @@ class PostgresRunStorage(RunStorage):
         params.append(limit if limit >= 0 else None)  # SQLite reads a negative limit as none
         return [self._row_to_run(r) for r in self._read(query, params)]
 
-    def set_run_status(
-        self, run_id: str, status: RunStatus, *, only_from: Iterable[RunStatus] | None = None
-    ) -> bool:
+    def page_runs(self, where: RunFilter, *, limit: int = 50, offset: int = 0) -> tuple[list[RunRecord], int]:
+        conds: list[sql.Composable] = []
+        params: list[Any] = []
+        if where.job_name is not None:
+            conds.append(sql.SQL("job_name = %s"))
+            params.append(where.job_name)
+        if where.statuses is not None:
+            conds.append(sql.SQL("status = ANY(%s::text[])"))
+            params.append([s.value for s in where.statuses])
+        if where.tag is not None:
+            conds.append(sql.SQL("(tags::jsonb ->> %s) = %s"))
+            params += list(where.tag)
+        if where.parent_run_id is not None:
+            conds.append(sql.SQL("parent_run_id = %s"))
+            params.append(where.parent_run_id)
+        if where.created_after is not None:
+            conds.append(sql.SQL("created_at >= %s"))
+            params.append(where.created_after)
+        if where.created_before is not None:
+            conds.append(sql.SQL("created_at < %s"))
+            params.append(where.created_before)
+        clause = sql.SQL(" WHERE ") + sql.SQL(" AND ").join(conds) if conds else sql.SQL("")
+        total = self._read(sql.SQL("SELECT count(*) FROM {runs}").format(runs=self._runs) + clause, params)[0][0]
+        rows = self._read(
+            self._select_runs + clause + sql.SQL(" ORDER BY created_at DESC, run_id LIMIT %s OFFSET %s"),
+            [*params, limit, offset],
+        )
+        return [self._row_to_run(r) for r in rows], int(total)
+
+    def _status_update(self, run_id: str, status: RunStatus, only_from: Iterable[RunStatus] | None,
+                       ended_at: float | None = None) -> tuple[sql.Composed, list[Any]]:
         now = time.time()
         sets = [sql.SQL("status = %s")]
         params: list[Any] = [status.value]
@@ -467,7 +515,7 @@ class PostgresRunStorage(RunStorage):
             params.append(now)
         if status.is_finished:
             sets.append(sql.SQL("ended_at = %s"))
-            params.append(now)
+            params.append(now if ended_at is None else ended_at)
         query = sql.SQL("UPDATE {runs} SET {sets} WHERE run_id = %s").format(
             runs=self._runs, sets=sql.SQL(", ").join(sets)
         )
@@ -477,16 +525,53 @@ class PostgresRunStorage(RunStorage):
             # re-check the condition against the new status, so only one racer wins.
             query += sql.SQL(" AND status = ANY(%s::text[])")
             params.append([s.value for s in only_from])
+        return query, params
 
-        def applied(conn: psycopg.Connection) -> tuple[bool, bool]:
-            # The update may have committed before the connection broke: if the run now has
-            # the status asked for, it did (a racer setting the very same status is rare,
-            # and would end the run the same way).
-            row = conn.execute(sql.SQL("SELECT status FROM {} WHERE run_id = %s").format(self._runs),
-                               (run_id,)).fetchone()
-            return row is not None and row[0] == status.value, True
+    def _has_status(self, conn: psycopg.Connection, run_id: str, status: RunStatus) -> tuple[bool, bool]:
+        # The update may have committed before the connection broke: if the run now has
+        # the status asked for, it did (a racer setting the very same status is rare,
+        # and would end the run the same way).
+        row = conn.execute(sql.SQL("SELECT status FROM {} WHERE run_id = %s").format(self._runs),
+                           (run_id,)).fetchone()
+        return row is not None and row[0] == status.value, True
 
-        return bool(self._call(lambda conn: conn.execute(query, params).rowcount > 0, verify=applied))
+    def set_run_status(
+        self, run_id: str, status: RunStatus, *, only_from: Iterable[RunStatus] | None = None
+    ) -> bool:
+        query, params = self._status_update(run_id, status, only_from)
+        return bool(self._call(lambda conn: conn.execute(query, params).rowcount > 0,
+                               verify=lambda conn: self._has_status(conn, run_id, status)))
+
+    def transition_run(
+        self, run_id: str, status: RunStatus, events: Sequence[Event], *, only_from: Iterable[RunStatus],
+        ended_at: float | None = None,
+    ) -> bool:
+        query, params = self._status_update(run_id, status, only_from, ended_at)
+        rows = [(e.run_id, e.step_key, e.type.value, e.timestamp, e.to_json()) for e in events]
+
+        def write(conn: psycopg.Connection) -> bool:
+            with conn.transaction():
+                # The run's event lock first, as store_events takes it (ids in commit order),
+                # then the run's row: every writer takes them in this order.
+                conn.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (_LOCK_RUN_EVENTS, run_id))
+                if conn.execute(query, params).rowcount == 0:
+                    return False
+                if rows:
+                    with conn.cursor() as cur:
+                        cur.executemany(self._insert_event, rows)
+                return True
+
+        def committed(conn: psycopg.Connection) -> tuple[bool, bool]:
+            if not rows:
+                return self._has_status(conn, run_id, status)
+            # One transaction: its last event (exact body) is there only if all of it committed.
+            found = conn.execute(
+                sql.SQL("SELECT 1 FROM {} WHERE run_id = %s AND body = %s LIMIT 1").format(self._events),
+                (rows[-1][0], rows[-1][4]),
+            )
+            return found.fetchone() is not None, True
+
+        return bool(self._call(write, verify=committed))
 
     def delete_run(self, run_id: str) -> None:
         def delete(conn: psycopg.Connection) -> None:
@@ -526,14 +611,8 @@ class PostgresRunStorage(RunStorage):
 
         self._call(insert, verify=committed)
 
-    def get_events(
-        self,
-        run_id: str,
-        *,
-        after_id: int = 0,
-        step_key: str | None = None,
-        types: Iterable[EventType] | None = None,
-    ) -> list[StoredEvent]:
+    def _event_rows(self, run_id: str, after_id: int, step_key: str | None, types: Iterable[EventType] | None,
+                    limit: int | None) -> list[tuple[Any, ...]]:
         query = sql.SQL("SELECT id, body FROM {} WHERE run_id = %s AND id > %s").format(self._events)
         params: list[Any] = [run_id, after_id]
         if step_key is not None:
@@ -542,8 +621,85 @@ class PostgresRunStorage(RunStorage):
         if types is not None:
             query += sql.SQL(" AND type = ANY(%s::text[])")
             params.append([t.value for t in types])
-        query += sql.SQL(" ORDER BY id")
-        return [StoredEvent(i, Event.from_json(body)) for i, body in self._read(query, params)]
+        query += sql.SQL(" ORDER BY id LIMIT %s")
+        params.append(limit)  # NULL: no limit
+        return self._read(query, params)
+
+    # -- what the daemon needs ------------------------------------------------------------
+
+    def run_states(self, statuses: Iterable[RunStatus]) -> list[tuple[str, RunStatus]]:
+        query = sql.SQL("SELECT run_id, status FROM {} WHERE status = ANY(%s::text[]) ORDER BY created_at").format(
+            self._runs)
+        return [(r, RunStatus(st)) for r, st in self._read(query, ([s.value for s in statuses],))]
+
+    def record_end_time(self, run_id: str, ended_at: float) -> None:
+        query = sql.SQL("UPDATE {} SET ended_at = %s WHERE run_id = %s AND ended_at IS NOT NULL").format(self._runs)
+        self._call(lambda conn: conn.execute(query, (ended_at, run_id)))  # idempotent: safe to repeat
+
+    def _ensure_leases(self) -> None:
+        """Create the lease table on first use (a schema migration of its own: instances that
+        never run a daemon, and users without CREATE rights, never need it)."""
+        if self._leases_ready:
+            return
+
+        def create(conn: psycopg.Connection) -> None:
+            exists = conn.execute(
+                "SELECT 1 FROM pg_catalog.pg_tables WHERE schemaname = coalesce(%s, current_schema())"
+                " AND tablename = %s", (self.schema, LEASES_TABLE)).fetchone()
+            if exists:
+                return
+            try:
+                with conn.transaction():
+                    conn.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (_LOCK_SCHEMA, self.schema or ""))
+                    conn.execute(sql.SQL(_LEASES_SCHEMA).format(leases=self._leases))
+            except psycopg.errors.InsufficientPrivilege as e:
+                raise ConfigError(
+                    f"storage '{self.name}': cannot create table {LEASES_TABLE} for runyard daemon at {self.target}: "
+                    f"{' '.join(str(e).split())}. Grant the user CREATE, or create it once as the tables' owner "
+                    "(start `runyard daemon run --once` as that user)"
+                ) from None
+
+        self._call(create)
+        self._leases_ready = True
+
+    @staticmethod
+    def _row_to_lease(row: Sequence[Any]) -> Lease:
+        name, holder, epoch, acquired, renewed, expires, info, now = row
+        return Lease(name=name, holder=holder, epoch=epoch, acquired_at=acquired, renewed_at=renewed,
+                     expires_at=expires, info=json.loads(info), now=now)
+
+    def claim_lease(self, name: str, holder: str, ttl: float, info: Any) -> Lease | None:
+        self._ensure_leases()
+        text = json.dumps(dict(info), default=str)
+        # One statement: the row lock of INSERT ... ON CONFLICT DO UPDATE makes concurrent
+        # claimers take turns, and the WHERE re-checks holder and expiry under that lock.
+        query = sql.SQL(
+            "INSERT INTO {t} AS l (name, holder, epoch, acquired_at, renewed_at, expires_at, info)"
+            " VALUES (%(name)s, %(holder)s, 1, " + _NOW + ", " + _NOW + ", " + _NOW + " + %(ttl)s, %(info)s)"
+            " ON CONFLICT (name) DO UPDATE SET"
+            " holder = excluded.holder,"
+            " epoch = CASE WHEN l.holder = excluded.holder THEN l.epoch ELSE l.epoch + 1 END,"
+            " acquired_at = CASE WHEN l.holder = excluded.holder THEN l.acquired_at ELSE excluded.acquired_at END,"
+            " renewed_at = excluded.renewed_at, expires_at = excluded.expires_at, info = excluded.info"
+            " WHERE l.holder = excluded.holder OR l.expires_at <= " + _NOW +
+            " RETURNING name, holder, epoch, acquired_at, renewed_at, expires_at, info, " + _NOW
+        ).format(t=self._leases)
+        params = {"name": name, "holder": holder, "ttl": float(ttl), "info": text}
+        # Repeating a claim is harmless (the same holder renews), so no verify step is needed.
+        rows = self._call(lambda conn: conn.execute(query, params).fetchall())
+        return self._row_to_lease(rows[0]) if rows else None
+
+    def get_lease(self, name: str) -> Lease | None:
+        self._ensure_leases()
+        query = sql.SQL("SELECT name, holder, epoch, acquired_at, renewed_at, expires_at, info, " + _NOW +
+                        " FROM {} WHERE name = %s").format(self._leases)
+        rows = self._read(query, (name,))
+        return self._row_to_lease(rows[0]) if rows else None
+
+    def release_lease(self, name: str, holder: str) -> None:
+        self._ensure_leases()
+        query = sql.SQL("UPDATE {} SET expires_at = " + _NOW + " WHERE name = %s AND holder = %s").format(self._leases)
+        self._call(lambda conn: conn.execute(query, (name, holder)))
 
     def close(self) -> None:
         """Close this process's idle connections; the storage reconnects if used again."""

@@ -17,7 +17,7 @@ import attrs
 from ..errors import StorageError
 from ..events import Event, EventType
 from ..private import create_private_file, make_private_dirs
-from . import RunRecord, RunStatus, RunStorage, StoredEvent
+from . import EventRowReads, Lease, RunFilter, RunRecord, RunStatus, RunStorage
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -36,6 +36,8 @@ CREATE TABLE IF NOT EXISTS runs (
     resolution TEXT
 );
 CREATE INDEX IF NOT EXISTS runs_created ON runs (created_at);
+CREATE INDEX IF NOT EXISTS runs_job_created ON runs (job_name, created_at);
+CREATE INDEX IF NOT EXISTS runs_parent ON runs (parent_run_id);
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     run_id TEXT NOT NULL,
@@ -45,12 +47,29 @@ CREATE TABLE IF NOT EXISTS events (
     body TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS events_run ON events (run_id, id);
+CREATE INDEX IF NOT EXISTS runs_status ON runs (status);
+CREATE TABLE IF NOT EXISTS leases (
+    name TEXT PRIMARY KEY,
+    holder TEXT NOT NULL,
+    epoch INTEGER NOT NULL,
+    acquired_at REAL NOT NULL,
+    renewed_at REAL NOT NULL,
+    expires_at REAL NOT NULL,
+    info TEXT NOT NULL
+);
 """
 
 _RUN_COLUMNS = [a.name for a in attrs.fields(RunRecord)]
 _JSON_COLUMNS = ("code_pointer", "run_config", "tags", "step_selection", "resolution")
 # Columns added after the first release, for databases created before them (read as NULL).
 _ADDED_COLUMNS = {"resolution": "TEXT"}
+
+
+_INSERT_EVENT = "INSERT INTO events (run_id, step_key, type, timestamp, body) VALUES (?, ?, ?, ?, ?)"
+
+
+def _event_row(e: Event) -> tuple[Any, ...]:
+    return (e.run_id, e.step_key, e.type.value, e.timestamp, e.to_json())
 
 
 def _add_missing_columns(conn: sqlite3.Connection) -> None:
@@ -64,7 +83,7 @@ def _add_missing_columns(conn: sqlite3.Connection) -> None:
                     raise
 
 
-class SqliteRunStorage(RunStorage):
+class SqliteRunStorage(EventRowReads, RunStorage):
     def __init__(self, path: str | Path) -> None:
         self.path = str(path)
         self._memory = self.path == ":memory:"
@@ -297,9 +316,39 @@ class SqliteRunStorage(RunStorage):
         params.append(limit)
         return [self._row_to_run(r) for r in self._query(sql, params)]
 
-    def set_run_status(
-        self, run_id: str, status: RunStatus, *, only_from: Iterable[RunStatus] | None = None
-    ) -> bool:
+    def page_runs(self, where: RunFilter, *, limit: int = 50, offset: int = 0) -> tuple[list[RunRecord], int]:
+        conds: list[str] = []
+        params: list[Any] = []
+        if where.job_name is not None:
+            conds.append("job_name = ?")
+            params.append(where.job_name)
+        if where.statuses is not None:
+            conds.append(f"status IN ({', '.join('?' * len(where.statuses))})")
+            params += [s.value for s in where.statuses]
+        if where.tag is not None:
+            # A JSON path with the key quoted, so a key holding dots or quotes is one key.
+            conds.append("json_extract(tags, ?) = ?")
+            params += ["$." + json.dumps(where.tag[0]), where.tag[1]]
+        if where.parent_run_id is not None:
+            conds.append("parent_run_id = ?")
+            params.append(where.parent_run_id)
+        if where.created_after is not None:
+            conds.append("created_at >= ?")
+            params.append(where.created_after)
+        if where.created_before is not None:
+            conds.append("created_at < ?")
+            params.append(where.created_before)
+        clause = f" WHERE {' AND '.join(conds)}" if conds else ""
+        total = self._query(f"SELECT count(*) FROM runs{clause}", params)[0][0]
+        rows = self._query(
+            f"SELECT {', '.join(_RUN_COLUMNS)} FROM runs{clause} ORDER BY created_at DESC, run_id LIMIT ? OFFSET ?",
+            [*params, limit, offset],
+        )
+        return [self._row_to_run(r) for r in rows], total
+
+    @staticmethod
+    def _status_update(run_id: str, status: RunStatus, only_from: Iterable[RunStatus] | None,
+                       ended_at: float | None = None) -> tuple[str, list[Any]]:
         now = time.time()
         sets = "status = ?"
         params: list[Any] = [status.value]
@@ -308,32 +357,41 @@ class SqliteRunStorage(RunStorage):
             params.append(now)
         if status.is_finished:
             sets += ", ended_at = ?"
-            params.append(now)
+            params.append(now if ended_at is None else ended_at)
         sql = f"UPDATE runs SET {sets} WHERE run_id = ?"
         params.append(run_id)
         if only_from is not None:
             st = [s.value for s in only_from]
             sql += f" AND status IN ({', '.join('?' * len(st))})"
             params += st
-        return self._write(sql, params) > 0
+        return sql, params
+
+    def set_run_status(
+        self, run_id: str, status: RunStatus, *, only_from: Iterable[RunStatus] | None = None
+    ) -> bool:
+        return self._write(*self._status_update(run_id, status, only_from)) > 0
+
+    def transition_run(
+        self, run_id: str, status: RunStatus, events: Sequence[Event], *, only_from: Iterable[RunStatus],
+        ended_at: float | None = None,
+    ) -> bool:
+        update, params = self._status_update(run_id, status, only_from, ended_at)
+
+        def body(conn: sqlite3.Connection) -> bool:
+            if conn.execute(update, params).rowcount == 0:
+                return False
+            conn.executemany(_INSERT_EVENT, [_event_row(e) for e in events])
+            return True
+
+        return bool(self._transaction(body))
 
     def store_events(self, events: Sequence[Event]) -> None:
         if not events:
             return
-        self._write(
-            "INSERT INTO events (run_id, step_key, type, timestamp, body) VALUES (?, ?, ?, ?, ?)",
-            [(e.run_id, e.step_key, e.type.value, e.timestamp, e.to_json()) for e in events],
-            many=True,
-        )
+        self._write(_INSERT_EVENT, [_event_row(e) for e in events], many=True)
 
-    def get_events(
-        self,
-        run_id: str,
-        *,
-        after_id: int = 0,
-        step_key: str | None = None,
-        types: Iterable[EventType] | None = None,
-    ) -> list[StoredEvent]:
+    def _event_rows(self, run_id: str, after_id: int, step_key: str | None, types: Iterable[EventType] | None,
+                    limit: int | None) -> list[Any]:
         sql = "SELECT id, body FROM events WHERE run_id = ? AND id > ?"
         params: list[Any] = [run_id, after_id]
         if step_key is not None:
@@ -343,9 +401,9 @@ class SqliteRunStorage(RunStorage):
             ts = [t.value for t in types]
             sql += f" AND type IN ({', '.join('?' * len(ts))})"
             params += ts
-        sql += " ORDER BY id"
-        rows = self._query(sql, params)
-        return [StoredEvent(i, Event.from_json(body)) for i, body in rows]
+        sql += " ORDER BY id LIMIT ?"
+        params.append(-1 if limit is None else limit)
+        return self._query(sql, params)
 
     def delete_run(self, run_id: str) -> None:
         def body(conn: sqlite3.Connection) -> None:
@@ -353,6 +411,60 @@ class SqliteRunStorage(RunStorage):
             conn.execute("DELETE FROM runs WHERE run_id = ?", (run_id,))
 
         self._transaction(body)
+
+    # -- what the daemon needs ------------------------------------------------------------
+
+    def run_states(self, statuses: Iterable[RunStatus]) -> list[tuple[str, RunStatus]]:
+        st = [s.value for s in statuses]
+        rows = self._query(
+            f"SELECT run_id, status FROM runs WHERE status IN ({', '.join('?' * len(st))}) ORDER BY created_at", st
+        )
+        return [(r, RunStatus(s)) for r, s in rows]
+
+    def record_end_time(self, run_id: str, ended_at: float) -> None:
+        self._write("UPDATE runs SET ended_at = ? WHERE run_id = ? AND ended_at IS NOT NULL", (ended_at, run_id))
+
+    @staticmethod
+    def _row_to_lease(row: Sequence[Any], now: float) -> Lease:
+        name, holder, epoch, acquired, renewed, expires, info = row
+        return Lease(name=name, holder=holder, epoch=epoch, acquired_at=acquired, renewed_at=renewed,
+                     expires_at=expires, info=json.loads(info), now=now)
+
+    def claim_lease(self, name: str, holder: str, ttl: float, info: Any) -> Lease | None:
+        def body(conn: sqlite3.Connection) -> Lease | None:
+            # BEGIN IMMEDIATE (in _transaction) serialises claimers: read-then-write is atomic.
+            now = time.time()
+            row = conn.execute("SELECT holder, epoch, acquired_at, expires_at FROM leases WHERE name = ?",
+                               (name,)).fetchone()
+            text = json.dumps(dict(info), default=str)
+            if row is None:
+                conn.execute("INSERT INTO leases VALUES (?, ?, 1, ?, ?, ?, ?)",
+                             (name, holder, now, now, now + ttl, text))
+                return Lease(name=name, holder=holder, epoch=1, acquired_at=now, renewed_at=now,
+                             expires_at=now + ttl, info=dict(info), now=now)
+            current, epoch, acquired, expires = row
+            if current != holder and expires > now:
+                return None
+            if current != holder:
+                epoch, acquired = epoch + 1, now
+            conn.execute(
+                "UPDATE leases SET holder = ?, epoch = ?, acquired_at = ?, renewed_at = ?, expires_at = ?, info = ?"
+                " WHERE name = ?", (holder, epoch, acquired, now, now + ttl, text, name))
+            return Lease(name=name, holder=holder, epoch=epoch, acquired_at=acquired, renewed_at=now,
+                         expires_at=now + ttl, info=dict(info), now=now)
+
+        result: Lease | None = self._transaction(body)
+        return result
+
+    def get_lease(self, name: str) -> Lease | None:
+        rows = self._query("SELECT name, holder, epoch, acquired_at, renewed_at, expires_at, info FROM leases"
+                           " WHERE name = ?", (name,))
+        return self._row_to_lease(rows[0], time.time()) if rows else None
+
+    def release_lease(self, name: str, holder: str) -> None:
+        # Expire it rather than delete it: `daemon status` still shows who held it last.
+        now = time.time()
+        self._write("UPDATE leases SET expires_at = ? WHERE name = ? AND holder = ?", (now, name, holder))
 
     def close(self) -> None:
         conn = getattr(self._local, "conn", None)

@@ -186,6 +186,11 @@ class ExecutorConformance:
     large_output_within: ClassVar[float] = 30.0
     """Seconds a run of one step printing `jobs.BIG_OUTPUT` characters may take before the
     kit cancels it (a handler that blocks the step's output would hang it)."""
+    live_within: ClassVar[float] = 1.0
+    """Seconds from a running step writing a line (or logging a record) until it is in
+    storage, where `runyard run logs --follow` reads it."""
+    live_start_within: ClassVar[float] = 120.0
+    """Seconds the live-events test waits for its step to start (a container, a queue)."""
     overlap_wait: ClassVar[float] = 15.0
     """Seconds a step waits for the others to be running at once before it gives up."""
 
@@ -436,6 +441,63 @@ class ExecutorConformance:
         assert loud == "x" * jobs.BIG_OUTPUT + "\n", (
             f"a step printing {jobs.BIG_OUTPUT + 1} characters had {len(loud)} of them in its STEP_STDOUT events"
         )
+
+    def test_running_step_start_and_first_output_are_in_storage_before_it_ends(
+        self, instance: Instance, scratch: Path
+    ) -> None:
+        """A running step's STEP_START, a line it printed and a record it logged reach
+        storage while it runs, within `live_within` seconds of being written, and so does
+        the ending of the step before it: the step waits until the kit has seen them (or
+        gives up after a while, and the test fails)."""
+        found: dict[str, float] = {}
+        said: dict[str, Any] = {}
+        wanted = {
+            "STEP_START of 'live_talker'": lambda e: e.type is EventType.STEP_START and e.step_key == "live_talker",
+            "its stdout line": lambda e: e.type is EventType.STEP_STDOUT and e.step_key == "live_talker"
+            and "kit live line\n" in str(e.data.get("text", "")),
+            "its context.log record": lambda e: e.type is EventType.STEP_LOG and e.message == "kit live log",
+            "STEP_SUCCESS of the step before it": lambda e: e.type is EventType.STEP_SUCCESS and e.step_key == "emit",
+        }
+
+        def watch() -> None:
+            try:
+                path = scratch / "live-said"
+                if not wait_until(path.exists, self.live_start_within, every=0.02):
+                    return
+                said.update(json.loads(path.read_text()))
+                give_up = said["t"] + self.live_within + 10
+                while time.time() < give_up and len(found) < len(wanted):
+                    for stored in instance.storage.get_events(said["run_id"]):
+                        for name, matches in wanted.items():
+                            if name not in found and matches(stored.event):
+                                found[name] = time.time()
+                    time.sleep(0.02)
+            finally:
+                (scratch / "live-seen").touch()  # the step may end now
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        result = self.execute(instance, jobs.live_job,
+                              run_config=self.kit_config(scratch, live_wait=self.live_start_within + 30))
+        watcher.join(15)
+        assert said, f"step 'live_talker' never said it printed: {[e.message for e in result.events]}"
+        assert result.success, [e.message for e in result.events if e.type is EventType.STEP_FAILURE]
+        missing = [name for name in wanted if name not in found]
+        assert not missing, (
+            f"while step 'live_talker' ran (it waited {self.live_within + 10:g}s after printing), storage never "
+            f"had: {', '.join(missing)}; the executor reports them only when the step ends (report them as they "
+            "come: StepHandler.report, docs/plugins.md)"
+        )
+        late = {name: round(t - said["t"], 2) for name, t in found.items() if t - said["t"] > self.live_within}
+        assert not late, (
+            f"reached storage later than {self.live_within:g}s after the step wrote them (seconds): {late}"
+        )
+        out = self._text(result, "live_talker", EventType.STEP_STDOUT)
+        assert out.count("kit live line\n") == 1, (
+            f"the live line is in the step's output {out.count('kit live line')} times, not once"
+        )
+        starts = [e for e in result.events_for("live_talker") if e.type is EventType.STEP_START]
+        assert len(starts) == 1, f"step 'live_talker' has {len(starts)} STEP_START events"
 
     def test_crashes_are_reported_with_their_kind(self, instance: Instance, scratch: Path) -> None:
         result = self.execute(instance, jobs.crash_job, run_config=self.kit_config(scratch))

@@ -268,6 +268,23 @@ def chatty_failing(context) -> int:  # type: ignore[no-untyped-def]
 
 
 @step
+def live_talker(context, x: int) -> int:  # type: ignore[no-untyped-def]
+    """Prints a line and logs a record, notes when (and in which run), then waits (bounded)
+    until the kit says it saw them in storage: they must get there while the step runs."""
+    import logging
+
+    scratch = _scratch(context)
+    context.log.setLevel(logging.INFO)
+    print("kit live line", flush=True)
+    context.log.info("kit live log")
+    _write_json(scratch / "live-said", {"t": time.time(), "run_id": context.run_id})
+    deadline = time.monotonic() + float(context.run_config["kit"].get("live_wait", 60))
+    while time.monotonic() < deadline and not (scratch / "live-seen").exists():
+        time.sleep(0.02)
+    return x
+
+
+@step
 def loud() -> int:
     import sys
 
@@ -360,6 +377,11 @@ def leave_child_job():  # type: ignore[no-untyped-def]
 def chatty_job():  # type: ignore[no-untyped-def]
     chatty()
     chatty_failing()
+
+
+@job
+def live_job():  # type: ignore[no-untyped-def]
+    live_talker(emit(1))
 
 
 @job

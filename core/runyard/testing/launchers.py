@@ -62,6 +62,30 @@ from runyard.storage import RunRecord, RunStatus
 JOBS = "runyard.testing.launcher_jobs"
 KILLED = re.compile(r"SIGKILL|signal 9\b|\b137\b")
 
+def launch_job(instance: Instance, pointer: CodePointer, job_name: str, *,
+               run_config: dict[str, Any] | None = None, executor: str | None = None) -> RunRecord:
+    """Create a run of ``job_name`` and hand it to the instance's run launcher, as
+    ``runyard job launch`` does; returns the run record as launched. For a backend's own
+    launcher tests beyond the kit."""
+    job, loc = load_job(pointer, job_name)
+    run = create_run(instance, job, pointer=pointer, definitions=loc.definitions, run_config=run_config or {},
+                     executor=executor)
+    return launch_run(instance, run)
+
+
+def wait_for(instance: Instance, run_id: str, timeout: float) -> Any:
+    """Wait for a launched run to end, checking its worker's health every 0.5 s (a dead
+    worker fails the run, as ``runyard run wait`` does); returns the run's result."""
+    return wait_for_run(instance, run_id, timeout=timeout, health_every=0.5)
+
+
+def launcher_of(instance: Instance, run_id: str) -> tuple[RunLauncher, dict[str, Any]]:
+    """The run launcher of a launched run, rebuilt from the instance as a ``runyard run``
+    command would, and the worker description its launch recorded."""
+    name, worker = worker_info(instance, run_id)
+    return get_launcher(instance, name)[1], dict(worker)
+
+
 # Run in a fresh interpreter: the launcher rebuilt from the instance, as `runyard run ...`
 # commands do, with no memory of the launch.
 _FRESH = """
@@ -121,6 +145,7 @@ class RunLauncherConformance:
     launcher: ClassVar[str] = ""
     launcher_config: ClassVar[Mapping[str, Any]] = {}
     executor: ClassVar[str] = "in_process"  # steps in the worker itself: the kill test relies on it
+    killed_job: ClassVar[str] = "kit_killed_job"  # the job of the kill test (see `kill_worker`)
 
     launch_timeout: ClassVar[float] = 30.0  # `launch` must return within this
     start_timeout: ClassVar[float] = 120.0  # a launched worker must be running its step within this
@@ -153,6 +178,14 @@ class RunLauncherConformance:
         with ``force`` (containers, pods, cloud jobs). The kit's own check, that the step and
         its child stop beating, needs no help; override to add yours."""
         return []
+
+    def kill_worker(self, launched: Launched) -> None:
+        """SIGKILL the run worker of ``launched`` (a run of ``killed_job``) while its step
+        runs. The kit's way: its step runs in the worker's own process (``in_process``) and
+        kills it when ``kill`` appears. A launcher made for an executor whose steps run
+        elsewhere sets ``executor``, ``killed_job = "kit_heartbeat_job"`` and kills the
+        worker its own way here (from outside, as the OOM killer would)."""
+        (launched.scratch / "kill").write_text("kill")
 
     # -- helpers ----------------------------------------------------------------------------
 
@@ -391,11 +424,11 @@ class RunLauncherConformance:
         assert run.status is RunStatus.FAILURE, launched.story()  # its worker died before it ended
 
     def test_killed_worker_is_reported_dead_with_the_reason(self, instance: Instance, scratch: Path) -> None:
-        launched = self.start(instance, scratch, "kit_killed_job")
+        launched = self.start(instance, scratch, self.killed_job)
         self.wait_until_started(launched)
         self.assert_beating(scratch)
         assert self.health(instance, launched).is_running, launched.story()
-        (scratch / "kill").write_text("kill")
+        self.kill_worker(launched)
         health = self.health_when_not_running(instance, launched, self.health_timeout)
         assert health.status is WorkerStatus.DEAD, (
             f"the worker was killed with SIGKILL; check_health says {health.status.value} ({health.message!r}), "

@@ -9,6 +9,7 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from runyard.plugin import (
+    STEP_LIVE,
     Event,
     FailureInfo,
     FailureKind,
@@ -26,11 +27,12 @@ from .plugin import ThreadPoolConfig
 class _Handle:
     """What `launch` returns: the engine passes it back to `poll` and `terminate`."""
 
-    __slots__ = ("request", "future")
+    __slots__ = ("request", "future", "live")
 
-    def __init__(self, request: StepRequest, future: Future[list[Event]]) -> None:
+    def __init__(self, request: StepRequest, future: Future[list[Event]], live: bool) -> None:
         self.request = request
         self.future = future
+        self.live = live  # its start, logs and output went to the engine as they came
 
 
 class ThreadPoolStepHandler(StepHandler):
@@ -50,9 +52,16 @@ class ThreadPoolStepHandler(StepHandler):
         self._changed = threading.Event()
 
     def launch(self, request: StepRequest) -> _Handle:
-        future = self._pool.submit(execute_step, request)
+        live = self.reports_connected  # False only when a test drives the handler without an engine
+        future = self._pool.submit(execute_step, request, on_event=self._report_live if live else None)
         future.add_done_callback(self._on_done)  # runs in the worker thread
-        return _Handle(request, future)
+        return _Handle(request, future, live)
+
+    def _report_live(self, event: Event) -> None:
+        # In the step's thread while it runs: its start, log records and output reach the
+        # engine (and storage, and `run logs --follow`) now; poll returns the rest at the end.
+        if event.type in STEP_LIVE:
+            self.report([event])
 
     def _on_done(self, _: Future[list[Event]]) -> None:
         self._changed.set()
@@ -67,8 +76,10 @@ class ThreadPoolStepHandler(StepHandler):
             )
         error = future.exception()
         if error is None:
-            # The worker's events end with STEP_SUCCESS or STEP_FAILURE.
-            return StepUpdate.finished(future.result())
+            # The worker's events end with STEP_SUCCESS or STEP_FAILURE; those reported live
+            # are not returned again.
+            events = future.result()
+            return StepUpdate.finished([e for e in events if e.type not in STEP_LIVE] if handle.live else events)
         # execute_step reports a failing step as events and never raises for an Exception;
         # a BaseException (SystemExit, KeyboardInterrupt raised by the step) escapes it and
         # takes the attempt's events with it.
