@@ -84,6 +84,8 @@ class Worker:
         self.queues = queues
         self.name = name or f"ryt-{SESSION}-{uuid.uuid4().hex[:6]}@{socket.gethostname()}"
         self.log = home / f"worker-{self.name.split('@')[0]}.log"
+        self._checked = 0  # bytes of the log assert_alive has read
+        self._gave_up = False
         # PYTHONPATH: the workers import the tests' job module (celery_test_jobs) like any user job.
         env = {**os.environ, "RUNYARD_SIGNING_KEY": SIGNING_KEY, "RUNYARD_HOME": str(home),
                "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")]))}
@@ -106,6 +108,18 @@ class Worker:
                 return self
             time.sleep(0.1)
         raise AssertionError(f"worker {self.name} not ready after {timeout}s:\n{self.tail()}")
+
+    def assert_alive(self, when: str) -> None:
+        """Fails the test if this worker exited, or its consumer gave up (Celery logs
+        "Unrecoverable error" and shuts down, e.g. when RabbitMQ closed its channel)."""
+        with self.log.open("rb") as f:  # only what was written since the last check
+            f.seek(self._checked)
+            new = f.read()
+        self._checked += len(new)
+        self._gave_up = self._gave_up or b"Unrecoverable error" in new
+        if self.proc.poll() is not None or self._gave_up:
+            pytest.fail(f"the session worker {self.name} died {when} (exit code {self.proc.poll()}); "
+                        f"its log ends:\n{self.tail(60)}", pytrace=False)
 
     def children(self) -> list[int]:
         out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True).stdout

@@ -91,6 +91,24 @@ def _session_workers(tmp_path_factory: pytest.TempPathFactory, executor: str, se
             w.stop()
 
 
+_SESSION_WORKER_FIXTURES = ("session_workers", "session_docker_workers", "session_k8s_workers")
+
+
+@pytest.fixture(autouse=True)
+def _session_workers_stay_alive(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A session worker that died fails the test that saw it die, with its log, and every
+    later test at once: without this, each later step sent to its queue would wait out the
+    queue timeout (5 minutes a test) before failing."""
+    used = [request.getfixturevalue(name) for name in _SESSION_WORKER_FIXTURES if name in request.fixturenames]
+    for workers in used:
+        for w in workers.values():
+            w.assert_alive("before this test")
+    yield
+    for workers in used:
+        for w in workers.values():
+            w.assert_alive("during this test")
+
+
 @pytest.fixture
 def start_worker(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """``start_worker(broker, queues, concurrency=2)``: a ready worker, stopped at teardown."""
