@@ -26,8 +26,10 @@ from urllib.parse import urlsplit
 
 from celery import Celery
 from celery.app.registry import TaskRegistry
+from celery.utils.log import get_logger
 from celery.worker import state as worker_state
 from celery.worker.control import control_command, ok
+from celery.worker.request import Request
 from runyard import ConfigError
 from runyard.plugin import (
     EventType,
@@ -39,6 +41,8 @@ from runyard.plugin import (
 )
 
 from .settings import LIVE_META_KEY, STOP_COMMAND, TASK_NAME
+
+logger = get_logger(__name__)
 
 JSON_ONLY = {
     "task_serializer": "json",
@@ -63,6 +67,14 @@ RELIABILITY = {
     # free worker rather than behind a busy one.
     "worker_prefetch_multiplier": 1,
     "broker_connection_retry_on_startup": True,
+    # RabbitMQ closes the channel of a delivery unacknowledged for longer than its
+    # consumer_timeout (30 min by default): a step longer than that. Without this, Celery
+    # calls that unrecoverable and the worker exits, killing every step it runs. With it,
+    # the worker opens a new channel; the broker requeues the long step's message, and
+    # `_AtMostOnceRequest` drops the copy instead of starting the step a second time.
+    "broker_channel_error_retry": True,
+    # ...and the steps running meanwhile go on (Celery 6 will cancel them by default).
+    "worker_cancel_long_running_tasks_on_connection_loss": False,
     "worker_hijack_root_logger": False,
     # Priorities 0-9 on both brokers (see `broker_priority`).
     "task_queue_max_priority": 9,
@@ -139,8 +151,69 @@ def make_app(
     conf.update(user)
     conf.update(JSON_ONLY)  # last: config_source cannot reintroduce pickle (the config class refuses it too)
     app.conf.update(conf)
-    app.task(name=name, bind=True)(body)
+    app.task(name=name, bind=True, Request=_AtMostOnceRequest)(body)
     return app
+
+
+class _AtMostOnceRequest(Request):
+    """A redelivered message starts its step only if no worker has it in hand.
+
+    Late acknowledgement means a message comes back when its channel closes before the
+    step ended: the worker died (the step should run again elsewhere), or only the channel
+    went (RabbitMQ's consumer_timeout, a network blip) while the step runs on. The task's
+    state in the result backend tells them apart: STARTED by a worker that still answers,
+    or already over, and the copy is acknowledged and dropped."""
+
+    def revoked(self) -> bool:
+        if super().revoked():
+            return True
+        if not self.delivery_info.get("redelivered"):
+            return False
+        why = _already_in_hand(self)
+        if why is None:
+            return False
+        logger.warning("runyard: not starting task %s again (its message was redelivered): %s", self.id, why)
+        original = worker_state.requests.get(self.id)
+        worker_state.task_ready(self)  # also pops requests[id], which may be the original's
+        if original is not None and original is not self:
+            worker_state.requests[self.id] = original
+        self.acknowledge()
+        return True
+
+
+def _already_in_hand(request: Request) -> str | None:
+    """Why the redelivered ``request`` must not start its step, or None to start it."""
+    held = [*worker_state.active_requests, *worker_state.reserved_requests]
+    if any(r.id == request.id and r is not request for r in held):
+        return "this worker holds it already"
+    try:
+        meta = request.task.backend.get_task_meta(request.id)
+    except Exception as e:  # the backend is unreachable: starting a second copy is worse than waiting
+        return f"its state could not be read from the result backend ({e}); the run's monitor decides"
+    state = meta.get("status")
+    if state == "PENDING":
+        return None  # it never started: it was reserved by a worker that went away
+    if state != "STARTED":
+        return f"it is over already ({state})"
+    info = meta.get("result")
+    host = info.get("hostname") if isinstance(info, dict) else None
+    if not host:
+        return None
+    if host == request.hostname:
+        return None  # this worker restarted: the step it ran is gone with the old process
+    # A worker whose channel was just closed is reconnecting and answers a few seconds late.
+    deadline = time.monotonic() + REDELIVERY_PING
+    while time.monotonic() < deadline:
+        try:
+            if request.task.app.control.ping(destination=[host], timeout=1.0):
+                return f"worker {host} is running it"
+        except Exception:  # noqa: S110 - no answer either way
+            time.sleep(0.5)
+    return None  # that worker is gone: run it here (the run worker's monitor follows the new host)
+
+
+# How long a worker given a redelivered message asks the worker that started it whether it lives.
+REDELIVERY_PING = 10.0
 
 
 def _interrupt(signum: int, frame: Any) -> None:

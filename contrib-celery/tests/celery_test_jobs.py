@@ -103,6 +103,20 @@ def block_job():  # type: ignore[no-untyped-def]
     add_one(blocker())
 
 
+@step
+def outlast(context) -> int:  # type: ignore[no-untyped-def]
+    """Records every start (a line per start), then outlasts the broker's consumer timeout."""
+    with Path(context.run_config["scratch"], "outlast.starts").open("a") as f:
+        f.write(f"{os.getpid()}\n")
+    time.sleep(float(context.run_config.get("outlast_seconds", 12)))
+    return os.getpid()
+
+
+@job
+def outlast_job():  # type: ignore[no-untyped-def]
+    outlast()
+
+
 @job
 def slow_job():  # type: ignore[no-untyped-def]
     add_one(slow_start())

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -377,6 +378,55 @@ def test_rabbitmq_redelivers_the_step_of_a_dead_worker_to_another(
     result: ExecutionResult = box["result"]
     assert result.success, result.events
     assert result.output_for("add_one") == second_pid + 1
+
+
+def _rabbit_env(name: str, value: str | None = None) -> str:
+    """Read (or set, for channels opened from now on) a setting of the running RabbitMQ node."""
+    expr = (f"application:set_env(rabbit, {name}, {value})." if value is not None
+            else f"application:get_env(rabbit, {name}).")
+    out = subprocess.run(["rabbitmqctl", "eval", expr], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, f"rabbitmqctl eval {expr!r} failed: {out.stderr or out.stdout}"
+    return out.stdout.strip()
+
+
+def test_a_step_longer_than_rabbitmqs_consumer_timeout_runs_once_and_its_worker_lives_on(
+    runyard_instance: Instance, scratch: Path, start_worker: Any
+) -> None:
+    """RabbitMQ closes the channel of a delivery left unacknowledged for longer than its
+    consumer_timeout (30 min by default), which late acknowledgement does for any step
+    that long. Celery used to call that unrecoverable: the worker exited and killed every
+    step it ran, and the requeued message ran the long step again elsewhere, for ever.
+    Here the node's timeout is 2 s (checked every second): the worker opens a new channel,
+    the requeued copy of the step is dropped by whichever worker gets it, the step runs
+    once to its end, and the workers go on serving."""
+    saved = {name: _rabbit_env(name) for name in ("consumer_timeout", "channel_tick_interval")}
+    q = queue("outlast")
+    try:
+        _rabbit_env("consumer_timeout", "2000")
+        _rabbit_env("channel_tick_interval", "1000")
+        workers = [start_worker("rabbitmq", [q], concurrency=1, wait=False) for _ in range(2)]
+        for w in workers:
+            w.wait_ready()
+        result = execute_job(J.outlast_job, instance=runyard_instance, executor="celery", run_config={
+            "scratch": str(scratch), "outlast_seconds": 10,
+            "execution": {"celery": executor_config("rabbitmq", q)}})
+    finally:
+        for name, value in saved.items():  # e.g. {ok,1800000}, or undefined (the default)
+            if value.startswith("{ok,"):
+                _rabbit_env(name, value[4:-1])
+            else:
+                subprocess.run(["rabbitmqctl", "eval", f"application:unset_env(rabbit, {name})."],
+                               capture_output=True, timeout=60)
+    logs = "\n".join(w.log.read_text(errors="replace") for w in workers)
+    assert "timed out" in logs, "RabbitMQ never closed the channel: the test proves nothing"
+    assert result.success, result.events
+    assert len((scratch / "outlast.starts").read_text().split()) == 1, "the step started twice"
+    assert "not starting task" in logs, "the requeued copy was never seen and dropped"
+    for w in workers:
+        w.assert_alive("after its channel was closed")
+    again = execute_job(J.chain_job, instance=runyard_instance, executor="celery", run_config={
+        "scratch": str(scratch), "execution": {"celery": executor_config("rabbitmq", q, queue_timeout=30)}})
+    assert again.success, again.events
 
 
 def test_run_worker_can_fork_after_celery_runs(
