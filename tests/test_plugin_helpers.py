@@ -22,6 +22,7 @@ from runyard.plugin import (
     EventType,
     GroupStop,
     StepInterrupted,
+    StepTimedOut,
     above,
     at_least,
     describe_exit,
@@ -266,3 +267,15 @@ def test_locate_storage_reads_the_instance_without_opening_it(tmp_path: Path) ->
     (tmp_path / "runyard.yaml").write_text(yaml.safe_dump({"storage": {"postgres": {"url": "dbname=x"}}}))
     assert locate_storage(Instance(tmp_path)).is_local_socket
     assert locate_storage(Instance.ephemeral()).path is None
+
+
+@pytest.mark.parametrize("exc", [StepInterrupted(FailureKind.TIMEOUT, "too slow"), StepInterrupted(),
+                                 StepTimedOut()], ids=["kind-and-message", "default", "timed-out"])
+def test_step_interrupted_survives_pickling(exc: StepInterrupted) -> None:
+    """Process pools (Celery's, multiprocessing's) pickle an exception that escaped a task to
+    the parent: unpickling must give the same exception, not raise in the parent."""
+    import pickle
+
+    back = pickle.loads(pickle.dumps(exc))
+    assert type(back) is type(exc)
+    assert back.kind is exc.kind and str(back) == str(exc)

@@ -38,6 +38,12 @@ class StepInterrupted(BaseException):
         self.kind = kind or self.default_kind
         super().__init__(message or f"step stopped ({self.kind.value})")
 
+    def __reduce__(self) -> tuple[type[StepInterrupted], tuple[FailureKind, str]]:
+        # Pickle calls cls(*args), and args holds the message only: the kind must travel
+        # too. A Celery pool process pickles an exception that escaped its task to the
+        # worker's main process, which died unpickling this one ('str' has no 'value').
+        return type(self), (self.kind, str(self))
+
 
 class StepTimedOut(StepInterrupted):
     """Raised asynchronously (it must be constructible without arguments) on a timeout."""
