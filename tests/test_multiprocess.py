@@ -391,10 +391,28 @@ def another_thread() -> Iterator[None]:
         other.join()
 
 
+def wait_single_threaded(within: float = 15.0) -> None:
+    """Wait until this (pytest's) process has no other thread: an earlier test's threads
+    (a pool or a client winding down) may still be ending, and the executor would then
+    rightly exec its fork server rather than fork."""
+    from runyard.plugin import single_threaded
+
+    deadline = time.monotonic() + within
+    while not single_threaded():
+        if time.monotonic() > deadline:
+            others = [t.name for t in threading.enumerate() if t is not threading.current_thread()]
+            pytest.fail(f"pytest's process still has other threads after {within:g}s: Python threads {others}, "
+                        f"{len(os.listdir('/proc/self/task'))} native tasks in all: an earlier test leaks them, "
+                        "or a native watchdog runs (pytest's faulthandler_timeout starts one)")
+        time.sleep(0.05)
+
+
 @pytest.mark.parametrize("threads", [False, True])
 def test_the_fork_server_is_forked_from_a_single_threaded_run_worker_and_execd_otherwise(
     runyard_instance: Instance, load: Callable[[str], JobDefinition], scratch: Path, threads: bool
 ) -> None:
+    if not threads:
+        wait_single_threaded()
     with another_thread() if threads else contextlib.nullcontext():
         result = run(runyard_instance, load("parent_job"), "forkserver", scratch)
     assert result.success, result.events
