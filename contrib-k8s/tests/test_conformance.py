@@ -25,6 +25,14 @@ class TestK8sConformance(ExecutorConformance):
         super().test_handler_terminate_twice_stops_a_running_step(handler_run, scratch)
 
     @pytest.mark.xfail(strict=False, reason=(
+        "Open (issue 15): in the full suite, right after the Docker tests, this failed in 2 fresh-clone CI runs "
+        "of 6 (stop 21's last, stop 22's second: 'poll did not report it over within 8s', no events), and never "
+        "alone here (10 of 10 passed, quiet and under two busy loops, 4.7-7.5 s). Suspected: the deletion of a "
+        "pod still being created waits on a kubelet (and a dockerd) busy with what the Docker tests left."))
+    def test_handler_terminate_right_after_launch_stops_the_step(self, handler_run: Any, scratch: Any) -> None:
+        super().test_handler_terminate_right_after_launch_stops_the_step(handler_run, scratch)
+
+    @pytest.mark.xfail(strict=False, reason=(
         "Open (issue 15): on a quiet cluster the kubelet reports a started container seconds late, and the "
         "stop path and the log follower wait on that status: in the merged main's runs at load 1-3 this failed "
         "2 of 8 times ('the engine gave up waiting for the stopped step ... after 10s'). Following the log as "
