@@ -232,7 +232,8 @@ def test_the_docker_socket_is_mounted_only_for_runs_that_need_it(
 _KILL_RUN_WORKER = """
 import os, signal
 for pid in os.listdir('/proc'):
-    if pid.isdigit() and int(pid) != os.getpid():
+    # Not 1: docker-init, whose command line names the worker it started.
+    if pid.isdigit() and int(pid) not in (1, os.getpid()):
         try:
             cmd = open(f'/proc/{pid}/cmdline', 'rb').read()
         except OSError:
@@ -258,7 +259,9 @@ def test_no_container_outlives_a_run_worker_killed_inside_its_container(
     )
     (worker,) = [c for c in run_containers(run_id) if c.labels.get("runyard.kind") == "run"]
     code, out = worker.exec_run(["python3", "-c", _KILL_RUN_WORKER])
-    assert code == 0 and b"killed" in out, out
+    # When the run worker is the container's first process, its death ends the container and
+    # the engine kills this exec with it (137) after it printed what it killed.
+    assert b"killed" in out and code in (0, 137), (code, out)
     # Nobody lists or waits for the run: the containers stop on their own.
     wait_for(lambda: not any(c.status == "running" for c in run_containers(run_id)),
              "no container of the run to be running", 45)

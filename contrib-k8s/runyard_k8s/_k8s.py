@@ -295,8 +295,19 @@ class Cluster:
 
     def follow_log(self, namespace: str, name: str) -> LogStream:
         """The pod's log from its start, followed while the container runs."""
-        resp = self._call(self.core.read_namespaced_pod_log, name, namespace, container="runyard", follow=True,
-                          _preload_content=False, _request_timeout=(30, None))
+        # Through call_api for one header the generated method cannot send: "Connection: close".
+        # A followed log that ends cleanly hands its connection back to the pool shared by every
+        # attempt's thread; a later `close` (from the attempt's stop) would then cut whatever
+        # request had picked that connection up. With the header, the socket is this stream's
+        # alone and is never reused.
+        resp = self._call(
+            self.api.call_api, "/api/v1/namespaces/{namespace}/pods/{name}/log", "GET",
+            path_params={"namespace": namespace, "name": name},
+            query_params=[("container", "runyard"), ("follow", True)],
+            header_params={"Accept": "text/plain", "Connection": "close"},
+            auth_settings=["BearerToken"], _preload_content=False, _request_timeout=(30, None),
+            _return_http_data_only=True,
+        )
         return LogStream(resp)
 
     def watch_pods(self, namespace: str, selector: str, resource_version: str,
@@ -384,9 +395,6 @@ class LogStream:
     def __init__(self, resp: Any) -> None:
         self.resp = resp
         self.closed = threading.Event()
-        # Closing a response does not wake a thread blocked reading it (the kubelet may
-        # keep a finished container's stream open for seconds): shutting its socket does.
-        self.sock = getattr(getattr(resp, "connection", None), "sock", None)
 
     def lines(self) -> Iterator[bytes]:
         partial = b""
@@ -404,13 +412,13 @@ class LogStream:
 
     def close(self) -> None:
         self.closed.set()
-        if self.sock is not None:
-            import socket
-
-            try:
-                self.sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        # Closing a response does not wake a thread blocked reading it (the kubelet may keep a
+        # finished container's stream open for seconds): shutting its socket down does. The
+        # socket is this stream's own (see follow_log), so the shutdown reaches nobody else.
+        try:
+            self.resp.shutdown()
+        except (OSError, ValueError, RuntimeError):  # already ended and released, or closed
+            pass
         try:
             self.resp.close()
             self.resp.release_conn()
