@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from runyard.plugin import Capabilities, ExecutorSpec, RunLauncherSpec, hookimpl
+from runyard.plugin import Capabilities, ExecutorConfig, ExecutorSpec, RunLauncherSpec, hookimpl
 
 from .docker_settings import CeleryDockerConfig
 from .k8s_settings import CeleryK8sConfig, CeleryK8sLauncherConfig
@@ -20,65 +20,62 @@ from .settings import CeleryConfig
 @hookimpl
 def runyard_executors() -> list[ExecutorSpec]:
     return [
-        ExecutorSpec(
+        _celery_executor(
             name="celery",
-            api_version=1,
             handler="runyard_celery.handler:CeleryStepHandler",
             config=CeleryConfig,
-            capabilities=Capabilities(
-                # The worker running a step SIGTERMs (then SIGKILLs) its pool process: see app.stop_step.
-                enforces_timeouts=True,
-                can_terminate=True,
-                supports_resources=False,
-                max_concurrency=None,
-                needs_shared_outputs=True,
-                # A task may wait in the broker; poll says when a worker started it, so a step's
-                # timeout counts from there and queue_timeout bounds the wait.
-                reports_start=True,
-            ),
+            supports_resources=False,  # steps go to queues of suitable workers instead (docs/backends/celery.md)
             description="Each step as a Celery task on Celery workers (runyard celery worker), Redis or RabbitMQ.",
-            default_max_concurrent=32,
             extra="celery",
         ),
-        ExecutorSpec(
+        _celery_executor(
             name="celery_docker",
-            api_version=1,
             handler="runyard_celery.docker_handler:CeleryDockerStepHandler",
             config=CeleryDockerConfig,
-            capabilities=Capabilities(
-                # The worker stops the step's container (SIGTERM, SIGKILL after the grace).
-                enforces_timeouts=True,
-                can_terminate=True,
-                supports_resources=True,  # runyard/resources: the container's memory and cpus
-                max_concurrency=None,
-                needs_shared_outputs=True,
-                reports_start=True,
-            ),
+            supports_resources=True,  # runyard/resources: the container's memory and cpus
             description="Each step as a Celery task whose worker runs it in a container of its own "
             "(runyard celery worker --steps-in docker).",
-            default_max_concurrent=32,
             extra="celery-docker",
         ),
-        ExecutorSpec(
+        _celery_executor(
             name="celery_k8s",
-            api_version=1,
             handler="runyard_celery.k8s_handler:CeleryK8sStepHandler",
             config=CeleryK8sConfig,
-            capabilities=Capabilities(
-                # The worker deletes the step's Job (its pod gets SIGTERM, SIGKILL after the grace).
-                enforces_timeouts=True,
-                can_terminate=True,
-                supports_resources=True,  # runyard/resources: the pod's limits and requests
-                max_concurrency=None,
-                needs_shared_outputs=True,
-                reports_start=True,
-            ),
+            supports_resources=True,  # runyard/resources: the pod's limits and requests
             description="Each step as a Celery task whose worker runs it as a Kubernetes Job of its own "
             "(runyard celery worker --steps-in k8s).",
-            default_max_concurrent=32,
             extra="celery-k8s",
         ),
     ]
+
+
+def _celery_executor(
+    *, name: str, handler: str, config: type[ExecutorConfig], supports_resources: bool, description: str, extra: str
+) -> ExecutorSpec:
+    """One of the celery executors. They differ only in where the worker runs a step (its
+    pool process, a container, a Kubernetes Job); everything else comes from the Celery task
+    around the step, so it is written once and cannot drift apart between them."""
+    return ExecutorSpec(
+        name=name,
+        api_version=1,
+        handler=handler,
+        config=config,
+        capabilities=Capabilities(
+            # The worker running a step stops it, SIGTERM then SIGKILL after the grace: its pool
+            # process (see app.stop_step), its container, or its Job's pod (by deleting the Job).
+            enforces_timeouts=True,
+            can_terminate=True,
+            supports_resources=supports_resources,
+            max_concurrency=None,
+            needs_shared_outputs=True,
+            # A task may wait in the broker; poll says when a worker started it, so a step's
+            # timeout counts from there and queue_timeout bounds the wait.
+            reports_start=True,
+        ),
+        description=description,
+        default_max_concurrent=32,
+        extra=extra,
+    )
 
 
 @hookimpl

@@ -118,6 +118,8 @@ class ValidatedRun:
     plan: ExecutionPlan
     resolution: ResolvedRun
     parent_refs: dict[str, str]  # outputs of unselected upstream steps, from the parent run
+    run_config: RunConfig  # the run config as validated: record and run this one
+    step_selection: list[str] | None
 
 
 def validate_run(
@@ -126,8 +128,8 @@ def validate_run(
     instance: Instance,
     executor: str | None,
     definitions: Definitions | None,
-    run_config: Mapping[str, Any],
-    step_selection: list[str] | None,
+    run_config: Mapping[str, Any] | None,
+    step_selection: Iterable[str] | None,
     parent_run_id: str | None,
     launcher: bool = False,
     resolution: ResolvedRun | None = None,
@@ -136,8 +138,12 @@ def validate_run(
 
     Resolves the run (`runyard.resolution.resolve_run`; ``launcher`` includes the run
     launcher) unless ``resolution`` is given: a stored run is executed as it was resolved.
-    Imports no backend.
+    Imports no backend. The run config and selection it returns are the ones to record and
+    run: a `RunConfig` that keeps naming its file, and a list (``step_selection`` may be an
+    iterator, read once here).
     """
+    run_config = RunConfig(run_config, source=run_config_source(run_config))
+    step_selection = list(step_selection) if step_selection is not None else None
     plan = ExecutionPlan.build(job, step_selection)
     if plan.external:
         if not parent_run_id:
@@ -151,7 +157,7 @@ def validate_run(
             job, instance=instance, definitions=definitions, run_config=run_config, executor=executor, launcher=launcher
         )
     check_capabilities(job, resolution)
-    return ValidatedRun(plan, resolution, refs)
+    return ValidatedRun(plan, resolution, refs, run_config, step_selection)
 
 
 def new_run_record(
@@ -266,20 +272,11 @@ def execute_job(
     with it, unless ``resolution`` is given: the run worker passes the one stored at launch.
     """
     instance = instance if instance is not None else Instance.ephemeral()
-    source = run_config_source(run_config)
-    run_config = RunConfig(run_config, source=source)
-    selection = list(step_selection) if step_selection is not None else None
     v = validate_run(
-        job,
-        instance=instance,
-        executor=executor,
-        definitions=definitions,
-        run_config=run_config,
-        step_selection=selection,
-        parent_run_id=parent_run_id,
-        resolution=resolution,
+        job, instance=instance, executor=executor, definitions=definitions, run_config=run_config,
+        step_selection=step_selection, parent_run_id=parent_run_id, resolution=resolution,
     )
-    plan, res = v.plan, v.resolution
+    plan, res, run_config, selection = v.plan, v.resolution, v.run_config, v.step_selection
     pointer = job.code_pointer or CodePointer(module="__main__")
     from .worker import register_job
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import attrs
 
-from .config import RunConfig, Selection, run_config_source, structure
+from .config import Selection, structure
 from .definitions import CodePointer, Definitions, JobDefinition
 from .errors import ConfigError, RunyardError
 from .events import Event, EventType, FailureInfo, FailureKind
@@ -113,19 +113,11 @@ def create_run(
     """
     from .execution import new_run_record, validate_run
 
-    run_config = RunConfig(run_config, source=run_config_source(run_config))
-    selection = list(step_selection) if step_selection is not None else None
     v = validate_run(
-        job,
-        instance=instance,
-        executor=executor,
-        definitions=definitions,
-        run_config=run_config,
-        step_selection=selection,
-        parent_run_id=parent_run_id,
-        launcher=True,
+        job, instance=instance, executor=executor, definitions=definitions, run_config=run_config,
+        step_selection=step_selection, parent_run_id=parent_run_id, launcher=True,
     )
-    run = new_run_record(job, pointer, run_config, v.resolution, tags, parent_run_id, selection)
+    run = new_run_record(job, pointer, v.run_config, v.resolution, tags, parent_run_id, v.step_selection)
     if run_id is not None:
         run = attrs.evolve(run, run_id=run_id)
     from .daemon.settings import check_tags
