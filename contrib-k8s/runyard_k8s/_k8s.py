@@ -304,7 +304,7 @@ class Cluster:
             self.api.call_api, "/api/v1/namespaces/{namespace}/pods/{name}/log", "GET",
             path_params={"namespace": namespace, "name": name},
             query_params=[("container", "runyard"), ("follow", True)],
-            header_params={"Accept": "text/plain", "Connection": "close"},
+            header_params={"Accept": "application/json", "Connection": "close"},  # as the generated method asks
             auth_settings=["BearerToken"], _preload_content=False, _request_timeout=(30, None),
             _return_http_data_only=True,
         )
