@@ -22,4 +22,5 @@ echo "--- ruff"
 echo "--- services (PostgreSQL for the storage tests, Redis and RabbitMQ for Celery, Docker for runyard-docker, ministack for runyard-ecs, Chromium for runyard ui, Kubernetes for runyard-k8s)"
 bash scripts/services.sh postgres redis rabbitmq docker ministack chromium k8s
 echo "--- pytest"
-exec .venv/bin/python -m pytest "$@"
+# The slowest tests go to the end of the log: where a CI run's time went, without a rerun.
+exec .venv/bin/python -m pytest --durations=30 "$@"

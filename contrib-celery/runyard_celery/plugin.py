@@ -10,17 +10,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from runyard.plugin import Capabilities, ExecutorConfig, ExecutorSpec, RunLauncherSpec, hookimpl
+from runyard.plugin import ExecutorSpec, RunLauncherSpec, hookimpl
 
 from .docker_settings import CeleryDockerConfig
 from .k8s_settings import CeleryK8sConfig, CeleryK8sLauncherConfig
-from .settings import CeleryConfig
+from .settings import CeleryConfig, executor_spec
 
 
 @hookimpl
 def runyard_executors() -> list[ExecutorSpec]:
     return [
-        _celery_executor(
+        executor_spec(
             name="celery",
             handler="runyard_celery.handler:CeleryStepHandler",
             config=CeleryConfig,
@@ -28,7 +28,7 @@ def runyard_executors() -> list[ExecutorSpec]:
             description="Each step as a Celery task on Celery workers (runyard celery worker), Redis or RabbitMQ.",
             extra="celery",
         ),
-        _celery_executor(
+        executor_spec(
             name="celery_docker",
             handler="runyard_celery.docker_handler:CeleryDockerStepHandler",
             config=CeleryDockerConfig,
@@ -37,7 +37,7 @@ def runyard_executors() -> list[ExecutorSpec]:
             "(runyard celery worker --steps-in docker).",
             extra="celery-docker",
         ),
-        _celery_executor(
+        executor_spec(
             name="celery_k8s",
             handler="runyard_celery.k8s_handler:CeleryK8sStepHandler",
             config=CeleryK8sConfig,
@@ -47,35 +47,6 @@ def runyard_executors() -> list[ExecutorSpec]:
             extra="celery-k8s",
         ),
     ]
-
-
-def _celery_executor(
-    *, name: str, handler: str, config: type[ExecutorConfig], supports_resources: bool, description: str, extra: str
-) -> ExecutorSpec:
-    """One of the celery executors. They differ only in where the worker runs a step (its
-    pool process, a container, a Kubernetes Job); everything else comes from the Celery task
-    around the step, so it is written once and cannot drift apart between them."""
-    return ExecutorSpec(
-        name=name,
-        api_version=1,
-        handler=handler,
-        config=config,
-        capabilities=Capabilities(
-            # The worker running a step stops it, SIGTERM then SIGKILL after the grace: its pool
-            # process (see app.stop_step), its container, or its Job's pod (by deleting the Job).
-            enforces_timeouts=True,
-            can_terminate=True,
-            supports_resources=supports_resources,
-            max_concurrency=None,
-            needs_shared_outputs=True,
-            # A task may wait in the broker; poll says when a worker started it, so a step's
-            # timeout counts from there and queue_timeout bounds the wait.
-            reports_start=True,
-        ),
-        description=description,
-        default_max_concurrent=32,
-        extra=extra,
-    )
 
 
 @hookimpl

@@ -10,7 +10,7 @@ import json
 from typing import Any
 
 import attrs
-from runyard.plugin import EnvVar, ExecutorConfig, above
+from runyard.plugin import Capabilities, EnvVar, ExecutorConfig, ExecutorSpec, above
 
 QUEUE_TAG = "celery/queue"
 """Step tag naming the Celery queue its task goes to (default: the ``default_queue`` setting)."""
@@ -125,3 +125,32 @@ def differing_keys(ours: dict[str, str], theirs: Any) -> list[str]:
     if not isinstance(theirs, dict):
         return sorted(ours)
     return sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
+
+
+def executor_spec(
+    *, name: str, handler: str, config: type[ExecutorConfig], supports_resources: bool, description: str, extra: str
+) -> ExecutorSpec:
+    """One of the celery executors. They differ only in where the worker runs a step (its
+    pool process, a container, a Kubernetes Job); everything else comes from the Celery task
+    around the step, so it is written once and cannot drift apart between them."""
+    return ExecutorSpec(
+        name=name,
+        api_version=1,
+        handler=handler,
+        config=config,
+        capabilities=Capabilities(
+            # The worker running a step stops it, SIGTERM then SIGKILL after the grace: its pool
+            # process (see app.stop_step), its container, or its Job's pod (by deleting the Job).
+            enforces_timeouts=True,
+            can_terminate=True,
+            supports_resources=supports_resources,
+            max_concurrency=None,
+            needs_shared_outputs=True,
+            # A task may wait in the broker; poll says when a worker started it, so a step's
+            # timeout counts from there and queue_timeout bounds the wait.
+            reports_start=True,
+        ),
+        description=description,
+        default_max_concurrent=32,
+        extra=extra,
+    )
