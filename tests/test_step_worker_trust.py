@@ -135,6 +135,36 @@ def test_output_stores_allow_their_folders_only(tmp_path: Path) -> None:
             policy.check(_request(tmp_path, output_store=str(bad)))
 
 
+def test_code_locations_allow_their_own_files_only_after_resolving_links(tmp_path: Path) -> None:
+    """The worker resolves every request's paths itself: a folder that merely shares the
+    location's name as a prefix, a link out of the location and a non-Python file are refused."""
+    from runyard.trust import CodeLocation
+
+    jobs, elsewhere = tmp_path / "jobs", tmp_path / "jobs2"
+    (jobs / "sub").mkdir(parents=True)
+    elsewhere.mkdir()
+    for f in (jobs / "a.py", jobs / "sub" / "b.py", elsewhere / "c.py", jobs / "notes.txt"):
+        f.write_text("")
+    (jobs / "link.py").symlink_to(elsewhere / "c.py")
+    (tmp_path / "out2").mkdir()
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "escape").symlink_to(tmp_path / "out2")
+    policy = WorkerPolicy(code_locations=(CodeLocation.parse(str(jobs), base=None, where="test"),),
+                          output_stores=(str((tmp_path / "out").resolve()),), require_signature=False)
+    for ok in (jobs / "a.py", jobs / "sub" / "b.py", jobs / "sub" / ".." / "a.py"):
+        policy.check(_request(tmp_path, code_pointer=CodePointer(file=str(ok)), output_store=str(tmp_path / "out")))
+    for bad in (elsewhere / "c.py", jobs / "link.py", jobs / ".." / "jobs2" / "c.py"):
+        with pytest.raises(RequestRefused, match="outside this worker's code locations"):
+            policy.check(_request(tmp_path, code_pointer=CodePointer(file=str(bad)),
+                                  output_store=str(tmp_path / "out")))
+    with pytest.raises(RequestRefused, match="not a Python file"):
+        policy.check(_request(tmp_path, code_pointer=CodePointer(file=str(jobs / "notes.txt")),
+                              output_store=str(tmp_path / "out")))
+    with pytest.raises(RequestRefused, match="output store"):
+        policy.check(_request(tmp_path, code_pointer=CodePointer(file=str(jobs / "a.py")),
+                              output_store=str(tmp_path / "out" / "escape")))
+
+
 def test_runyard_yaml_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     home = tmp_path / "home"
     (home / "jobs").mkdir(parents=True)

@@ -205,11 +205,12 @@ class CodeLocation:
             )
         return cls(module=text)
 
-    def allows(self, file: Path | None, module: str | None) -> bool:
+    def allows(self, file: str | None, module: str | None) -> bool:
+        """Whether the code at ``file`` (a resolved absolute path) or ``module`` is in this location."""
         if self.module is not None:
             return module is not None and (module == self.module or module.startswith(self.module + "."))
         assert self.path is not None
-        return file is not None and (file == self.path or file.is_relative_to(self.path))
+        return file is not None and _within(file, str(self.path))
 
     def __str__(self) -> str:
         return str(self.path) if self.path is not None else self.module or ""
@@ -219,6 +220,8 @@ def normalize_store(url: str) -> str:
     """Equal for equal stores: a path and its ``file://`` URL resolve to one absolute path."""
     from urllib.parse import unquote, urlsplit
 
+    if url.startswith("/"):  # the common case, without urlsplit: a path has no scheme
+        return os.path.realpath(url)
     parts = urlsplit(url)
     if parts.scheme in ("", "file"):
         return str(Path(unquote(parts.path) if parts.scheme else url).expanduser().resolve())
@@ -232,9 +235,15 @@ def store_within(store: str, root: str) -> bool:
     if store.startswith("/") != root.startswith("/"):
         return False
     if store.startswith("/"):
-        return Path(store).is_relative_to(root)
+        return _within(store, root)
     rest = store[len(root):] if store.startswith(root.rstrip("/") + "/") else None
     return rest is not None and all(p not in ("", ".", "..") for p in rest.strip("/").split("/"))
+
+
+def _within(path: str, root: str) -> bool:
+    """Whether the normalized absolute ``path`` is ``root`` or below it (strings, not pathlib:
+    a worker checks every request it gets)."""
+    return path == root or path.startswith(root if root.endswith(os.sep) else root + os.sep)
 
 
 def _check_ref(ref: Any, param: str) -> None:
@@ -298,8 +307,10 @@ class WorkerPolicy:
     def check(self, request: StepRequest) -> None:
         """Refuse a request naming code or an output store outside this worker's allowance."""
         pointer = request.code_pointer
-        file = Path(pointer.file).resolve() if pointer.file else None
-        if file is not None and file.suffix != ".py":
+        # Resolved for every request (symlinks included), with os.path rather than pathlib:
+        # this runs once per step on every worker.
+        file = os.path.realpath(pointer.file) if pointer.file else None
+        if file is not None and os.path.splitext(file)[1] != ".py":
             raise RequestRefused(f"code pointer -f {pointer.file}: not a Python file (.py)")
         if pointer.module is not None and not _MODULE.match(pointer.module):
             raise RequestRefused(f"code pointer -m {pointer.module!r}: not a module name")
