@@ -5,20 +5,29 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
 from .submission import DaskHandle
 
 RESULT_TIMEOUT = 30.0  # seconds to fetch a finished task's result or error
+# A gather is a round trip from the client through the scheduler to every worker holding a
+# result; on a wide run of short steps, one per handful of tasks cost more CPU (client,
+# scheduler and workers) than the steps did. So the fetcher waits for a quarter of the tasks
+# in flight to end, or at most this long after the first, and reads them in one gather.
+# A lone step (or the last few) is read as soon as it ends.
+COALESCE = 0.02
 
 
 class ResultFetcher:
     """Reads what finished tasks left: one round trip for every task that finished while
     the previous batch was read."""
 
-    def __init__(self, client: Any, changed: threading.Event) -> None:
+    def __init__(self, client: Any, changed: threading.Event, in_flight: Callable[[], int] = lambda: 1) -> None:
         self._client = client
         self._changed = changed
+        self._in_flight = in_flight  # attempts submitted and not yet reported over
         self._done_queue: queue.SimpleQueue[DaskHandle | None] = queue.SimpleQueue()  # tasks over, not yet read
         self._thread = threading.Thread(target=self._loop, name="runyard-dask-results", daemon=True)
         self._closed = False
@@ -44,9 +53,12 @@ class ResultFetcher:
             if first is None:
                 return
             batch = [first]
+            deadline = time.monotonic() + COALESCE
             while True:
+                want = max(1, self._in_flight() // 4)
+                wait = deadline - time.monotonic() if len(batch) < want else 0.0
                 try:
-                    h = self._done_queue.get_nowait()
+                    h = self._done_queue.get(timeout=wait) if wait > 0 else self._done_queue.get_nowait()
                 except queue.Empty:
                     break
                 if h is None:

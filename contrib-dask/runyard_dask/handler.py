@@ -1,8 +1,9 @@
 """The engine side of the ``dask`` executor: each step attempt becomes one Dask task.
 
 Imported only when a run uses the executor (it imports dask, and distributed unless the
-config picks a local scheduler). The task is `runyard_dask.remote.run_step`, given the
-step request as plain JSON data and returning the attempt's events as plain JSON data.
+config picks a local scheduler). The task is `runyard_dask.remote.run_step_json`, given the
+step request as plain JSON data and returning the attempt's events as one JSON string
+(`runyard_dask.remote.run_step` under dask's local schedulers: the same, undecoded).
 
 The handler composes the concerns, each in its own module: `cluster` (the client and
 cluster, or the local scheduler's pools), `submission` (keys, resources, handles, batched
@@ -58,7 +59,7 @@ _STARTED = StepUpdate.running(started=True)
 
 
 class DaskStepHandler(StepHandler):
-    """Submits each attempt as a Dask task (`runyard_dask.remote.run_step`), keyed by run
+    """Submits each attempt as a Dask task (`runyard_dask.remote.run_step_json`), keyed by run
     and attempt, with the step's Dask resources; collects results in batches; stops steps
     by canceling the future and interrupting the step on its worker."""
 
@@ -100,7 +101,7 @@ class DaskStepHandler(StepHandler):
                 self._client = self._distributed.client
                 self._client.subscribe_topic(START_TOPIC, self._starts.on_start)
                 self._client.subscribe_topic(self._live_topic, self._on_live)
-                self._fetcher = ResultFetcher(self._client, self._changed)
+                self._fetcher = ResultFetcher(self._client, self._changed, lambda: len(self._by_key))
                 self._fetcher.start()
         except BaseException:
             self.teardown()  # leave nothing half-acquired

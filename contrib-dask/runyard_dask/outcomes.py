@@ -3,7 +3,6 @@ means for its step, as the `StepUpdate` or `FailureInfo` the engine records."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 from runyard.plugin import FailureInfo, FailureKind, StepUpdate, error_class_name, failure_from_exception
@@ -21,8 +20,9 @@ def stopped_info(handle: DaskHandle, kind: FailureKind) -> FailureInfo:
     return FailureInfo(kind=kind, message=msg)
 
 
-def from_result(handle: DaskHandle, result: Mapping[str, Any]) -> StepUpdate:
-    events = remote.events_from(dict(result))
+def from_result(handle: DaskHandle, raw: Any) -> StepUpdate:
+    result = remote.decode_result(raw)
+    events = remote.events_from(result)
     if remote.is_terminal(events):
         return StepUpdate.finished(events)
     interrupted = result.get("interrupted")

@@ -21,6 +21,7 @@ configuration (`runyard.plugin.load_worker_policy`: RUNYARD_SIGNING_KEY, runyard
 from __future__ import annotations
 
 import contextvars
+import json
 import os
 import queue
 import sys
@@ -336,6 +337,29 @@ def run_step(
         return {"events": [], "abandoned": True, "interrupted": state.interrupted}
     events = state.events or []
     return {"events": [e.to_dict() for e in events], "abandoned": False, "interrupted": state.interrupted}
+
+
+def run_step_json(
+    request: dict[str, Any], key: str, grace: float = 1.0, start_topic: str | None = None,
+    stop_file: str | None = None, live_topic: str | None = None,
+) -> str:
+    """`run_step` as the distributed task: its result as one JSON string. Dask measures
+    (``sizeof``) and serializes every task result; for a nested dict of events that cost the
+    worker more CPU than the no-op step itself, for a string next to nothing. See
+    `decode_result`."""
+    return json.dumps(run_step(request, key, grace, start_topic, stop_file, live_topic), separators=(",", ":"))
+
+
+def decode_result(result: Any) -> dict[str, Any]:
+    """A task's result as `run_step` returned it: `run_step_json`'s string decoded; a dict
+    (from dask's local schedulers) as it is. Anything else is an empty result, which the
+    handler reports as a task that ended without the step's events."""
+    if isinstance(result, str | bytes):
+        try:
+            result = json.loads(result)
+        except ValueError:
+            return {}
+    return result if isinstance(result, dict) else {}
 
 
 def _report_start(topic: str, key: str) -> None:

@@ -70,7 +70,7 @@ class DaskHandle:
         self.lock = threading.Lock()
         self.stopped: FailureKind | None = None  # terminate was called with this kind
         self.reported = False  # a poll said done
-        self.result: dict[str, Any] | None = None  # what run_step returned, once fetched
+        self.result: str | dict[str, Any] | None = None  # what the task returned, once fetched (remote.decode_result)
         self.launched = time.monotonic()
         self.fetch_error: str | None = None  # the task finished but its result could not be read
         self.error: BaseException | None = None  # the task raised (status "error")
@@ -110,7 +110,7 @@ def submit_batch(
         keys = [h.key for h in handles]
         try:
             futures = client.map(
-                remote.run_step, [h.payload for h in handles], keys, [grace] * len(handles),
+                remote.run_step_json, [h.payload for h in handles], keys, [grace] * len(handles),
                 [START_TOPIC if h.track_start else None for h in handles],
                 [None] * len(handles), [live_topic] * len(handles),
                 key=keys, resources=dict(resources) or None, pure=False, retries=0,
