@@ -25,7 +25,8 @@ fan5000 through ``execute_in_process()``: the workload's own timer, imports excl
 peak RSS), ``cli`` (the 5,002-step fan job through ``runyard job execute --executor
 in_process`` against the same job through ``execute_in_process()`` in a fresh process:
 whole-process wall and CPU time for both), ``scale`` (the fan job at 5k and 50k steps: CPU
-time of building it and of running it, and the peak RSS it added), ``multiprocess`` (a
+time of building it and of running it, the peak RSS it added, and the interpreter's floor:
+filling a dict with as many small entries, in the same process), ``multiprocess`` (a
 40-wide fan through the multiprocess executor on an instance: whole-process wall and CPU
 time, children included). Prints a markdown table of medians with HEAD/BASE and
 the load average before and after; saves every sample to ``results/compare*.json``.
@@ -212,12 +213,19 @@ def scaling(kind: str, n: int) -> Measure:
             "c = time.process_time()\nj = build(sys.argv[1], int(sys.argv[2]))\nb = time.process_time() - c\n"
             "c = time.process_time()\nr = j.execute_in_process()\nx = time.process_time() - c\n"
             "assert r.success\n"
-            "print(b, x, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)\n")
+            "grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024\n"
+            # The interpreter's own floor for the same size: a dict of n keyed entries, each
+            # holding a small dict, a tuple and an object, in the same process after the job.
+            "c = time.process_time()\nd = {}\n"
+            "for i in range(int(sys.argv[2])):\n    d[f'inc_{i}'] = ({'x': ('s',)}, (f'inc_{i}',), object())\n"
+            "f = time.process_time() - c\n"
+            "print(b, x, grown, f)\n")
 
     def run(side: Side) -> dict[str, float]:
         _, out = _run([str(side.python), "-c", code, kind, str(n)], _env(side))
-        build_s, run_s, grown = out.strip().splitlines()[-1].split()
-        return {"build_cpu_s": float(build_s), "run_cpu_s": float(run_s), "peak_rss_growth_mb": float(grown)}
+        build_s, run_s, grown, floor_s = out.strip().splitlines()[-1].split()
+        return {"build_cpu_s": float(build_s), "run_cpu_s": float(run_s), "peak_rss_growth_mb": float(grown),
+                "floor_dict_cpu_s": float(floor_s)}
 
     return run
 
@@ -321,9 +329,10 @@ def main() -> None:
         print()
         for s in sides:
             m = {n: {k: statistics.median(v) for k, v in samples[n][s.label].items()} for n in (small, large)}
-            grow = {k: m[large][k] / m[small][k] for k in ("build_cpu_s", "run_cpu_s")}
+            grow = {k: m[large][k] / m[small][k] for k in ("build_cpu_s", "run_cpu_s", "floor_dict_cpu_s")}
             print(f"{s.label}: 10x the steps (5k -> 50k) costs {grow['build_cpu_s']:.1f}x to build, "
-                  f"{grow['run_cpu_s']:.1f}x to run (target <= 10.5x); "
+                  f"{grow['run_cpu_s']:.1f}x to run (target <= 10.5x; the interpreter's own floor, "
+                  f"a dict of as many small entries, {grow['floor_dict_cpu_s']:.1f}x); "
                   f"peak RSS {m[large]['peak_rss_growth_mb'] * 1024 / 50_000:.2f} KB per step at 50k")
     if "python -c pass" in samples:
         for s in sides:
