@@ -385,9 +385,9 @@ class JobRunner:
         self._delete(att, foreground=True)
         deadline = time.monotonic() + self.settings.terminate_grace + 20
         # Past the grace, the kubelet has had its chance: it stops a deleted pod and reports
-        # it ended, but under load either took 8-13 s after a 2 s grace, with a step that
-        # ignores SIGTERM still beating (the kit's cancel test, on a quiet node), or reported
-        # a running container as waiting throughout. So the step's processes are killed
+        # it ended, but on the test cluster, even quiet, it took 8-13 s after a 2 s grace
+        # while a step that ignores SIGTERM beat on (the kit's cancel test), or reported a
+        # running container as waiting throughout. So the step's processes are killed
         # through exec, which the kubelet serves at once, off its pod workers.
         kill_at: float | None = time.monotonic() + self.settings.terminate_grace + 1
         released: set[str] = set()
