@@ -40,18 +40,3 @@ class _CeleryK8sKit(ExecutorConformance):
 class TestCeleryK8sRedisConformance(_CeleryK8sKit):
     broker = "redis"
 
-    @pytest.mark.xfail(strict=False, reason=(
-        "Issue 16, expected fixed with issue 15's: the step beat on 13.3 s after terminate (allowed 8 s) in 2 of "
-        "4 runs at load 5-9, the k8s kit's kubelet lag (a deleted pod left running 8-13 s after a 2 s grace). "
-        "runyard-k8s's step handler, which celery_k8s's worker uses, now kills the container's processes "
-        "through exec one second past terminate_grace; passed after it. Non-strict until fresh-clone CI runs "
-        "show it passing."))
-    def test_handler_terminate_twice_stops_a_running_step(self, handler_run: Any, scratch: Any) -> None:
-        super().test_handler_terminate_twice_stops_a_running_step(handler_run, scratch)
-
-    @pytest.mark.xfail(strict=False, reason=(
-        "Issue 16, inherited from runyard-k8s's step handler, whose kit cancel test failed 3 of 4 runs on a "
-        "quiet cluster before the exec kill past terminate_grace and 4 of 4 passed after; this one passed in "
-        "every celery_k8s kit run so far. Non-strict until fresh-clone CI runs show the k8s fix holding."))
-    def test_cancel_stops_running_step_and_skips_the_rest(self, instance: Any, scratch: Any) -> None:
-        super().test_cancel_stops_running_step_and_skips_the_rest(instance, scratch)

@@ -17,28 +17,12 @@ class TestK8sConformance(ExecutorConformance):
         return k8s_instance
 
     @pytest.mark.xfail(strict=False, reason=(
-        "Issue 15, expected fixed: one second past terminate_grace a stopped step's container processes are "
-        "killed through exec, so the stop no longer waits on the kubelet (seen stopping a deleted pod 8-13 s "
-        "after a 2 s grace). Passed 4 of 4 after the fix on a quiet machine; stays non-strict until fresh-clone "
-        "CI runs show it passing."))
-    def test_handler_terminate_twice_stops_a_running_step(self, handler_run: Any, scratch: Any) -> None:
-        super().test_handler_terminate_twice_stops_a_running_step(handler_run, scratch)
-
-    @pytest.mark.xfail(strict=False, reason=(
         "Open (issue 15): in the full suite, right after the Docker tests, this failed in 2 fresh-clone CI runs "
         "of 6 (stop 21's last, stop 22's second: 'poll did not report it over within 8s', no events), and never "
         "alone here (10 of 10 passed, quiet and under two busy loops, 4.7-7.5 s). Suspected: the deletion of a "
         "pod still being created waits on a kubelet (and a dockerd) busy with what the Docker tests left."))
     def test_handler_terminate_right_after_launch_stops_the_step(self, handler_run: Any, scratch: Any) -> None:
         super().test_handler_terminate_right_after_launch_stops_the_step(handler_run, scratch)
-
-    @pytest.mark.xfail(strict=False, reason=(
-        "Issue 15, expected fixed: failed 3 of 4 runs on a quiet machine before this stop (the kubelet left "
-        "the deleted pod 'waiting' or 'running' for 8-13 s while the step, which ignores SIGTERM, beat on); "
-        "with the exec kill one second past terminate_grace it passed 4 of 4. Non-strict until fresh-clone CI "
-        "runs show it passing."))
-    def test_cancel_stops_running_step_and_skips_the_rest(self, instance: Any, scratch: Any) -> None:
-        super().test_cancel_stops_running_step_and_skips_the_rest(instance, scratch)
 
     @pytest.mark.xfail(strict=False, reason=(
         "Open (issue 15): the same kubelet status lag: the log is followed only once the pod reports its "
