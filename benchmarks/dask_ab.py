@@ -50,17 +50,11 @@ def main() -> None:
     load_before = load_average()
     try:
         from distributed import Client
-        from runyard import CodePointer, execute_job
-        from runyard.instance import Instance
-        from runyard.loader import load_job
+        from runyard import execute_job
         from runyard_dask import fetcher, remote, submission
 
         client = Client(cluster.address, set_as_default=False)
-        work = bd.scratch_dir("dask-ab-runyard-")
-        jobs_file = work / "bench_jobs.py"
-        jobs_file.write_text(bd.RUNYARD_JOBS + f"\nwide = make({n})\n")
-        job, _ = load_job(CodePointer(file=str(jobs_file)), f"wide{n}")
-        instance = Instance(work / "home")
+        job, instance = dc.wide_job(n, "dask-ab-runyard-")
         as_dict = types.SimpleNamespace(run_step_json=remote.run_step)  # the task returns run_step's dict
         batching = fetcher.COALESCE
         pids = [p.pid for p in cluster.procs]
@@ -90,11 +84,11 @@ def main() -> None:
         rows: dict[str, list[dict[str, float]]] = {name: [] for name in systems}
         for rep in range(a.reps):
             for name in (list(systems) if rep % 2 == 0 else list(reversed(systems))):
-                before = [dc._cpu_of(p) for p in pids]
-                c0, t0 = dc._own_cpu(), time.perf_counter()
+                before = [dc.cpu_of(p) for p in pids]
+                c0, t0 = dc.own_cpu(), time.perf_counter()
                 systems[name]()
                 wall = time.perf_counter() - t0
-                cpu = dc._own_cpu() - c0 + sum(dc._cpu_of(p) - b for p, b in zip(pids, before, strict=True))
+                cpu = dc.own_cpu() - c0 + sum(dc.cpu_of(p) - b for p, b in zip(pids, before, strict=True))
                 rows[name].append({"wall": wall, "cpu": cpu})
             print(f"repetition {rep + 1}/{a.reps} (load {load_average()})", file=sys.stderr, flush=True)
         fetcher.COALESCE, submission.remote = batching, remote  # type: ignore[assignment]

@@ -28,6 +28,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("RUNYARD_SIGNING_KEY", secrets.token_hex(32))
@@ -40,7 +41,7 @@ def _noop(i: int) -> int:  # pickled by value: defined in __main__
     return i
 
 
-def _cpu_of(pid: int) -> float:
+def cpu_of(pid: int) -> float:
     """CPU seconds of ``pid`` and its living descendants: a ``dask worker`` is a nanny whose
     child process runs the tasks, so the nanny's own figure alone misses the work."""
     with open(f"/proc/{pid}/stat") as f:
@@ -54,15 +55,29 @@ def _cpu_of(pid: int) -> float:
             continue
         for child in children:
             try:
-                total += _cpu_of(child)
+                total += cpu_of(child)
             except OSError:  # ended between the listing and the read
                 pass
     return total
 
 
-def _own_cpu() -> float:
+def own_cpu() -> float:
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
+
+
+def wide_job(n: int, prefix: str) -> tuple[Any, Any]:
+    """``bench_dask``'s job of ``n`` independent no-op steps, written to a scratch folder and
+    loaded, and an instance beside it: what every runyard run of these scripts executes."""
+    from runyard import CodePointer
+    from runyard.instance import Instance
+    from runyard.loader import load_job
+
+    work = bd.scratch_dir(prefix)
+    jobs_file = work / "bench_jobs.py"
+    jobs_file.write_text(bd.RUNYARD_JOBS + f"\nwide = make({n})\n")
+    job, _ = load_job(CodePointer(file=str(jobs_file)), f"wide{n}")
+    return job, Instance(work / "home")
 
 
 def main() -> None:
@@ -77,16 +92,10 @@ def main() -> None:
     load_before = load_average()
     try:
         from distributed import Client
-        from runyard import CodePointer, execute_job
-        from runyard.instance import Instance
-        from runyard.loader import load_job
+        from runyard import execute_job
 
         client = Client(cluster.address, set_as_default=False)
-        work = bd.scratch_dir("dask-cpu-runyard-")
-        jobs_file = work / "bench_jobs.py"
-        jobs_file.write_text(bd.RUNYARD_JOBS + f"\nwide = make({n})\n")
-        job, _ = load_job(CodePointer(file=str(jobs_file)), f"wide{n}")
-        instance = Instance(work / "home")
+        job, instance = wide_job(n, "dask-cpu-runyard-")
 
         def raw() -> None:
             assert client.gather(client.map(_noop, range(n), pure=False)) == list(range(n))
@@ -108,17 +117,17 @@ def main() -> None:
         for rep in range(a.reps):
             order = list(systems) if rep % 2 == 0 else list(reversed(systems))
             for name in order:
-                before = {k: _cpu_of(p) for k, p in pids.items()}
-                c0, t0, m0 = _own_cpu(), time.perf_counter(), time.thread_time()
+                before = {k: cpu_of(p) for k, p in pids.items()}
+                c0, t0, m0 = own_cpu(), time.perf_counter(), time.thread_time()
                 profiling = a.profile and name.startswith("runyard (default") and rep == a.reps - 1
                 if profiling:
                     profile.enable()
                 systems[name]()
                 if profiling:
                     profile.disable()
-                row = {"wall": time.perf_counter() - t0, "client process": _own_cpu() - c0,
+                row = {"wall": time.perf_counter() - t0, "client process": own_cpu() - c0,
                        "engine thread": time.thread_time() - m0}
-                row.update({k: _cpu_of(p) - before[k] for k, p in pids.items()})
+                row.update({k: cpu_of(p) - before[k] for k, p in pids.items()})
                 rows[name].append(row)
             print(f"repetition {rep + 1}/{a.reps} (load {load_average()})", file=sys.stderr, flush=True)
         client.close()
